@@ -1,0 +1,1 @@
+//! meshward end-to-end: proxy-wasm host, mesh simulation, demo.

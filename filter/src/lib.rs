@@ -1,0 +1,1 @@
+//! Policy core and proxy-wasm shim (see README).

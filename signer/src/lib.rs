@@ -1,0 +1,1 @@
+//! The meshward signer library.
