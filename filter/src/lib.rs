@@ -1,1 +1,37 @@
-//! Policy core and proxy-wasm shim (see README).
+//! meshward filter: SPIFFE authorization and peer-certificate telemetry.
+//!
+//! The crate has two layers (see `filter/README.md`):
+//!
+//! * a **pure policy core** (every module except `shim`): no I/O, no clock, no
+//!   proxy-wasm. Config JSON is parsed ([`config`]), compiled once into indexed
+//!   matchers ([`policy::Policy`]) and evaluated with
+//!   [`Policy::authorize`](policy::Policy::authorize)`(peer, request, now)`.
+//!   It builds natively (tests, benches, the e2e host) and for wasm32.
+//! * a **thin proxy-wasm shim** (`shim`, only on `wasm32`) that reads the host's
+//!   properties and headers, calls the core, and acts on the decision.
+// `unsafe_code` is denied workspace-wide; only the proxy-wasm entry macro in `shim` is allowed it.
+
+pub mod cert;
+pub mod config;
+pub mod decision;
+pub mod duration;
+pub mod pattern;
+pub mod peer;
+pub mod policy;
+pub mod reference;
+pub mod request;
+pub mod xfcc;
+
+#[cfg(target_arch = "wasm32")]
+mod shim;
+
+pub use cert::{CertSource, CertTimes, CertValidity, PeerCert};
+pub use config::{Config, ConfigError, FilterType, Mode, UnknownCertAge};
+pub use decision::{Decision, Reason, Verdict};
+pub use peer::{Peer, PeerIdentity};
+pub use policy::Policy;
+pub use request::{Protocol, Request};
+
+/// Seconds since the Unix epoch. The core never reads a clock: callers pass `now`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UnixTime(pub i64);

@@ -1,0 +1,148 @@
+//! Reading the host: properties (with their encodings), headers, time, logs.
+//! SDK calls that return `Err` become `HostError`, which the callers turn
+//! into a deny.
+
+use crate::UnixTime;
+use crate::cert::{self, CertSource, PeerCert};
+use crate::xfcc;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{LogLevel, MapType};
+use std::time::UNIX_EPOCH;
+
+/// A host call failed or returned something outside the contract.
+#[derive(Debug)]
+pub struct HostError(pub String);
+
+pub fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, message);
+}
+
+fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+    hostcalls::get_property(path.to_vec())
+        .map_err(|s| HostError(format!("get_property {}: {s:?}", path.join("."))))
+}
+
+/// A string property (raw bytes, UTF-8).
+pub fn property_string(path: &[&str]) -> Result<Option<String>, HostError> {
+    match property(path)? {
+        None => Ok(None),
+        Some(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| HostError(format!("property {} is not UTF-8", path.join(".")))),
+    }
+}
+
+/// A bool property (1 byte, 0 or 1).
+pub fn property_bool(path: &[&str]) -> Result<Option<bool>, HostError> {
+    match property(path)?.as_deref() {
+        None => Ok(None),
+        Some([0]) => Ok(Some(false)),
+        Some([1]) => Ok(Some(true)),
+        Some(other) => Err(HostError(format!(
+            "property {} is not a 1-byte bool ({} bytes)",
+            path.join("."),
+            other.len()
+        ))),
+    }
+}
+
+/// An integer property (8 bytes, little-endian).
+pub fn property_u64(path: &[&str]) -> Result<Option<u64>, HostError> {
+    match property(path)? {
+        None => Ok(None),
+        Some(bytes) => <[u8; 8]>::try_from(bytes.as_slice())
+            .map(|b| Some(u64::from_le_bytes(b)))
+            .map_err(|_| {
+                HostError(format!(
+                    "property {} is not an 8-byte integer",
+                    path.join(".")
+                ))
+            }),
+    }
+}
+
+/// `proxy_get_current_time_nanoseconds`, in Unix seconds.
+pub fn now() -> Result<UnixTime, HostError> {
+    let t =
+        hostcalls::get_current_time().map_err(|s| HostError(format!("get_current_time: {s:?}")))?;
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| HostError("host clock is before 1970".into()))?
+        .as_secs();
+    i64::try_from(secs)
+        .map(UnixTime)
+        .map_err(|_| HostError("host clock out of range".into()))
+}
+
+/// One request header (first value).
+pub fn request_header(name: &str) -> Result<Option<String>, HostError> {
+    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
+        .map_err(|s| HostError(format!("get header {name}: {s:?}")))
+}
+
+/// What the proxy verified about the downstream connection.
+pub struct Connection {
+    pub mtls: bool,
+    pub uri_san: Option<String>,
+    pub digest: Option<String>,
+    pub peer_certificate: Option<String>,
+    pub port: Option<u16>,
+}
+
+impl Connection {
+    pub fn read() -> Result<Self, HostError> {
+        let port = match property_u64(&["destination", "port"])? {
+            None => None,
+            Some(p) => Some(
+                u16::try_from(p)
+                    .map_err(|_| HostError(format!("destination.port {p} out of range")))?,
+            ),
+        };
+        Ok(Self {
+            mtls: property_bool(&["connection", "mtls"])?.unwrap_or(false),
+            uri_san: property_string(&["connection", "uri_san_peer_certificate"])?
+                .filter(|s| !s.is_empty()),
+            digest: property_string(&["connection", "sha256_peer_certificate_digest"])?
+                .filter(|s| !s.is_empty()),
+            peer_certificate: property_string(&["connection", "peer_certificate"])?
+                .filter(|s| !s.is_empty()),
+            port,
+        })
+    }
+
+    /// The peer certificate's validity, from the first source that has it:
+    /// `connection.peer_certificate`, then the XFCC element whose `Cert=`
+    /// digest equals `connection.sha256_peer_certificate_digest`.
+    /// (The signer's ledger, looked up by that digest, is the next source.)
+    pub fn peer_cert(&self, xfcc_header: Option<&str>) -> Option<PeerCert> {
+        if let Some(encoded) = &self.peer_certificate {
+            match cert::der_from_url_encoded_pem(encoded)
+                .and_then(|der| cert::validity_from_der(&der))
+            {
+                Ok(validity) => {
+                    return Some(PeerCert {
+                        validity,
+                        source: CertSource::PeerCertificateProperty,
+                    });
+                }
+                Err(e) => log(
+                    LogLevel::Warn,
+                    &format!("meshward: connection.peer_certificate unreadable: {e}"),
+                ),
+            }
+        }
+        let (Some(header), Some(digest)) = (xfcc_header, &self.digest) else {
+            return None;
+        };
+        match xfcc::peer_cert_from_xfcc(header, digest) {
+            Ok(found) => found,
+            Err(e) => {
+                log(
+                    LogLevel::Debug,
+                    &format!("meshward: no validity from XFCC: {e}"),
+                );
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Root context: parses `pluginConfig` once per configure and hands the
+//! compiled policy to every connection / request context.
+
+use super::host::log;
+use super::http::HttpFilter;
+use super::metrics::Metrics;
+use super::stream::TcpFilter;
+use crate::config::{ConfigError, FilterType};
+use crate::policy::Policy;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
+use proxy_wasm::types::{BufferType, ContextType, LogLevel};
+use std::rc::Rc;
+
+pub struct Root {
+    /// `None` until a valid config is loaded, and after an invalid one:
+    /// every context created meanwhile denies.
+    policy: Option<Rc<Policy>>,
+    metrics: Rc<Metrics>,
+}
+
+impl Root {
+    pub fn new() -> Self {
+        Self {
+            policy: None,
+            metrics: Rc::new(Metrics::default()),
+        }
+    }
+
+    fn load(size: usize) -> Result<Policy, ConfigError> {
+        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
+            .map_err(|s| {
+                ConfigError::Json(format!("cannot read pluginConfig from the host: {s:?}"))
+            })?
+            .unwrap_or_default();
+        Policy::from_json(&bytes)
+    }
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        true
+    }
+
+    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
+        match Self::load(plugin_configuration_size) {
+            Ok(policy) => {
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "meshward: policy loaded: {} rules, mode {}, trust domain {}, {:?} filter",
+                        policy.rule_count(),
+                        policy.mode().as_str(),
+                        policy.trust_domain(),
+                        policy.filter_type()
+                    ),
+                );
+                self.metrics.define_fixed();
+                self.policy = Some(Rc::new(policy));
+                true
+            }
+            Err(e) => {
+                log(
+                    LogLevel::Error,
+                    &format!("meshward: refusing pluginConfig, failing closed: {e}"),
+                );
+                self.policy = None;
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(HttpFilter::new(
+            self.policy.clone(),
+            self.metrics.clone(),
+        )))
+    }
+
+    fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(TcpFilter::new(
+            self.policy.clone(),
+            self.metrics.clone(),
+        )))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(match self.policy.as_deref().map(Policy::filter_type) {
+            Some(FilterType::Network) => ContextType::StreamContext,
+            Some(FilterType::Http) | None => ContextType::HttpContext,
+        })
+    }
+}
