@@ -219,6 +219,44 @@ impl Config {
                 max: MAX_CONFIG_BYTES,
             });
         }
-        serde_json::from_slice(bytes).map_err(|e| ConfigError::Json(e.to_string()))
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::Json(e.to_string()))?;
+        require_objects(&value)?;
+        serde_json::from_value(value).map_err(|e| ConfigError::Json(e.to_string()))
     }
+}
+
+/// serde would also accept a struct written as a positional array
+/// (`["r", "ALLOW"]`); only the documented object form is allowed.
+fn require_objects(top: &serde_json::Value) -> Result<(), ConfigError> {
+    use serde_json::Value;
+    let object = |v: &Value, field: &str| -> Result<(), ConfigError> {
+        if v.is_object() {
+            Ok(())
+        } else {
+            Err(ConfigError::invalid(
+                field,
+                &v.to_string(),
+                "must be a JSON object",
+            ))
+        }
+    };
+    object(top, "pluginConfig")?;
+    let Some(Value::Array(rules)) = top.get("rules") else {
+        return Ok(());
+    };
+    for (i, rule) in rules.iter().enumerate() {
+        object(rule, &format!("rules[{i}]"))?;
+        for key in ["from", "to"] {
+            if let Some(Value::Array(items)) = rule.get(key) {
+                for (j, item) in items.iter().enumerate() {
+                    object(item, &format!("rules[{i}].{key}[{j}]"))?;
+                }
+            }
+        }
+        if let Some(when) = rule.get("when").filter(|w| !w.is_null()) {
+            object(when, &format!("rules[{i}].when"))?;
+        }
+    }
+    Ok(())
 }
