@@ -74,10 +74,18 @@ pub fn now() -> Result<UnixTime, HostError> {
         .map_err(|_| HostError("host clock out of range".into()))
 }
 
-/// One request header (first value).
+/// One request header (first value). Read as bytes: the SDK's string variant
+/// panics on a non-UTF-8 value, which a client controls; here it is an error
+/// (and the request is denied).
 pub fn request_header(name: &str) -> Result<Option<String>, HostError> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-        .map_err(|s| HostError(format!("get header {name}: {s:?}")))
+    match hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+        .map_err(|s| HostError(format!("get header {name}: {s:?}")))?
+    {
+        None => Ok(None),
+        Some(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| HostError(format!("request header {name} is not UTF-8"))),
+    }
 }
 
 /// What the proxy verified about the downstream connection.
