@@ -16,6 +16,9 @@ pub struct Root {
     /// `None` until a valid config is loaded, and after an invalid one:
     /// every context created meanwhile denies.
     policy: Option<Rc<Policy>>,
+    /// The `filterType` of the last config, even a refused one, so that the
+    /// contexts created after a refusal have the right kind (and deny).
+    filter_type: FilterType,
     metrics: Rc<Metrics>,
 }
 
@@ -23,16 +26,28 @@ impl Root {
     pub fn new() -> Self {
         Self {
             policy: None,
+            filter_type: FilterType::Http,
             metrics: Rc::new(Metrics::default()),
         }
     }
 
-    fn load(size: usize) -> Result<Policy, ConfigError> {
+    fn load(&mut self, size: usize) -> Result<Policy, ConfigError> {
         let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
             .map_err(|s| {
                 ConfigError::Json(format!("cannot read pluginConfig from the host: {s:?}"))
             })?
             .unwrap_or_default();
+        let declared = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| {
+                v.get("filterType")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string)
+            });
+        self.filter_type = match declared.as_deref() {
+            Some("network") => FilterType::Network,
+            _ => FilterType::Http,
+        };
         Policy::from_json(&bytes)
     }
 }
@@ -45,7 +60,7 @@ impl RootContext for Root {
     }
 
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
-        match Self::load(plugin_configuration_size) {
+        match self.load(plugin_configuration_size) {
             Ok(policy) => {
                 log(
                     LogLevel::Info,
@@ -87,9 +102,9 @@ impl RootContext for Root {
     }
 
     fn get_type(&self) -> Option<ContextType> {
-        Some(match self.policy.as_deref().map(Policy::filter_type) {
-            Some(FilterType::Network) => ContextType::StreamContext,
-            Some(FilterType::Http) | None => ContextType::HttpContext,
+        Some(match self.filter_type {
+            FilterType::Network => ContextType::StreamContext,
+            FilterType::Http => ContextType::HttpContext,
         })
     }
 }
