@@ -1,0 +1,321 @@
+//! The `cacerts` backend: Istio's plugged-in CA, read from a directory.
+//!
+//! Layouts (the first whose key file exists wins):
+//!
+//! | Istio `cacerts` | kubernetes.io/tls Secret | role |
+//! | --- | --- | --- |
+//! | `ca-cert.pem` | `tls.crt` (first certificate) | signs leaves |
+//! | `ca-key.pem` | `tls.key` | its key (PKCS#8, PKCS#1 or SEC1) |
+//! | `cert-chain.pem` (optional) | rest of `tls.crt` | intermediates (+ root) |
+//! | `root-cert.pem` | `ca.crt` | trust anchors |
+//!
+//! On load the files are validated ([`material::validate`]): key matches the
+//! CA certificate, the CA may sign, the chain reaches the root. The directory
+//! is polled ([`CaCertsIssuer::reload_if_changed`]); changed files are
+//! validated the same way and swapped in atomically, and invalid new files
+//! leave the current CA in service with a warning and
+//! `meshward_cacerts_reload_failures_total` incremented.
+
+pub mod key;
+pub mod material;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use rustls_pki_types::CertificateDer;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use self::material::{CaMaterial, MaterialError, PluggedInFiles, validate};
+use super::{IssueError, IssueFuture, IssueRequest, IssuedChain, Issuer, SigningValidity};
+
+const NAME: &str = "cacerts";
+
+/// `[issuer.cacerts]` in the signer config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaCertsConfig {
+    /// Directory with the plugged-in CA files (e.g. the mounted `cacerts` Secret).
+    pub dir: PathBuf,
+    /// How often the directory is checked for changes. Default 10s.
+    #[serde(
+        default = "default_reload_interval",
+        deserialize_with = "super::vault::de_duration"
+    )]
+    pub reload_interval: Duration,
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Why the plugged-in CA could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum CaCertsError {
+    /// A file could not be read.
+    #[error("cacerts {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Neither layout's key file is in the directory.
+    #[error("cacerts {0}: neither ca-key.pem nor tls.key found")]
+    NoLayout(PathBuf),
+    /// The files are there but unusable.
+    #[error("cacerts {dir}: {source}")]
+    Invalid {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong.
+        source: MaterialError,
+    },
+}
+
+/// Reads the plugged-in files of `dir` (either layout).
+pub fn read_dir(dir: &Path) -> Result<PluggedInFiles, CaCertsError> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read(&path).map_err(|source| CaCertsError::Read { path, source })
+    };
+    let read_optional = |name: &str| match std::fs::read(dir.join(name)) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(CaCertsError::Read {
+            path: dir.join(name),
+            source,
+        }),
+    };
+    if dir.join("ca-key.pem").exists() {
+        Ok(PluggedInFiles {
+            ca_cert: read("ca-cert.pem")?,
+            ca_key: read("ca-key.pem")?,
+            cert_chain: read_optional("cert-chain.pem")?,
+            root_cert: read("root-cert.pem")?,
+        })
+    } else if dir.join("tls.key").exists() {
+        Ok(PluggedInFiles {
+            ca_cert: read("tls.crt")?,
+            ca_key: read("tls.key")?,
+            cert_chain: Vec::new(),
+            root_cert: read("ca.crt")?,
+        })
+    } else {
+        Err(CaCertsError::NoLayout(dir.to_path_buf()))
+    }
+}
+
+fn digest(files: &PluggedInFiles) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [
+        &files.ca_cert,
+        &files.ca_key,
+        &files.cert_chain,
+        &files.root_cert,
+    ] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.finalize().into()
+}
+
+/// Reload counters, registered by the caller.
+#[derive(Debug, Clone, Default)]
+pub struct CaCertsMetrics {
+    /// Successful reloads of changed files.
+    pub reloads: Counter,
+    /// Changed files refused (the previous CA stays in service).
+    pub reload_failures: Counter,
+}
+
+impl CaCertsMetrics {
+    /// Adds the counters to `registry` (`meshward_cacerts_*`).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "meshward_cacerts_reloads",
+            "Plugged-in CA files reloaded after a change",
+            self.reloads.clone(),
+        );
+        registry.register(
+            "meshward_cacerts_reload_failures",
+            "Changed plugged-in CA files refused; the previous CA stays in service",
+            self.reload_failures.clone(),
+        );
+    }
+}
+
+/// What a reload check did.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    /// Files unchanged since the last check.
+    Unchanged,
+    /// New files validated and now in service.
+    Reloaded,
+    /// New files refused; the previous CA stays in service.
+    Kept(CaCertsError),
+}
+
+/// The `cacerts` issuer.
+#[derive(Debug)]
+pub struct CaCertsIssuer {
+    dir: PathBuf,
+    current: RwLock<Arc<CaMaterial>>,
+    /// Digest of the files last looked at (valid or not), so a bad file is
+    /// reported once, not on every poll.
+    seen: Mutex<[u8; 32]>,
+    metrics: CaCertsMetrics,
+}
+
+impl CaCertsIssuer {
+    /// Loads and validates the directory; refuses to start on invalid files.
+    pub fn load(cfg: &CaCertsConfig, now: OffsetDateTime) -> Result<Self, CaCertsError> {
+        let files = read_dir(&cfg.dir)?;
+        let material = validate(&files, now).map_err(|source| CaCertsError::Invalid {
+            dir: cfg.dir.clone(),
+            source,
+        })?;
+        tracing::info!(dir = %cfg.dir.display(), not_after = %material.validity.not_after, "loaded plugged-in CA");
+        Ok(Self {
+            dir: cfg.dir.clone(),
+            current: RwLock::new(Arc::new(material)),
+            seen: Mutex::new(digest(&files)),
+            metrics: CaCertsMetrics::default(),
+        })
+    }
+
+    /// The reload counters (register them with [`CaCertsMetrics::register`]).
+    pub fn metrics(&self) -> &CaCertsMetrics {
+        &self.metrics
+    }
+
+    fn material(&self) -> Arc<CaMaterial> {
+        match self.current.read() {
+            Ok(m) => Arc::clone(&m),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
+    /// Re-reads the directory; if the files changed, validates them and
+    /// swaps them in, or keeps the current CA (warning + metric) when they
+    /// are invalid or unreadable.
+    pub fn reload_if_changed(&self, now: OffsetDateTime) -> ReloadOutcome {
+        let files = match read_dir(&self.dir) {
+            Ok(f) => f,
+            Err(e) => {
+                // Mid-update (a Secret volume swaps files through a symlink)
+                // or removed: keep serving; report once per distinct state.
+                let marker: [u8; 32] = Sha256::digest(e.to_string().as_bytes()).into();
+                return self.refuse(marker, e);
+            }
+        };
+        let d = digest(&files);
+        if self.seen.lock().map(|s| *s == d).unwrap_or(false) {
+            return ReloadOutcome::Unchanged;
+        }
+        match validate(&files, now) {
+            Ok(material) => {
+                tracing::info!(
+                    dir = %self.dir.display(),
+                    not_after = %material.validity.not_after,
+                    "plugged-in CA files changed; new CA in service"
+                );
+                if let Ok(mut cur) = self.current.write() {
+                    *cur = Arc::new(material);
+                }
+                if let Ok(mut s) = self.seen.lock() {
+                    *s = d;
+                }
+                self.metrics.reloads.inc();
+                ReloadOutcome::Reloaded
+            }
+            Err(source) => self.refuse(
+                d,
+                CaCertsError::Invalid {
+                    dir: self.dir.clone(),
+                    source,
+                },
+            ),
+        }
+    }
+
+    fn refuse(&self, marker: [u8; 32], e: CaCertsError) -> ReloadOutcome {
+        let new = self
+            .seen
+            .lock()
+            .map(|mut s| {
+                let new = *s != marker;
+                *s = marker;
+                new
+            })
+            .unwrap_or(true);
+        if new {
+            tracing::warn!(error = %e, "plugged-in CA files refused; keeping the CA in service");
+            self.metrics.reload_failures.inc();
+            ReloadOutcome::Kept(e)
+        } else {
+            ReloadOutcome::Unchanged
+        }
+    }
+
+    /// Polls the directory every `interval` until the returned task is aborted.
+    pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let me = Arc::clone(&this);
+                // File reads and signature checks off the async workers.
+                let _ = tokio::task::spawn_blocking(move || {
+                    me.reload_if_changed(OffsetDateTime::now_utc())
+                })
+                .await;
+            }
+        })
+    }
+
+    fn sign_now(&self, req: &IssueRequest) -> Result<IssuedChain, IssueError> {
+        let m = self.material();
+        if req.not_after > m.validity.not_after || req.not_before < m.validity.not_before {
+            // The CA was replaced between policy and signing.
+            return Err(IssueError::Unavailable {
+                backend: NAME,
+                reason: "the plugged-in CA changed during the request; retry".into(),
+            });
+        }
+        let leaf = super::sign_leaf(req, &m.issuer).map_err(|reason| IssueError::Internal {
+            backend: NAME,
+            reason,
+        })?;
+        Ok(IssuedChain {
+            leaf,
+            intermediates: m.chain.clone(),
+            roots: m.roots.clone(),
+        })
+    }
+}
+
+impl Issuer for CaCertsIssuer {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn sign<'a>(&'a self, req: &'a IssueRequest) -> IssueFuture<'a> {
+        Box::pin(std::future::ready(self.sign_now(req)))
+    }
+
+    fn trust_anchors(&self) -> Vec<CertificateDer<'static>> {
+        self.material().roots.clone()
+    }
+
+    fn signing_validity(&self) -> SigningValidity {
+        self.material().validity
+    }
+}
