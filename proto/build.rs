@@ -1,7 +1,7 @@
 //! Compiles the protos with protox (pure Rust), so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/ca.proto"];
+    let files = ["proto/ca.proto", "proto/meshward/bundle.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

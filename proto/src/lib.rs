@@ -3,6 +3,8 @@
 //! - [`istio::v1::auth`]: Istio's `IstioCertificateService` (the CA API that
 //!   istio-agent and ztunnel call), wire-compatible with `istio/api`
 //!   `security/v1alpha1/ca.proto`.
+//! - [`meshward::v1`]: meshward's own API, `TrustBundleService/WatchBundle`
+//!   (server-streaming trust bundle).
 
 /// Istio's protobuf packages.
 pub mod istio {
@@ -17,3 +19,12 @@ pub mod istio {
 }
 
 pub use istio::v1::auth;
+
+/// meshward's own protobuf packages.
+pub mod meshward {
+    /// `meshward.v1`: trust bundle distribution.
+    #[allow(clippy::all, clippy::pedantic, missing_docs)]
+    pub mod v1 {
+        tonic::include_proto!("meshward.v1");
+    }
+}
