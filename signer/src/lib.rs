@@ -1,7 +1,35 @@
 //! The meshward signer: an Istio-compatible certificate authority for SPIFFE
 //! workload certificates.
 //!
-//! Request pipeline, one module per stage: `authn` → `csr` → `policy` →
-//! [`issuer`] → response.
+//! Request pipeline, one module per stage: [`authn`] → [`csr`] → [`policy`]
+//! → [`issuer`] → [`observer`] → response ([`server`]). [`admin`] serves
+//! health and [`metrics`]; [`client`] is an istio-agent-like CA client for
+//! tests, the demo and benchmarks.
+//!
+//! Start one with [`Signer::start`]:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut config = meshward_signer::config::Config::default();
+//! config.server.grpc_addr = "127.0.0.1:0".parse()?;
+//! config.server.admin_addr = "127.0.0.1:0".parse()?;
+//! let signer = meshward_signer::Signer::start(config).await?;
+//! println!("CA API on {}", signer.grpc_addr());
+//! signer.shutdown().await?;
+//! # Ok(()) }
+//! ```
 
+pub mod admin;
+pub mod authn;
+pub mod client;
+pub mod config;
+pub mod csr;
 pub mod issuer;
+pub mod metrics;
+pub mod observer;
+pub mod policy;
+pub mod runtime;
+pub mod server;
+
+pub use config::Config;
+pub use runtime::{RunningSigner, Signer, StartError, Stopper};

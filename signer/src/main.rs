@@ -1,1 +1,168 @@
-fn main() {}
+//! `meshward-signer`: the Istio-compatible CA as a command-line program.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use meshward_signer::config::Config;
+use meshward_signer::issuer::builtin::CaKeyAlgorithm;
+use tracing::info;
+
+/// An Istio-compatible certificate authority for SPIFFE workload
+/// certificates: serves Istio's CA API (istio-agent, ztunnel) over TLS,
+/// authenticates callers by Kubernetes service-account token, and signs
+/// short-lived certificates whose only SAN is the caller's SPIFFE ID.
+#[derive(Debug, Parser)]
+#[command(name = "meshward-signer", version, propagate_version = true)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MESHWARD_LOG_FORMAT")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the signer: gRPC CA API over TLS plus the admin HTTP port.
+    Serve(ServeArgs),
+    /// Print the effective configuration (defaults, file, overrides) as TOML.
+    Config(ServeArgs),
+}
+
+/// Configuration sources, lowest precedence first: embedded defaults, the
+/// config file, environment variables, flags.
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// TOML config file (every key optional; unknown keys are an error).
+    #[arg(long, short = 'c', env = "MESHWARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override `trust_domain`.
+    #[arg(long, env = "MESHWARD_TRUST_DOMAIN")]
+    trust_domain: Option<String>,
+    /// Override `server.grpc_addr` (Istio CA API, default 0.0.0.0:15012).
+    #[arg(long, env = "MESHWARD_GRPC_ADDR")]
+    grpc_addr: Option<SocketAddr>,
+    /// Override `server.admin_addr` (/healthz, /readyz, /metrics; default 0.0.0.0:15014).
+    #[arg(long, env = "MESHWARD_ADMIN_ADDR")]
+    admin_addr: Option<SocketAddr>,
+    /// Override `ca.data_dir` (built-in CA root, intermediate and keys).
+    #[arg(long, env = "MESHWARD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Override `ca.key_algorithm` for a newly created CA.
+    #[arg(long, env = "MESHWARD_CA_KEY_ALGORITHM", value_parser = parse_key_alg)]
+    ca_key_algorithm: Option<CaKeyAlgorithm>,
+    /// Override `policy.max_ttl` (e.g. `24h`).
+    #[arg(long, env = "MESHWARD_MAX_TTL", value_parser = humantime::parse_duration)]
+    max_ttl: Option<std::time::Duration>,
+    /// Override `policy.default_ttl` (e.g. `24h`).
+    #[arg(long, env = "MESHWARD_DEFAULT_TTL", value_parser = humantime::parse_duration)]
+    default_ttl: Option<std::time::Duration>,
+}
+
+fn parse_key_alg(s: &str) -> Result<CaKeyAlgorithm, String> {
+    match s {
+        "ecdsa-p256" => Ok(CaKeyAlgorithm::EcdsaP256),
+        "rsa-2048" => Ok(CaKeyAlgorithm::Rsa2048),
+        other => Err(format!("{other:?}: expected ecdsa-p256 or rsa-2048")),
+    }
+}
+
+impl ServeArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = &self.trust_domain {
+            config.trust_domain = v.clone();
+        }
+        if let Some(v) = self.grpc_addr {
+            config.server.grpc_addr = v;
+        }
+        if let Some(v) = self.admin_addr {
+            config.server.admin_addr = v;
+        }
+        if let Some(v) = &self.data_dir {
+            config.ca.data_dir = v.clone();
+        }
+        if let Some(v) = self.ca_key_algorithm {
+            config.ca.key_algorithm = v;
+        }
+        if let Some(v) = self.max_ttl {
+            config.policy.max_ttl = v;
+        }
+        if let Some(v) = self.default_ttl {
+            config.policy.default_ttl = v;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match cli.command {
+        Command::Config(args) => {
+            print!("{}", args.load()?.to_toml()?);
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let config = args.load()?;
+            let signer = meshward_signer::Signer::start(config)
+                .await
+                .context("starting the signer")?;
+            let stopper = signer.stopper();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                info!("shutting down");
+                stopper.stop();
+            });
+            signer
+                .wait()
+                .await
+                .map_err(|e| anyhow::anyhow!("signer stopped: {e}"))
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}

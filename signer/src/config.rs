@@ -1,0 +1,346 @@
+//! The signer's configuration: a TOML file (unknown keys refused) whose every
+//! field has a default, so an empty file — or no file — runs the signer on
+//! the embedded defaults shown in `config/defaults.toml`.
+//!
+//! Parsing gives [`Config`]; [`Config::validate`] checks what serde cannot
+//! (trust domain syntax, TTL ordering). The binary applies flag and
+//! environment overrides on top.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::issuer::builtin::CaKeyAlgorithm;
+
+/// The embedded defaults, as a TOML document (what `Config::default()` is).
+pub const DEFAULTS_TOML: &str = include_str!("config/defaults.toml");
+
+/// Why a configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or has unknown keys.
+    #[error("parsing config {origin}: {message}")]
+    Parse {
+        /// File name or `<inline>`.
+        origin: String,
+        /// What toml said (names the key and line).
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// Complete signer configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// SPIFFE trust domain of issued identities (Istio's default: `cluster.local`).
+    pub trust_domain: String,
+    /// Network listeners.
+    pub server: ServerConfig,
+    /// The certificate authority backend.
+    pub ca: CaConfig,
+    /// Issuance policy.
+    pub policy: PolicyConfig,
+    /// Caller authentication.
+    pub authn: AuthnConfig,
+}
+
+/// Listeners and the serving certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// gRPC (Istio CA API) over TLS. `127.0.0.1:0` picks a free port.
+    pub grpc_addr: SocketAddr,
+    /// Admin HTTP: `/healthz`, `/readyz`, `/metrics`.
+    pub admin_addr: SocketAddr,
+    /// DNS names in the gRPC serving certificate.
+    pub dns_names: Vec<String>,
+    /// Requests handled at once; beyond this, RESOURCE_EXHAUSTED at once.
+    pub max_concurrent_requests: usize,
+    /// Validity of the serving certificate (re-made at each start).
+    #[serde(with = "human")]
+    pub serving_cert_ttl: Duration,
+}
+
+/// Which CA backend signs, and its settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaConfig {
+    /// Backend name: `builtin`.
+    pub backend: String,
+    /// Where the built-in CA keeps its root, intermediate and keys.
+    pub data_dir: PathBuf,
+    /// Key algorithm for a new built-in CA: `ecdsa-p256` or `rsa-2048`.
+    pub key_algorithm: CaKeyAlgorithm,
+    /// Validity of a new root.
+    #[serde(with = "human")]
+    pub root_ttl: Duration,
+    /// Validity of a new intermediate.
+    #[serde(with = "human")]
+    pub intermediate_ttl: Duration,
+}
+
+/// TTL policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// TTL when the request's `validity_duration` is 0.
+    #[serde(with = "human")]
+    pub default_ttl: Duration,
+    /// Longest TTL issued; longer requests are clamped to it.
+    #[serde(with = "human")]
+    pub max_ttl: Duration,
+    /// How far notBefore is set in the past, for clock skew.
+    #[serde(with = "human")]
+    pub backdate: Duration,
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthnConfig {
+    /// Trusted service-account token issuers (`[[authn.jwt]]`).
+    pub jwt: Vec<JwtIssuerConfig>,
+}
+
+/// One trusted JWT issuer, verified offline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIssuerConfig {
+    /// Required `iss` claim.
+    pub issuer: String,
+    /// Accepted audiences (`aud` must contain one).
+    #[serde(default = "default_audiences")]
+    pub audiences: Vec<String>,
+    /// A JWKS file (`{"keys": [...]}`) with RSA or P-256 public keys.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// A PEM file with one or more public keys (`PUBLIC KEY`, RSA or P-256).
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
+    /// Allowed clock skew for `exp` / `nbf`.
+    #[serde(default = "default_jwt_skew", with = "human")]
+    pub clock_skew: Duration,
+}
+
+fn default_audiences() -> Vec<String> {
+    vec!["istio-ca".to_string()]
+}
+
+fn default_jwt_skew() -> Duration {
+    Duration::from_secs(60)
+}
+
+const HOUR: u64 = 3600;
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            trust_domain: "cluster.local".to_string(),
+            server: ServerConfig::default(),
+            ca: CaConfig::default(),
+            policy: PolicyConfig::default(),
+            authn: AuthnConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([0, 0, 0, 0], 15012)),
+            admin_addr: SocketAddr::from(([0, 0, 0, 0], 15014)),
+            dns_names: vec![
+                "istiod.istio-system.svc".to_string(),
+                "meshward-signer.istio-system.svc".to_string(),
+                "localhost".to_string(),
+            ],
+            max_concurrent_requests: 256,
+            serving_cert_ttl: Duration::from_secs(30 * 24 * HOUR),
+        }
+    }
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        Self {
+            backend: "builtin".to_string(),
+            data_dir: PathBuf::from("meshward-signer-data"),
+            key_algorithm: CaKeyAlgorithm::EcdsaP256,
+            root_ttl: Duration::from_secs(10 * 365 * 24 * HOUR),
+            intermediate_ttl: Duration::from_secs(365 * 24 * HOUR),
+        }
+    }
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(24 * HOUR),
+            max_ttl: Duration::from_secs(24 * HOUR),
+            backdate: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for AuthnConfig {
+    fn default() -> Self {
+        Self {
+            jwt: vec![JwtIssuerConfig {
+                issuer: "https://kubernetes.default.svc.cluster.local".to_string(),
+                audiences: default_audiences(),
+                jwks_file: None,
+                public_key_file: Some(PathBuf::from("/var/run/meshward/sa-signing-key.pub")),
+                clock_skew: default_jwt_skew(),
+            }],
+        }
+    }
+}
+
+impl Config {
+    /// Parse TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Read and parse a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Render as TOML (for `--print-config` style output and docs).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    /// Check what the types cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        spiffe::TrustDomain::new(&self.trust_domain).map_err(|e| {
+            ConfigError::Invalid(format!("trust_domain {:?}: {e}", self.trust_domain))
+        })?;
+        if self.trust_domain.contains(':') || self.trust_domain.contains('/') {
+            return Err(ConfigError::Invalid(format!(
+                "trust_domain {:?} must be a bare name, not a SPIFFE ID",
+                self.trust_domain
+            )));
+        }
+        let p = &self.policy;
+        if p.default_ttl.is_zero() || p.max_ttl.is_zero() {
+            return Err(ConfigError::Invalid(
+                "policy.default_ttl and policy.max_ttl must be positive".to_string(),
+            ));
+        }
+        if p.default_ttl > p.max_ttl {
+            return Err(ConfigError::Invalid(format!(
+                "policy.default_ttl ({}) is longer than policy.max_ttl ({})",
+                humantime::format_duration(p.default_ttl),
+                humantime::format_duration(p.max_ttl)
+            )));
+        }
+        if self.server.max_concurrent_requests == 0 {
+            return Err(ConfigError::Invalid(
+                "server.max_concurrent_requests must be at least 1".to_string(),
+            ));
+        }
+        if self.ca.backend != "builtin" {
+            return Err(ConfigError::Invalid(format!(
+                "ca.backend {:?} is not known (known: builtin)",
+                self.ca.backend
+            )));
+        }
+        for (i, j) in self.authn.jwt.iter().enumerate() {
+            if j.issuer.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "authn.jwt[{i}].issuer is empty"
+                )));
+            }
+            if j.audiences.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "authn.jwt[{i}] ({}) has no audiences",
+                    j.issuer
+                )));
+            }
+            if j.jwks_file.is_none() == j.public_key_file.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "authn.jwt[{i}] ({}) needs exactly one of jwks_file or public_key_file",
+                    j.issuer
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// serde for `Duration` as humantime strings (`"24h"`, `"90s"`, `"1h 30m"`).
+mod human {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("duration {text:?}: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_file_is_the_default() {
+        let parsed = Config::from_toml(DEFAULTS_TOML, "defaults.toml").unwrap();
+        assert_eq!(parsed, Config::default());
+        parsed.validate().unwrap();
+    }
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(Config::from_toml("", "empty").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let err = Config::from_toml("[policy]\nmax_tll = \"1h\"\n", "typo").unwrap_err();
+        assert!(err.to_string().contains("max_tll"), "{err}");
+    }
+
+    #[test]
+    fn default_ttl_above_max_is_refused() {
+        let c = Config::from_toml(
+            "[policy]\ndefault_ttl = \"48h\"\nmax_ttl = \"24h\"\n",
+            "inline",
+        )
+        .unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let c = Config::default();
+        let text = c.to_toml().unwrap();
+        assert_eq!(Config::from_toml(&text, "rt").unwrap(), c);
+    }
+}

@@ -1,0 +1,413 @@
+//! Start and stop a whole signer: CA, authenticator, gRPC over TLS and the
+//! admin port. This is the entry point other crates (e2e, demo, benchmarks)
+//! and the binary use.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use meshward_proto::auth::istio_certificate_service_server::IstioCertificateServiceServer;
+use spiffe::TrustDomain;
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{error, info};
+
+use crate::admin::{self, AdminState};
+use crate::authn::Authenticator;
+use crate::authn::jwt::{JwtAuthenticator, TrustedIssuer};
+use crate::authn::keys::{self, KeyError};
+use crate::config::{Config, ConfigError};
+use crate::issuer::Issuer;
+use crate::issuer::builtin::{BuiltinError, BuiltinIssuer, BuiltinOptions};
+use crate::metrics::Metrics;
+use crate::observer::IssuanceObserver;
+use crate::policy::TtlPolicy;
+use crate::server::ca_service::{CaPipeline, CaService, to_pem};
+use crate::server::serving::{ServingError, issue_serving_identity};
+
+/// Why the signer did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The built-in CA could not be loaded or created.
+    #[error(transparent)]
+    Ca(#[from] BuiltinError),
+    /// A JWT key file is unusable.
+    #[error("JWT keys for issuer {issuer} from {path}: {source}")]
+    Keys {
+        /// Issuer.
+        issuer: String,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: KeyError,
+    },
+    /// A JWT key file cannot be read.
+    #[error("reading JWT keys {path}: {source}")]
+    KeyFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A listener could not bind.
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The serving certificate could not be made.
+    #[error(transparent)]
+    Serving(#[from] ServingError),
+    /// TLS setup failed.
+    #[error("gRPC TLS: {0}")]
+    Tls(String),
+    /// A background task failed.
+    #[error("start-up task: {0}")]
+    Task(String),
+}
+
+/// A signer to start: a [`Config`] plus optional replacements for its parts.
+pub struct Signer {
+    config: Config,
+    issuer: Option<Arc<dyn Issuer>>,
+    authenticator: Option<Arc<dyn Authenticator>>,
+    observers: Vec<Arc<dyn IssuanceObserver>>,
+}
+
+impl Signer {
+    /// Start a signer with everything taken from `config`.
+    pub async fn start(config: Config) -> Result<RunningSigner, StartError> {
+        Self::builder(config).serve().await
+    }
+
+    /// A builder, to plug in another issuer backend, authenticator or
+    /// issuance observers (e.g. the ledger) before starting.
+    pub fn builder(config: Config) -> Self {
+        Self {
+            config,
+            issuer: None,
+            authenticator: None,
+            observers: Vec::new(),
+        }
+    }
+
+    /// Use this issuer instead of the one `config.ca` describes.
+    pub fn issuer(mut self, issuer: Arc<dyn Issuer>) -> Self {
+        self.issuer = Some(issuer);
+        self
+    }
+
+    /// Use this authenticator instead of the one `config.authn` describes.
+    pub fn authenticator(mut self, authenticator: Arc<dyn Authenticator>) -> Self {
+        self.authenticator = Some(authenticator);
+        self
+    }
+
+    /// Run `observer` after every issuance.
+    pub fn observer(mut self, observer: Arc<dyn IssuanceObserver>) -> Self {
+        self.observers.push(observer);
+        self
+    }
+
+    /// Load the CA and keys, bind both ports, and serve in the background.
+    pub async fn serve(self) -> Result<RunningSigner, StartError> {
+        let config = self.config;
+        config.validate()?;
+        let trust_domain = TrustDomain::new(&config.trust_domain)
+            .map_err(|e| ConfigError::Invalid(format!("trust_domain: {e}")))?;
+
+        let issuer: Arc<dyn Issuer> = match self.issuer {
+            Some(i) => i,
+            None => Arc::new(load_builtin(&config, &trust_domain).await?),
+        };
+        let authenticator: Arc<dyn Authenticator> = match self.authenticator {
+            Some(a) => a,
+            None => Arc::new(jwt_authenticator(&config, &trust_domain)?),
+        };
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_ca_expiry(issuer.signing_validity().not_after.unix_timestamp());
+
+        let grpc_listener = bind("gRPC", config.server.grpc_addr).await?;
+        let admin_listener = bind("admin", config.server.admin_addr).await?;
+        let grpc_addr = local_addr("gRPC", &grpc_listener, config.server.grpc_addr)?;
+        let admin_addr = local_addr("admin", &admin_listener, config.server.admin_addr)?;
+
+        let serving = issue_serving_identity(
+            issuer.as_ref(),
+            &trust_domain,
+            &config.server.dns_names,
+            config.server.serving_cert_ttl,
+            OffsetDateTime::now_utc(),
+        )
+        .await?;
+        let tls = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&serving.chain_pem, &serving.key_pem),
+        );
+
+        let policy = TtlPolicy::from(&config.policy);
+        let pipeline = Arc::new(CaPipeline {
+            trust_domain: trust_domain.clone(),
+            authenticator,
+            issuer: issuer.clone(),
+            policy,
+            observers: self.observers,
+            metrics: metrics.clone(),
+        });
+        let service = CaService::new(pipeline, config.server.max_concurrent_requests);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let serving_flag = Arc::new(AtomicBool::new(false));
+
+        let router = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .map_err(|e| StartError::Tls(e.to_string()))?
+            .add_service(IstioCertificateServiceServer::new(service));
+        let mut rx = shutdown_rx.clone();
+        let grpc_task = tokio::spawn(async move {
+            let incoming = TcpListenerStream::new(grpc_listener);
+            let result = router
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(e) = &result {
+                error!(error = %e, "gRPC server stopped with an error");
+            }
+            result.map_err(|e| e.to_string())
+        });
+        serving_flag.store(true, Ordering::Release);
+
+        let admin_router = admin::router(AdminState {
+            metrics: metrics.clone(),
+            serving: serving_flag.clone(),
+            issuer: issuer.clone(),
+        });
+        let mut rx = shutdown_rx;
+        let admin_task = tokio::spawn(async move {
+            let result = axum::serve(admin_listener, admin_router)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(e) = &result {
+                error!(error = %e, "admin server stopped with an error");
+            }
+            result.map_err(|e| e.to_string())
+        });
+
+        let roots_pem: String = issuer.trust_anchors().iter().map(|c| to_pem(c)).collect();
+        let v = issuer.signing_validity();
+        info!(
+            %grpc_addr,
+            %admin_addr,
+            trust_domain = %trust_domain,
+            backend = issuer.name(),
+            ca_not_after = %v.not_after,
+            default_ttl = %humantime::format_duration(config.policy.default_ttl),
+            max_ttl = %humantime::format_duration(config.policy.max_ttl),
+            dns_names = ?config.server.dns_names,
+            "meshward-signer serving"
+        );
+        Ok(RunningSigner {
+            grpc_addr,
+            admin_addr,
+            roots_pem,
+            trust_domain,
+            issuer,
+            metrics,
+            shutdown: shutdown_tx,
+            tasks: vec![grpc_task, admin_task],
+        })
+    }
+}
+
+async fn load_builtin(
+    config: &Config,
+    trust_domain: &TrustDomain,
+) -> Result<BuiltinIssuer, StartError> {
+    let opts = BuiltinOptions {
+        data_dir: config.ca.data_dir.clone(),
+        key_algorithm: config.ca.key_algorithm,
+        organization: trust_domain.to_string(),
+        root_ttl: config.ca.root_ttl,
+        intermediate_ttl: config.ca.intermediate_ttl,
+    };
+    // RSA key generation takes a while: keep it off the async workers.
+    let ca = tokio::task::spawn_blocking(move || {
+        BuiltinIssuer::load_or_create(&opts, OffsetDateTime::now_utc())
+    })
+    .await
+    .map_err(|e| StartError::Task(e.to_string()))??;
+    if ca.was_created() {
+        info!(data_dir = %config.ca.data_dir.display(), algorithm = ?config.ca.key_algorithm, "created a new built-in CA");
+    } else {
+        info!(data_dir = %config.ca.data_dir.display(), "loaded the built-in CA");
+    }
+    Ok(ca)
+}
+
+/// Build the JWT authenticator `config.authn` describes (reads key files).
+pub fn jwt_authenticator(
+    config: &Config,
+    trust_domain: &TrustDomain,
+) -> Result<JwtAuthenticator, StartError> {
+    let mut issuers = Vec::new();
+    for j in &config.authn.jwt {
+        let (path, keys) = match (&j.jwks_file, &j.public_key_file) {
+            (Some(path), _) => {
+                let text = read(path)?;
+                let (keys, skipped) =
+                    keys::parse_jwks(&text).map_err(|source| StartError::Keys {
+                        issuer: j.issuer.clone(),
+                        path: path.clone(),
+                        source,
+                    })?;
+                for s in skipped {
+                    tracing::warn!(issuer = %j.issuer, path = %path.display(), reason = %s, "skipped a JWKS key");
+                }
+                (path, keys)
+            }
+            (None, Some(path)) => {
+                let text = read(path)?;
+                let keys =
+                    keys::parse_pem_public_keys(&text).map_err(|source| StartError::Keys {
+                        issuer: j.issuer.clone(),
+                        path: path.clone(),
+                        source,
+                    })?;
+                (path, keys)
+            }
+            (None, None) => {
+                return Err(ConfigError::Invalid(format!(
+                    "authn.jwt issuer {} has no key source",
+                    j.issuer
+                ))
+                .into());
+            }
+        };
+        info!(issuer = %j.issuer, audiences = ?j.audiences, keys = keys.len(), source = %path.display(), "trusting JWT issuer");
+        issuers.push(TrustedIssuer {
+            issuer: j.issuer.clone(),
+            audiences: j.audiences.clone(),
+            keys,
+            clock_skew: j.clock_skew,
+        });
+    }
+    Ok(JwtAuthenticator::new(trust_domain.clone(), issuers))
+}
+
+fn read(path: &std::path::Path) -> Result<String, StartError> {
+    std::fs::read_to_string(path).map_err(|source| StartError::KeyFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+fn local_addr(
+    what: &'static str,
+    l: &TcpListener,
+    addr: SocketAddr,
+) -> Result<SocketAddr, StartError> {
+    l.local_addr()
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+/// A signer that is serving. Dropping it does not stop it; call
+/// [`RunningSigner::shutdown`].
+pub struct RunningSigner {
+    grpc_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    roots_pem: String,
+    trust_domain: TrustDomain,
+    issuer: Arc<dyn Issuer>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<Result<(), String>>>,
+}
+
+impl RunningSigner {
+    /// Where the Istio CA API (gRPC over TLS) listens.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// Where `/healthz`, `/readyz`, `/metrics` listen.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The trust anchors, PEM (what clients use to verify the serving
+    /// certificate and issued chains).
+    pub fn roots_pem(&self) -> &str {
+        &self.roots_pem
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The issuer backend in use.
+    pub fn issuer(&self) -> &Arc<dyn Issuer> {
+        &self.issuer
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Stop accepting, finish in-flight requests, and wait for both servers.
+    pub async fn shutdown(self) -> Result<(), String> {
+        let _ = self.shutdown.send(true);
+        self.wait().await
+    }
+
+    /// Wait until both servers stop (after [`RunningSigner::shutdown`] or an error).
+    pub async fn wait(self) -> Result<(), String> {
+        let mut first_error = None;
+        for t in self.tasks {
+            let r = match t.await {
+                Ok(r) => r,
+                Err(e) => Err(e.to_string()),
+            };
+            if let (Err(e), None) = (r, &first_error) {
+                first_error = Some(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// A handle that stops the signer when `stop()` is called (for signal
+    /// handlers in the binary).
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.shutdown.clone())
+    }
+}
+
+/// Stops a [`RunningSigner`] from elsewhere.
+#[derive(Clone)]
+pub struct Stopper(watch::Sender<bool>);
+
+impl Stopper {
+    /// Ask the signer to stop.
+    pub fn stop(&self) {
+        let _ = self.0.send(true);
+    }
+}

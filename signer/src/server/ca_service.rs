@@ -1,0 +1,340 @@
+//! `CreateCertificate`: the request pipeline and its refusals.
+//!
+//! Every refusal is a gRPC status whose message names the reason, and is
+//! logged at `warn` with the caller (when known) and the reason. Nothing a
+//! client sends can panic here: every parser returns an error.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use meshward_proto::auth::istio_certificate_service_server::IstioCertificateService;
+use meshward_proto::auth::{IstioCertificateRequest, IstioCertificateResponse};
+use sha2::{Digest, Sha256};
+use spiffe::TrustDomain;
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+use tonic::{Code, Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::authn::{Authenticator, AuthnError, CallerIdentity, Credentials, bearer_token};
+use crate::csr::{self, CsrError};
+use crate::issuer::{IssueError, IssueRequest, IssuedChain, Issuer};
+use crate::metrics::{Metrics, Outcome};
+use crate::observer::{IssuanceEvent, IssuanceObserver};
+use crate::policy::{PolicyError, TtlPolicy};
+
+/// Request-metadata Struct key with which a node agent (ztunnel) asks for
+/// another workload's certificate (Istio `security.ImpersonatedIdentity`).
+pub const IMPERSONATED_IDENTITY_KEY: &str = "ImpersonatedIdentity";
+
+/// A refused request: the gRPC code, the reason, and the metrics outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// gRPC status code.
+    pub code: Code,
+    /// Human-readable reason (sent to the client and logged).
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(code: Code, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        match self.code {
+            Code::Unauthenticated => Outcome::Unauthenticated,
+            Code::PermissionDenied => Outcome::PermissionDenied,
+            Code::InvalidArgument => Outcome::InvalidArgument,
+            Code::ResourceExhausted => Outcome::ResourceExhausted,
+            Code::Unavailable => Outcome::Unavailable,
+            _ => Outcome::Internal,
+        }
+    }
+}
+
+impl From<AuthnError> for Refusal {
+    fn from(e: AuthnError) -> Self {
+        Refusal::new(Code::Unauthenticated, format!("authentication failed: {e}"))
+    }
+}
+
+impl From<CsrError> for Refusal {
+    fn from(e: CsrError) -> Self {
+        let code = match e {
+            CsrError::IdentityMismatch { .. } => Code::PermissionDenied,
+            _ => Code::InvalidArgument,
+        };
+        Refusal::new(code, e.to_string())
+    }
+}
+
+impl From<PolicyError> for Refusal {
+    fn from(e: PolicyError) -> Self {
+        let code = match e {
+            PolicyError::NegativeTtl(_) => Code::InvalidArgument,
+            PolicyError::IssuerNotValid { .. } => Code::Unavailable,
+        };
+        Refusal::new(code, e.to_string())
+    }
+}
+
+impl From<IssueError> for Refusal {
+    fn from(e: IssueError) -> Self {
+        let code = match e {
+            IssueError::Refused { .. } => Code::PermissionDenied,
+            IssueError::Unavailable { .. } => Code::Unavailable,
+            IssueError::Internal { .. } => Code::Internal,
+        };
+        Refusal::new(code, e.to_string())
+    }
+}
+
+/// Everything the pipeline needs.
+pub struct CaPipeline {
+    /// Trust domain of issued identities.
+    pub trust_domain: TrustDomain,
+    /// Who is calling.
+    pub authenticator: Arc<dyn Authenticator>,
+    /// Who signs.
+    pub issuer: Arc<dyn Issuer>,
+    /// TTL policy.
+    pub policy: TtlPolicy,
+    /// Run after each issuance.
+    pub observers: Vec<Arc<dyn IssuanceObserver>>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct CaService {
+    pipeline: Arc<CaPipeline>,
+    in_flight: Arc<Semaphore>,
+}
+
+/// A successful issuance.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The chain.
+    pub chain: IssuedChain,
+    /// The authenticated caller.
+    pub caller: CallerIdentity,
+}
+
+impl CaService {
+    /// A service answering at most `max_in_flight` requests at once.
+    pub fn new(pipeline: Arc<CaPipeline>, max_in_flight: usize) -> Self {
+        Self {
+            pipeline,
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+        }
+    }
+}
+
+impl CaPipeline {
+    /// Handle one request at `now`.
+    pub async fn handle(
+        &self,
+        credentials: &Credentials,
+        req: &IstioCertificateRequest,
+        now: OffsetDateTime,
+    ) -> Result<Issued, (Refusal, Option<CallerIdentity>)> {
+        let caller = self
+            .authenticator
+            .authenticate(credentials, now.unix_timestamp())
+            .await
+            .map_err(|e| (Refusal::from(e), None))?;
+        let with_caller = |r: Refusal| (r, Some(caller.clone()));
+
+        if let Some(meta) = &req.metadata
+            && let Some(v) = meta.fields.get(IMPERSONATED_IDENTITY_KEY)
+        {
+            let asked = match &v.kind {
+                Some(prost_types::value::Kind::StringValue(s)) => s.clone(),
+                _ => "<non-string>".to_string(),
+            };
+            if !asked.is_empty() {
+                return Err(with_caller(Refusal::new(
+                    Code::PermissionDenied,
+                    format!(
+                        "{} may not request certificates for another identity ({IMPERSONATED_IDENTITY_KEY}={asked:?}): not a trusted node agent",
+                        caller.spiffe_id
+                    ),
+                )));
+            }
+        }
+
+        let validated = csr::validate(req.csr.as_bytes()).map_err(|e| with_caller(e.into()))?;
+        if validated.spiffe_id.trust_domain() != &self.trust_domain {
+            return Err(with_caller(Refusal::new(
+                Code::PermissionDenied,
+                format!(
+                    "CSR identity {} is outside trust domain {}",
+                    validated.spiffe_id, self.trust_domain
+                ),
+            )));
+        }
+        validated
+            .check_identity(&caller.spiffe_id)
+            .map_err(|e| with_caller(e.into()))?;
+
+        let validity = self
+            .policy
+            .validity(req.validity_duration, now, self.issuer.signing_validity())
+            .map_err(|e| with_caller(e.into()))?;
+
+        let issue = IssueRequest {
+            csr_der: validated.der,
+            spki_der: validated.spki_der,
+            key_kind: validated.key_kind,
+            spiffe_id: validated.spiffe_id,
+            dns_names: Vec::new(),
+            not_before: validity.not_before,
+            not_after: validity.not_after,
+        };
+        let chain = self
+            .issuer
+            .sign(&issue)
+            .await
+            .map_err(|e| with_caller(e.into()))?;
+
+        let event = issuance_event(&caller, &issue, &chain, self.issuer.name());
+        for observer in &self.observers {
+            observer.record(&event).await.map_err(|e| {
+                with_caller(Refusal::new(
+                    Code::Internal,
+                    format!("issuance could not be recorded by {}: {e}", observer.name()),
+                ))
+            })?;
+        }
+        info!(
+            spiffe_id = %issue.spiffe_id,
+            serial = %event.serial_hex,
+            sha256 = %event.sha256_hex,
+            not_after = %validity.not_after,
+            ttl_secs = validity.granted_ttl.as_secs(),
+            requested_secs = req.validity_duration,
+            clamped_to_max = validity.clamped_to_max,
+            clamped_to_issuer = validity.clamped_to_issuer,
+            key = issue.key_kind.name(),
+            backend = self.issuer.name(),
+            "issued certificate"
+        );
+        Ok(Issued { chain, caller })
+    }
+}
+
+fn issuance_event(
+    caller: &CallerIdentity,
+    req: &IssueRequest,
+    chain: &IssuedChain,
+    backend: &'static str,
+) -> IssuanceEvent {
+    use x509_parser::prelude::FromDer;
+    let serial_hex = x509_parser::certificate::X509Certificate::from_der(&chain.leaf)
+        .map(|(_, c)| hex::encode(c.raw_serial()))
+        .unwrap_or_default();
+    IssuanceEvent {
+        caller: caller.clone(),
+        spiffe_id: req.spiffe_id.clone(),
+        serial_hex,
+        sha256_hex: hex::encode(Sha256::digest(&chain.leaf)),
+        leaf_der: chain.leaf.to_vec(),
+        not_before: req.not_before,
+        not_after: req.not_after,
+        backend,
+        key_kind: req.key_kind,
+    }
+}
+
+/// Istio's response layout: leaf, then each intermediate as its own entry,
+/// then every root concatenated in the last entry.
+pub fn istio_chain(chain: &IssuedChain) -> Vec<String> {
+    let mut out = Vec::with_capacity(chain.intermediates.len() + 2);
+    out.push(to_pem(&chain.leaf));
+    out.extend(chain.intermediates.iter().map(|c| to_pem(c)));
+    out.push(chain.roots.iter().map(|c| to_pem(c)).collect::<String>());
+    out
+}
+
+/// One certificate as PEM.
+pub fn to_pem(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
+fn credentials_of<T>(request: &Request<T>) -> Credentials {
+    let md = request.metadata();
+    let bearer_token = md
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token)
+        .map(str::to_string);
+    let cluster_id = md
+        .get("clusterid")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let peer_certificates = request
+        .peer_certs()
+        .map(|c| c.iter().cloned().collect())
+        .unwrap_or_default();
+    Credentials {
+        bearer_token,
+        peer_certificates,
+        cluster_id,
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let metrics = &self.pipeline.metrics;
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
+            metrics.request(Outcome::ResourceExhausted);
+            warn!(%peer, "refused: too many requests in flight");
+            return Err(Status::resource_exhausted(
+                "signer is at its concurrent request limit; retry with backoff",
+            ));
+        };
+        let started = Instant::now();
+        let credentials = credentials_of(&request);
+        let req = request.into_inner();
+        match self
+            .pipeline
+            .handle(&credentials, &req, OffsetDateTime::now_utc())
+            .await
+        {
+            Ok(issued) => {
+                metrics.request(Outcome::Issued);
+                metrics.issuance_latency(started.elapsed().as_secs_f64());
+                Ok(Response::new(IstioCertificateResponse {
+                    cert_chain: istio_chain(&issued.chain),
+                }))
+            }
+            Err((refusal, caller)) => {
+                metrics.request(refusal.outcome());
+                let caller = caller
+                    .map(|c| c.spiffe_id.to_string())
+                    .unwrap_or_else(|| "<unauthenticated>".to_string());
+                warn!(
+                    %peer,
+                    %caller,
+                    code = ?refusal.code,
+                    reason = %refusal.message,
+                    "refused CreateCertificate"
+                );
+                Err(Status::new(refusal.code, refusal.message))
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Shared test harness: a real signer on 127.0.0.1:0 with a temporary data
+//! dir, a token issuer it trusts, and a CA client connected over TLS.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
+
+use std::path::PathBuf;
+
+use meshward_signer::authn::keys::JwtAlgorithm;
+use meshward_signer::client::token::TokenIssuer;
+use meshward_signer::client::{
+    CaClient, CallOptions, ClientError, IssuedCertificate, WorkloadKey, WorkloadKeyType,
+};
+use meshward_signer::config::{Config, JwtIssuerConfig};
+use meshward_signer::{RunningSigner, Signer};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use spiffe::SpiffeId;
+use tonic::Code;
+
+pub const K8S_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+pub fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+pub fn id(ns: &str, sa: &str) -> SpiffeId {
+    SpiffeId::new(format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")).unwrap()
+}
+
+pub struct Harness {
+    pub signer: RunningSigner,
+    pub tokens: TokenIssuer,
+    pub client: CaClient,
+    pub config: Config,
+    pub dir: tempfile::TempDir,
+}
+
+/// A config for a signer on loopback ports, its CA in `dir`, trusting the
+/// tokens of `tokens` through a JWKS file.
+pub fn test_config(dir: &std::path::Path, tokens: &TokenIssuer) -> Config {
+    let jwks = dir.join("jwks.json");
+    tokens.write_jwks(&jwks).unwrap();
+    let mut config = Config::default();
+    config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.admin_addr = "127.0.0.1:0".parse().unwrap();
+    config.ca.data_dir = dir.join("ca");
+    config.authn.jwt = vec![JwtIssuerConfig {
+        issuer: K8S_ISSUER.to_string(),
+        audiences: vec!["istio-ca".to_string()],
+        jwks_file: Some(jwks),
+        public_key_file: None,
+        clock_skew: std::time::Duration::from_secs(60),
+    }];
+    config
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(edit: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = TokenIssuer::generate(K8S_ISSUER, JwtAlgorithm::Es256).unwrap();
+        let mut config = test_config(dir.path(), &tokens);
+        edit(&mut config);
+        let signer = Signer::start(config.clone()).await.unwrap();
+        let client = CaClient::connect(signer.grpc_addr(), signer.roots_pem(), "localhost")
+            .await
+            .unwrap();
+        Self {
+            signer,
+            tokens,
+            client,
+            config,
+            dir,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.config.ca.data_dir.clone()
+    }
+
+    pub fn token(&self, ns: &str, sa: &str) -> String {
+        self.tokens.token_for(ns, sa, now_unix()).unwrap()
+    }
+
+    pub fn opts(&self, ns: &str, sa: &str) -> CallOptions {
+        CallOptions {
+            token: Some(self.token(ns, sa)),
+            ..CallOptions::default()
+        }
+    }
+
+    /// Send a raw CSR as `ns/sa`.
+    pub async fn send_csr(
+        &self,
+        csr: &str,
+        ns: &str,
+        sa: &str,
+    ) -> Result<Vec<String>, ClientError> {
+        self.client
+            .create_certificate(csr, &self.opts(ns, sa))
+            .await
+    }
+
+    /// A normal request for `ns/sa` with a fresh P-256 key.
+    pub async fn issue(
+        &self,
+        ns: &str,
+        sa: &str,
+        opts: &CallOptions,
+    ) -> Result<(WorkloadKey, IssuedCertificate), ClientError> {
+        let key = WorkloadKey::generate(WorkloadKeyType::EcdsaP256).unwrap();
+        let cert = self
+            .client
+            .request_certificate(&key, &id(ns, sa), opts)
+            .await?;
+        Ok((key, cert))
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(self.signer.admin_addr(), "/metrics").await.1
+    }
+}
+
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let resp = reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+/// Assert a refusal has `code` and its message contains `needle`.
+pub fn assert_refused<T: std::fmt::Debug>(
+    result: Result<T, ClientError>,
+    code: Code,
+    needle: &str,
+) {
+    match result {
+        Err(ClientError::Status(s)) => {
+            assert_eq!(s.code(), code, "wrong code; message: {}", s.message());
+            assert!(
+                s.message().contains(needle),
+                "message {:?} does not mention {needle:?}",
+                s.message()
+            );
+        }
+        other => panic!("expected {code:?} refusal mentioning {needle:?}, got {other:?}"),
+    }
+}
+
+/// Verify `cert` chains to its roots with webpki for both client and server
+/// auth, at time `at`.
+pub fn webpki_verify(cert: &IssuedCertificate, at: UnixTime) {
+    let anchors: Vec<_> = cert
+        .roots
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(r).unwrap().to_owned())
+        .collect();
+    let leaf = webpki::EndEntityCert::try_from(&cert.leaf).unwrap();
+    let intermediates: Vec<CertificateDer<'_>> = cert.intermediates.clone();
+    for usage in [
+        webpki::KeyUsage::client_auth(),
+        webpki::KeyUsage::server_auth(),
+    ] {
+        leaf.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &intermediates,
+            at,
+            usage,
+            None,
+            None,
+        )
+        .unwrap();
+    }
+}
