@@ -20,6 +20,7 @@ pub mod peer;
 pub mod policy;
 pub mod reference;
 pub mod request;
+pub mod telemetry;
 pub mod xfcc;
 
 #[cfg(target_arch = "wasm32")]

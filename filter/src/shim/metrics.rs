@@ -1,25 +1,15 @@
-//! Metrics, defined once through the host and cached by name.
-//!
-//! Tags are encoded in the stat name the way Istio's own stats are:
-//! `action=.=deny;.;rule=.=legacy;.;mode=.=enforce;.;meshward_decisions_total`.
-//! Envoy prefixes plugin stats with `wasmcustom.`; with Istio's tag-extraction
-//! regexes `(action=\.=(.*?);\.;)` etc. (meshConfig `extraStatTags`) Prometheus
-//! shows `meshward_decisions_total{action="deny",rule="legacy",mode="enforce"}`.
-//! Tag values are safe by construction: rule names are `[A-Za-z0-9_-]`.
+//! Metrics, defined once through the host and cached by name. Names and the
+//! tag encoding live in the pure `telemetry` module.
 
 use super::host::log;
 use crate::Decision;
 use crate::config::Mode;
 use crate::pattern::FixedState;
+use crate::telemetry::{self, CERT_AGE, CERT_REMAINING, CERT_UNKNOWN};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MetricType};
 use std::cell::RefCell;
 use std::collections::HashMap;
-
-pub const DECISIONS: &str = "meshward_decisions_total";
-pub const CERT_AGE: &str = "meshward_peer_cert_age_seconds";
-pub const CERT_REMAINING: &str = "meshward_peer_cert_remaining_validity_seconds";
-pub const CERT_UNKNOWN: &str = "meshward_peer_cert_validity_unknown_total";
 
 #[derive(Default)]
 pub struct Metrics {
@@ -52,9 +42,9 @@ impl Metrics {
         }
     }
 
-    fn record(&self, name: &str, value: i64) {
+    fn record(&self, name: &str, secs: i64) {
         if let Some(id) = self.id(MetricType::Histogram, name) {
-            let _ = hostcalls::record_metric(id, u64::try_from(value.max(0)).unwrap_or(0));
+            let _ = hostcalls::record_metric(id, telemetry::histogram_seconds(secs));
         }
     }
 
@@ -68,17 +58,10 @@ impl Metrics {
     /// Counts one decision (and its AUDIT mark), and the peer certificate's
     /// age / remaining validity when the peer presented one.
     pub fn decision(&self, d: &Decision<'_>, mode: Mode, mtls: bool) {
-        let reserved;
-        let rule = match d.rule {
-            Some(rule) => rule,
-            None => {
-                reserved = format!("_{}", d.reason.code());
-                &reserved
-            }
-        };
-        self.increment(&decision_stat(d.verdict.as_str(), rule, mode));
-        if let Some(audit) = d.audit {
-            self.increment(&decision_stat("audit", audit, mode));
+        let (main, audit) = telemetry::decision_stats(d, mode);
+        self.increment(&main);
+        if let Some(audit) = audit {
+            self.increment(&audit);
         }
         match d.cert {
             Some((times, _)) => {
@@ -89,12 +72,4 @@ impl Metrics {
             None => {}
         }
     }
-}
-
-/// The stat name of one `meshward_decisions_total` series.
-pub fn decision_stat(action: &str, rule: &str, mode: Mode) -> String {
-    format!(
-        "action=.={action};.;rule=.={rule};.;mode=.={};.;{DECISIONS}",
-        mode.as_str()
-    )
 }
