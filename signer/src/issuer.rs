@@ -13,6 +13,8 @@
 //!   plug in here behind the same trait.
 
 pub mod builtin;
+pub mod cacerts;
+pub mod vault;
 
 use std::future::Future;
 use std::pin::Pin;
