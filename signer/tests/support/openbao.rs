@@ -21,7 +21,13 @@
 //! binary cannot be had the fixture panics with a message saying so: these
 //! tests never skip silently. `MESHWARD_SKIP_VAULT_TESTS=1` opts out locally
 //! (the start functions then return `None`).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    dead_code
+)]
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -49,6 +55,8 @@ pub struct BaoOptions {
     pub tls: bool,
     /// AppRole `token_ttl` / `token_max_ttl` (e.g. "3s"); default 1h / 4h.
     pub approle_token_ttl: Option<String>,
+    /// Provision everything inside this OpenBao namespace (created first).
+    pub namespace: Option<String>,
 }
 
 pub struct OpenBao {
@@ -168,7 +176,7 @@ impl OpenBao {
                 port,
                 addr: format!("{scheme}://127.0.0.1:{port}"),
                 root_token: format!("root-{}", hex::encode(rand::random::<[u8; 8]>())),
-                signer_token: format!("s.signer{}", hex::encode(rand::random::<[u8; 8]>())),
+                signer_token: format!("meshward-signer-{}", hex::encode(rand::random::<[u8; 8]>())),
                 secret_id: hex::encode(rand::random::<[u8; 16]>()),
                 root_bundle_pem: format!("{root_pem}{root_key}"),
                 root_pem: root_pem.clone(),
@@ -177,7 +185,8 @@ impl OpenBao {
                 dir,
                 options: options.clone(),
             };
-            match bao.spawn().and_then(|()| bao.provision()) {
+            let started = bao.spawn().and_then(|()| bao.provision());
+            match started {
                 Ok(()) => return Some(bao),
                 Err(e) => {
                     eprintln!(
@@ -223,11 +232,15 @@ impl OpenBao {
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    self.child = None;
-                    bail!("bao server exited early: {status}");
-                }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .map(Child::try_wait)
+                .transpose()?
+                .flatten()
+            {
+                self.child = None;
+                bail!("bao server exited early: {status}");
             }
             if self.ca_file.as_ref().is_none_or(|f| f.exists())
                 && self.cli(&["status", "-format=json"]).is_ok()
@@ -253,7 +266,6 @@ impl OpenBao {
             .env("BAO_ADDR", &self.addr)
             .env("BAO_TOKEN", &self.root_token)
             .env("HOME", self.dir.path())
-            .env_remove("BAO_NAMESPACE")
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {
@@ -263,6 +275,14 @@ impl OpenBao {
             .stderr(Stdio::piped());
         if let Some(ca) = &self.ca_file {
             cmd.env("BAO_CACERT", ca);
+        }
+        match (&self.options.namespace, args.first()) {
+            (Some(ns), Some(&first)) if first != "namespace" && first != "status" => {
+                cmd.env("BAO_NAMESPACE", ns);
+            }
+            _ => {
+                cmd.env_remove("BAO_NAMESPACE");
+            }
         }
         let mut child = cmd.spawn()?;
         if let Some(input) = stdin {
@@ -300,7 +320,10 @@ impl OpenBao {
 
     /// The reference flow: root `pki`, intermediate `pki_int` (`istioca`),
     /// role, policy, token and AppRole.
-    fn provision(&self) -> Result<()> {
+    fn provision(&mut self) -> Result<()> {
+        if let Some(ns) = &self.options.namespace {
+            self.cli(&["namespace", "create", ns])?;
+        }
         let bundle = self.file("root-bundle.pem", &self.root_bundle_pem)?;
         self.cli(&["secrets", "enable", "pki"])?;
         self.cli(&["secrets", "tune", "-max-lease-ttl=87600h", "pki"])?;
@@ -331,38 +354,37 @@ impl OpenBao {
             "pki_int/intermediate/set-signed",
             &[&format!("certificate=@{}", int_file.display())],
         )?;
-        self.write(
-            &format!("pki_int/roles/{ROLE}"),
-            &[
-                "allowed_uri_sans=spiffe://cluster.local/*",
-                "key_type=any",
-                "require_cn=false",
-                "use_csr_common_name=false",
-                "use_csr_sans=true",
-                "allow_any_name=false",
-                "enforce_hostnames=false",
-                "allow_ip_sans=false",
-                "allow_localhost=false",
-                "server_flag=true",
-                "client_flag=true",
-                "max_ttl=48h",
-            ],
-        )?;
+        self.write_role(&[])?;
 
         let policy = format!(
             "path \"{MOUNT}/sign/{ROLE}\" {{ capabilities = [\"create\", \"update\"] }}\n\
              path \"{MOUNT}/sign-verbatim/{ROLE}\" {{ capabilities = [\"create\", \"update\"] }}\n"
         );
         self.cli_with_stdin(&["policy", "write", POLICY, "-"], Some(&policy))?;
-        self.cli(&[
-            "token",
-            "create",
-            &format!("-id={}", self.signer_token),
-            &format!("-policy={POLICY}"),
-            "-no-default-policy=false",
-            "-ttl=768h",
-            "-format=json",
-        ])?;
+        if self.options.namespace.is_some() {
+            // Custom token ids exist only in the root namespace.
+            let out = self.cli(&[
+                "token",
+                "create",
+                &format!("-policy={POLICY}"),
+                "-ttl=768h",
+                "-format=json",
+            ])?;
+            let v: serde_json::Value = serde_json::from_str(&out)?;
+            self.signer_token = v["auth"]["client_token"]
+                .as_str()
+                .context("no client_token")?
+                .to_owned();
+        } else {
+            self.cli(&[
+                "token",
+                "create",
+                &format!("-id={}", self.signer_token),
+                &format!("-policy={POLICY}"),
+                "-ttl=768h",
+                "-format=json",
+            ])?;
+        }
 
         let (ttl, max_ttl) = match &self.options.approle_token_ttl {
             Some(t) => (t.clone(), t.clone()),
@@ -385,6 +407,33 @@ impl OpenBao {
             &format!("auth/approle/role/{APPROLE}/custom-secret-id"),
             &[&format!("secret_id={}", self.secret_id)],
         )?;
+        Ok(())
+    }
+
+    /// (Re)writes the signer's role: the reference settings, then `overrides`
+    /// (`key=value`, replacing the default of that key). Vault replaces a role on write, so tests
+    /// changing one setting go through here.
+    pub fn write_role(&self, overrides: &[&str]) -> Result<()> {
+        let mut params = vec![
+            "allowed_uri_sans=spiffe://cluster.local/*",
+            "key_type=any",
+            "require_cn=false",
+            "use_csr_common_name=false",
+            "use_csr_sans=true",
+            "allow_any_name=false",
+            "enforce_hostnames=false",
+            "allow_ip_sans=false",
+            "allow_localhost=false",
+            "server_flag=true",
+            "client_flag=true",
+            "max_ttl=48h",
+        ];
+        for o in overrides {
+            let key = o.split('=').next().unwrap_or_default();
+            params.retain(|p| p.split('=').next() != Some(key));
+            params.push(o);
+        }
+        self.write(&format!("{MOUNT}/roles/{ROLE}"), &params)?;
         Ok(())
     }
 
