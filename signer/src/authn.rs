@@ -5,6 +5,7 @@
 //! verifies Kubernetes service-account tokens offline; a client-certificate
 //! authenticator for mTLS renewal plugs in behind the same trait.
 
+pub mod client_cert;
 pub mod jwt;
 pub mod keys;
 
@@ -134,6 +135,30 @@ pub type AuthnFuture<'a> =
 pub trait Authenticator: Send + Sync {
     /// Identify the caller or refuse.
     fn authenticate<'a>(&'a self, credentials: &'a Credentials, now_unix: i64) -> AuthnFuture<'a>;
+}
+
+/// mTLS renewal first: a caller that presented a client certificate is
+/// authenticated by it alone (and refused if it is not valid); every other
+/// caller goes to the token authenticator.
+pub struct CertificateOrToken {
+    /// Verifies client certificates; `None` turns mTLS renewal off (a
+    /// presented certificate is then ignored).
+    pub client_cert: Option<client_cert::ClientCertAuthenticator>,
+    /// Verifies bearer tokens.
+    pub token: std::sync::Arc<dyn Authenticator>,
+}
+
+impl Authenticator for CertificateOrToken {
+    fn authenticate<'a>(&'a self, credentials: &'a Credentials, now_unix: i64) -> AuthnFuture<'a> {
+        Box::pin(async move {
+            match &self.client_cert {
+                Some(cc) if !credentials.peer_certificates.is_empty() => {
+                    cc.verify(&credentials.peer_certificates, now_unix)
+                }
+                _ => self.token.authenticate(credentials, now_unix).await,
+            }
+        })
+    }
 }
 
 /// Extract the token from an `authorization` header value (`Bearer <token>`,

@@ -13,6 +13,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::issuer::builtin::CaKeyAlgorithm;
+use crate::issuer::cacerts::CaCertsConfig;
+use crate::issuer::vault::VaultConfig;
 
 /// The embedded defaults, as a TOML document (what `Config::default()` is).
 pub const DEFAULTS_TOML: &str = include_str!("config/defaults.toml");
@@ -78,7 +80,8 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CaConfig {
-    /// Backend name: `builtin`.
+    /// Backend name: `builtin`, `cacerts` (needs `[ca.cacerts]`) or `vault`
+    /// (needs `[ca.vault]`).
     pub backend: String,
     /// Where the built-in CA keeps its root, intermediate and keys.
     pub data_dir: PathBuf,
@@ -90,6 +93,12 @@ pub struct CaConfig {
     /// Validity of a new intermediate.
     #[serde(with = "human")]
     pub intermediate_ttl: Duration,
+    /// Istio plugged-in CA directory (`backend = "cacerts"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cacerts: Option<CaCertsConfig>,
+    /// Vault / OpenBao PKI (`backend = "vault"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vault: Option<VaultConfig>,
 }
 
 /// TTL policy.
@@ -181,6 +190,8 @@ impl Default for CaConfig {
             key_algorithm: CaKeyAlgorithm::EcdsaP256,
             root_ttl: Duration::from_secs(10 * 365 * 24 * HOUR),
             intermediate_ttl: Duration::from_secs(365 * 24 * HOUR),
+            cacerts: None,
+            vault: None,
         }
     }
 }
@@ -261,11 +272,24 @@ impl Config {
                 "server.max_concurrent_requests must be at least 1".to_string(),
             ));
         }
-        if self.ca.backend != "builtin" {
-            return Err(ConfigError::Invalid(format!(
-                "ca.backend {:?} is not known (known: builtin)",
-                self.ca.backend
-            )));
+        match (
+            self.ca.backend.as_str(),
+            &self.ca.cacerts,
+            &self.ca.vault,
+        ) {
+            ("builtin", _, _) | ("cacerts", Some(_), _) | ("vault", _, Some(_)) => {}
+            ("cacerts" | "vault", _, _) => {
+                return Err(ConfigError::Invalid(format!(
+                    "ca.backend = {:?} needs a [ca.{}] section",
+                    self.ca.backend, self.ca.backend
+                )));
+            }
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "ca.backend {:?} is not known (known: builtin, cacerts, vault)",
+                    self.ca.backend
+                )));
+            }
         }
         for (i, j) in self.authn.jwt.iter().enumerate() {
             if j.issuer.is_empty() {

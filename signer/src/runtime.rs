@@ -129,7 +129,19 @@ impl Signer {
 
         let issuer: Arc<dyn Issuer> = match self.issuer {
             Some(i) => i,
-            None => Arc::new(load_builtin(&config, &trust_domain).await?),
+            None => match (config.ca.backend.as_str(), &config.ca.cacerts, &config.ca.vault) {
+                ("cacerts", Some(c), _) => {
+                    crate::issuer::cacerts::CaCertsIssuer::start(c, OffsetDateTime::now_utc())
+                        .map_err(|e| ConfigError::Invalid(e.to_string()))?
+                        as Arc<dyn Issuer>
+                }
+                ("vault", _, Some(v)) => Arc::new(
+                    crate::issuer::vault::VaultIssuer::connect(v)
+                        .await
+                        .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+                ),
+                _ => Arc::new(load_builtin(&config, &trust_domain).await?),
+            },
         };
         let authenticator: Arc<dyn Authenticator> = match self.authenticator {
             Some(a) => a,

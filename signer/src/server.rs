@@ -6,3 +6,4 @@
 
 pub mod ca_service;
 pub mod serving;
+pub mod tls;

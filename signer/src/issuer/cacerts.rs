@@ -26,7 +26,7 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use rustls_pki_types::CertificateDer;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
@@ -36,7 +36,7 @@ use super::{IssueError, IssueFuture, IssueRequest, IssuedChain, Issuer, SigningV
 const NAME: &str = "cacerts";
 
 /// `[issuer.cacerts]` in the signer config.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaCertsConfig {
     /// Directory with the plugged-in CA files (e.g. the mounted `cacerts` Secret).
@@ -44,7 +44,7 @@ pub struct CaCertsConfig {
     /// How often the directory is checked for changes. Default 10s.
     #[serde(
         default = "default_reload_interval",
-        deserialize_with = "super::vault::de_duration"
+        with = "super::vault::human_duration"
     )]
     pub reload_interval: Duration,
 }
@@ -262,16 +262,27 @@ impl CaCertsIssuer {
         }
     }
 
-    /// Polls the directory every `interval` until the returned task is aborted.
+    /// Loads the directory and starts polling it every `reload_interval`
+    /// (the poller stops once the issuer is dropped). Needs a Tokio runtime.
+    pub fn start(cfg: &CaCertsConfig, now: OffsetDateTime) -> Result<Arc<Self>, CaCertsError> {
+        let issuer = Arc::new(Self::load(cfg, now)?);
+        drop(issuer.spawn_reloader(cfg.reload_interval));
+        Ok(issuer)
+    }
+
+    /// Polls the directory every `interval` until the issuer is dropped or
+    /// the returned task is aborted.
     pub fn spawn_reloader(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        let this = Arc::clone(self);
+        let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let me = Arc::clone(&this);
+                let Some(me) = weak.upgrade() else {
+                    return;
+                };
                 // File reads and signature checks off the async workers.
                 let _ = tokio::task::spawn_blocking(move || {
                     me.reload_if_changed(OffsetDateTime::now_utc())

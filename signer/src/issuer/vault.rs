@@ -23,7 +23,7 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use rustls_pki_types::{CertificateDer, TrustAnchor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -48,7 +48,7 @@ const NAME: &str = "vault";
 /// role_id = "…"
 /// secret_id_file = "/var/run/secrets/meshward/secret-id"
 /// ```
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VaultConfig {
     /// Vault address, `http(s)://host:port`.
@@ -56,13 +56,17 @@ pub struct VaultConfig {
     /// PKI mount that signs (the intermediate). Default `pki_int`.
     #[serde(default = "default_mount")]
     pub mount: String,
-    /// PKI role name.
+    /// PKI role that signs workload certificates.
     pub role: String,
+    /// PKI role for the signer's own serving certificate (it carries DNS
+    /// names, which the workload role should not allow). Default: `role`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_role: Option<String>,
     /// Vault Enterprise / OpenBao namespace (`X-Vault-Namespace`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// PEM CA bundle to trust for TLS to Vault. Required for `https`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     /// PEM roots every certificate from Vault must chain to; sent to workloads
     /// as the trust anchors.
@@ -73,34 +77,34 @@ pub struct VaultConfig {
     /// Authentication.
     pub auth: VaultAuthConfig,
     /// Timeout of one HTTP request. Default 3s.
-    #[serde(default = "default_attempt_timeout", deserialize_with = "de_duration")]
+    #[serde(default = "default_attempt_timeout", with = "human_duration")]
     pub attempt_timeout: Duration,
     /// Budget of one signing, retries included; after it the signer answers
     /// UNAVAILABLE. Default 10s.
-    #[serde(default = "default_timeout", deserialize_with = "de_duration")]
+    #[serde(default = "default_timeout", with = "human_duration")]
     pub timeout: Duration,
     /// Attempts per signing (1 = no retry). Default 3.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     /// First backoff between attempts (doubles, with jitter). Default 100ms.
-    #[serde(default = "default_backoff_initial", deserialize_with = "de_duration")]
+    #[serde(default = "default_backoff_initial", with = "human_duration")]
     pub backoff_initial: Duration,
     /// Largest backoff. Default 2s.
-    #[serde(default = "default_backoff_max", deserialize_with = "de_duration")]
+    #[serde(default = "default_backoff_max", with = "human_duration")]
     pub backoff_max: Duration,
     /// Consecutive failed attempts after which requests fail fast. Default 3.
     #[serde(default = "default_failure_threshold")]
     pub failure_threshold: u32,
     /// How long requests fail fast before one probe goes to Vault. Default 5s.
-    #[serde(default = "default_open_for", deserialize_with = "de_duration")]
+    #[serde(default = "default_open_for", with = "human_duration")]
     pub open_for: Duration,
     /// Clock difference with Vault tolerated when checking validity. Default 60s.
-    #[serde(default = "default_clock_skew", deserialize_with = "de_duration")]
+    #[serde(default = "default_clock_skew", with = "human_duration")]
     pub clock_skew: Duration,
 }
 
 /// `[issuer.vault.auth]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "method", rename_all = "lowercase", deny_unknown_fields)]
 pub enum VaultAuthConfig {
     /// A token from a file; renewed with `renew-self`, re-read when refused.
@@ -152,9 +156,19 @@ fn default_clock_skew() -> Duration {
 }
 
 /// Durations as humantime strings (`"500ms"`, `"10s"`).
-pub(crate) fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+pub(crate) mod human_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("duration {text:?}: {e}")))
+    }
 }
 
 /// Why the vault backend could not be set up.
@@ -179,6 +193,7 @@ pub struct VaultIssuer {
     client: VaultClient,
     mount: String,
     sign_path: String,
+    serving_sign_path: String,
     sign_verbatim: bool,
     roots: Vec<CertificateDer<'static>>,
     anchors: Vec<TrustAnchor<'static>>,
@@ -201,7 +216,12 @@ impl VaultIssuer {
                 "address {address:?} must start with http:// or https://"
             )));
         }
-        for (what, v) in [("mount", &cfg.mount), ("role", &cfg.role)] {
+        let serving_role = cfg.serving_role.clone().unwrap_or_else(|| cfg.role.clone());
+        for (what, v) in [
+            ("mount", &cfg.mount),
+            ("role", &cfg.role),
+            ("serving_role", &serving_role),
+        ] {
             if v.is_empty() || v.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
                 return Err(VaultConfigError::Invalid(format!(
                     "{what} {v:?} is not a path"
@@ -271,6 +291,7 @@ impl VaultIssuer {
             client,
             mount: cfg.mount.clone(),
             sign_path: format!("{}/{verb}/{}", cfg.mount, cfg.role),
+            serving_sign_path: format!("{}/{verb}/{serving_role}", cfg.mount),
             sign_verbatim: cfg.sign_verbatim,
             roots,
             anchors,
@@ -348,15 +369,16 @@ impl VaultIssuer {
             }
             body
         };
-        let signed = self
-            .client
-            .sign(&self.sign_path, &body)
-            .await
-            .map_err(|e| {
-                tracing::warn!(path = %self.sign_path, error = %e, "Vault did not sign");
-                map_error(e)
-            })?;
-        self.accept(req, &signed, now)
+        let path = if req.dns_names.is_empty() {
+            &self.sign_path
+        } else {
+            &self.serving_sign_path
+        };
+        let signed = self.client.sign(path, &body).await.map_err(|e| {
+            tracing::warn!(%path, error = %e, "Vault did not sign");
+            map_error(e)
+        })?;
+        self.accept(req, &signed, now, path)
     }
 
     /// The checks on Vault's answer; see [`check::check_issued`].
@@ -365,6 +387,7 @@ impl VaultIssuer {
         req: &IssueRequest,
         signed: &SignedCert,
         now: OffsetDateTime,
+        path: &str,
     ) -> Result<IssuedChain, IssueError> {
         let leaf = pem_certs(signed.certificate.as_bytes())
             .map_err(|e| internal(format!("certificate from Vault: {e}")))?;
@@ -408,7 +431,7 @@ impl VaultIssuer {
         tracing::info!(
             spiffe_id = %req.spiffe_id,
             serial = %signed.serial_number,
-            path = %self.sign_path,
+            %path,
             "Vault signed"
         );
         Ok(IssuedChain {
