@@ -21,10 +21,12 @@
 
 pub mod admin;
 pub mod authn;
+pub mod bundle;
 pub mod client;
 pub mod config;
 pub mod csr;
 pub mod issuer;
+pub mod ledger;
 pub mod metrics;
 pub mod observer;
 pub mod policy;

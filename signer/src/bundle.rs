@@ -1,0 +1,290 @@
+//! The trust bundle: the set of root certificates relying parties should
+//! trust (old and new together during a root rotation), and the sinks it is
+//! published to.
+//!
+//! One [`BundleChannel`] holds the current [`TrustBundle`]; whoever changes
+//! the roots (start-up, [`rotation`]) calls [`BundleChannel::publish`]. Pull
+//! sinks read the channel (the SPIFFE [`endpoint`] over HTTPS, the admin
+//! port, the [`grpc`] `WatchBundle` stream); push sinks implement
+//! [`BundleSink`] and are driven by [`run_sink`]: the [`dir`]ectory sink and
+//! the Istio [`configmap`] sink.
+
+pub mod configmap;
+pub mod dir;
+pub mod endpoint;
+pub mod grpc;
+pub mod jwks;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+use tokio::sync::watch;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+pub use jwks::{Jwk, Jwks};
+
+/// Why a bundle could not be built or published.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// A bundle needs at least one root.
+    #[error("a trust bundle needs at least one root certificate")]
+    Empty,
+    /// A root is not a usable CA certificate.
+    #[error("root #{index}: {reason}")]
+    BadRoot {
+        /// Position in the list.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A JWKS document is not a valid SPIFFE bundle.
+    #[error("SPIFFE bundle JWKS: {0}")]
+    Jwks(String),
+    /// A sink failed.
+    #[error("bundle sink {sink}: {reason}")]
+    Sink {
+        /// Sink name.
+        sink: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// The set of trusted roots, versioned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustBundle {
+    trust_domain: String,
+    roots: Vec<CertificateDer<'static>>,
+    sequence: u64,
+    refresh_hint: Duration,
+}
+
+impl TrustBundle {
+    /// A bundle of `roots` (duplicates dropped, order kept). Every root must
+    /// parse as an X.509 CA certificate.
+    pub fn new(
+        trust_domain: impl Into<String>,
+        roots: Vec<CertificateDer<'static>>,
+        sequence: u64,
+        refresh_hint: Duration,
+    ) -> Result<Self, BundleError> {
+        let mut unique: Vec<CertificateDer<'static>> = Vec::with_capacity(roots.len());
+        for (index, root) in roots.into_iter().enumerate() {
+            let (_, cert) = X509Certificate::from_der(&root).map_err(|e| BundleError::BadRoot {
+                index,
+                reason: format!("not an X.509 certificate: {e}"),
+            })?;
+            if !cert.is_ca() {
+                return Err(BundleError::BadRoot {
+                    index,
+                    reason: "not a CA certificate (basicConstraints CA:false or absent)"
+                        .to_string(),
+                });
+            }
+            if !unique.contains(&root) {
+                unique.push(root);
+            }
+        }
+        if unique.is_empty() {
+            return Err(BundleError::Empty);
+        }
+        Ok(Self {
+            trust_domain: trust_domain.into(),
+            roots: unique,
+            sequence,
+            refresh_hint,
+        })
+    }
+
+    /// The trust domain the roots are for.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The roots, DER.
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// Increases with every change of the root set.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// How often a polling client should re-fetch.
+    pub fn refresh_hint(&self) -> Duration {
+        self.refresh_hint
+    }
+
+    /// The roots as concatenated PEM (`root-cert.pem`).
+    pub fn roots_pem(&self) -> String {
+        self.roots
+            .iter()
+            .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+            .collect()
+    }
+
+    /// The same trust domain and refresh hint with other roots: the sequence
+    /// goes up by one if the root set changed, else `self` is returned as is.
+    pub fn with_roots(&self, roots: Vec<CertificateDer<'static>>) -> Result<Self, BundleError> {
+        let next = Self::new(
+            self.trust_domain.clone(),
+            roots,
+            self.sequence.saturating_add(1),
+            self.refresh_hint,
+        )?;
+        if next.roots == self.roots {
+            return Ok(self.clone());
+        }
+        Ok(next)
+    }
+
+    /// The SPIFFE bundle (JWK Set) for these roots.
+    pub fn to_jwks(&self) -> Result<Jwks, BundleError> {
+        Jwks::from_bundle(self)
+    }
+}
+
+/// The current bundle, shared by every reader and sink.
+#[derive(Debug, Clone)]
+pub struct BundleChannel {
+    tx: Arc<watch::Sender<Arc<TrustBundle>>>,
+}
+
+impl BundleChannel {
+    /// A channel holding `initial`.
+    pub fn new(initial: TrustBundle) -> Self {
+        let (tx, _) = watch::channel(Arc::new(initial));
+        Self { tx: Arc::new(tx) }
+    }
+
+    /// The current bundle.
+    pub fn current(&self) -> Arc<TrustBundle> {
+        self.tx.borrow().clone()
+    }
+
+    /// Replace the bundle if `bundle` is newer (higher sequence). Returns
+    /// whether it was replaced: an older or equal sequence is ignored, so
+    /// readers never see the sequence go back.
+    pub fn publish(&self, bundle: TrustBundle) -> bool {
+        self.tx.send_if_modified(|cur| {
+            if bundle.sequence > cur.sequence {
+                *cur = Arc::new(bundle);
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    /// A receiver that sees the current bundle and every later one.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<TrustBundle>> {
+        self.tx.subscribe()
+    }
+}
+
+/// The future returned by [`BundleSink::publish`].
+pub type SinkFuture<'a> = Pin<Box<dyn Future<Output = Result<(), BundleError>> + Send + 'a>>;
+
+/// Somewhere the bundle is pushed to. `publish` must be idempotent: it is
+/// called again with the same bundle on every resync.
+pub trait BundleSink: Send + Sync {
+    /// Name for logs and metrics (`dir`, `configmap`).
+    fn name(&self) -> &'static str;
+    /// Make the sink hold `bundle`.
+    fn publish<'a>(&'a self, bundle: &'a TrustBundle) -> SinkFuture<'a>;
+}
+
+/// Drive a push sink: publish the current bundle at once, then on every
+/// change and every `resync` (which repairs drift, e.g. a ConfigMap someone
+/// edited or a namespace labelled later), until `shutdown` turns true.
+/// Failures are logged and retried at the next resync.
+pub async fn run_sink(
+    sink: Arc<dyn BundleSink>,
+    mut bundles: watch::Receiver<Arc<TrustBundle>>,
+    resync: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let bundle = bundles.borrow_and_update().clone();
+        match sink.publish(&bundle).await {
+            Ok(()) => tracing::debug!(
+                sink = sink.name(),
+                sequence = bundle.sequence(),
+                "bundle published"
+            ),
+            Err(e) => {
+                tracing::warn!(sink = sink.name(), sequence = bundle.sequence(), error = %e, "bundle publish failed; will retry")
+            }
+        }
+        tokio::select! {
+            changed = bundles.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(resync) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_roots {
+    //! Root certificates made with rcgen for the bundle tests.
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use rustls_pki_types::CertificateDer;
+
+    pub fn root(alg: &'static rcgen::SignatureAlgorithm, cn: &str) -> CertificateDer<'static> {
+        let key = KeyPair::generate_for(alg).unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.self_signed(&key).unwrap().der().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_roots::root;
+    use super::*;
+
+    #[test]
+    fn bundle_refuses_a_leaf_as_root() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["x".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let err = TrustBundle::new("td", vec![leaf.der().clone()], 1, Duration::from_secs(60));
+        assert!(matches!(err, Err(BundleError::BadRoot { index: 0, .. })));
+        assert!(matches!(
+            TrustBundle::new("td", vec![], 1, Duration::from_secs(60)),
+            Err(BundleError::Empty)
+        ));
+    }
+
+    #[test]
+    fn channel_never_goes_back_in_sequence() {
+        let a = root(&rcgen::PKCS_ECDSA_P256_SHA256, "a");
+        let b = root(&rcgen::PKCS_ECDSA_P256_SHA256, "b");
+        let first = TrustBundle::new("td", vec![a.clone()], 5, Duration::from_secs(60)).unwrap();
+        let ch = BundleChannel::new(first.clone());
+        let stale = TrustBundle::new("td", vec![b.clone()], 4, Duration::from_secs(60)).unwrap();
+        assert!(!ch.publish(stale));
+        assert_eq!(ch.current().roots(), first.roots());
+        let next = first.with_roots(vec![a.clone(), b]).unwrap();
+        assert_eq!(next.sequence(), 6);
+        assert!(ch.publish(next));
+        assert_eq!(ch.current().roots().len(), 2);
+        // Same roots again: no new sequence.
+        let same = ch
+            .current()
+            .with_roots(ch.current().roots().to_vec())
+            .unwrap();
+        assert_eq!(same.sequence(), 6);
+    }
+}

@@ -1,0 +1,158 @@
+//! Ledger metrics, labelled by namespace — never by identity, and with a cap
+//! on how many namespaces get their own label (the rest share `_other`), so
+//! label cardinality stays bounded whatever callers do.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::NamespaceCount;
+
+/// The label every namespace beyond the cap is folded into.
+pub const OTHER_NAMESPACE: &str = "_other";
+
+/// `{namespace="..."}`
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct NamespaceLabel {
+    /// Namespace, `""` for non-Istio-shaped IDs, or [`OTHER_NAMESPACE`].
+    pub namespace: String,
+}
+
+/// Counters and gauges the ledger feeds.
+#[derive(Debug)]
+pub struct LedgerMetrics {
+    recorded: Family<NamespaceLabel, Counter>,
+    record_failures: Counter,
+    on_record: Family<NamespaceLabel, Gauge>,
+    valid: Family<NamespaceLabel, Gauge>,
+    pruned: Counter,
+    max_namespaces: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl LedgerMetrics {
+    /// Metrics with at most `max_namespaces` distinct namespace labels.
+    pub fn new(max_namespaces: usize) -> Self {
+        Self {
+            recorded: Family::default(),
+            record_failures: Counter::default(),
+            on_record: Family::default(),
+            valid: Family::default(),
+            pruned: Counter::default(),
+            max_namespaces,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Register under `meshward_ledger_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("meshward_ledger");
+        r.register(
+            "certificates_recorded",
+            "Certificates recorded in the ledger, by namespace",
+            self.recorded.clone(),
+        );
+        r.register(
+            "record_failures",
+            "Issuances that failed because the ledger could not record them (nothing was handed out)",
+            self.record_failures.clone(),
+        );
+        r.register(
+            "certificates",
+            "Certificates on record (not yet pruned), by namespace",
+            self.on_record.clone(),
+        );
+        r.register(
+            "certificates_valid",
+            "Certificates on record that are still valid, by namespace",
+            self.valid.clone(),
+        );
+        r.register(
+            "pruned",
+            "Records deleted by the retention policy",
+            self.pruned.clone(),
+        );
+    }
+
+    /// The label for `namespace`, folding new ones into `_other` once the
+    /// cap is reached.
+    pub fn label(&self, namespace: &str) -> NamespaceLabel {
+        let Ok(mut seen) = self.seen.lock() else {
+            return NamespaceLabel {
+                namespace: OTHER_NAMESPACE.to_string(),
+            };
+        };
+        if seen.contains(namespace) {
+            return NamespaceLabel {
+                namespace: namespace.to_string(),
+            };
+        }
+        if seen.len() < self.max_namespaces {
+            seen.insert(namespace.to_string());
+            return NamespaceLabel {
+                namespace: namespace.to_string(),
+            };
+        }
+        NamespaceLabel {
+            namespace: OTHER_NAMESPACE.to_string(),
+        }
+    }
+
+    /// One certificate recorded.
+    pub fn recorded(&self, namespace: &str) {
+        self.recorded.get_or_create(&self.label(namespace)).inc();
+    }
+
+    /// One issuance failed at the ledger.
+    pub fn record_failed(&self) {
+        self.record_failures.inc();
+    }
+
+    /// `n` records pruned.
+    pub fn pruned(&self, n: u64) {
+        self.pruned.inc_by(n);
+    }
+
+    /// Replace the per-namespace gauges with fresh counts.
+    pub fn set_counts(&self, counts: &[NamespaceCount]) {
+        self.on_record.clear();
+        self.valid.clear();
+        for c in counts {
+            let label = self.label(&c.namespace);
+            self.on_record
+                .get_or_create(&label)
+                .inc_by(i64::try_from(c.recorded).unwrap_or(i64::MAX));
+            self.valid
+                .get_or_create(&label)
+                .inc_by(i64::try_from(c.valid).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_fold_namespaces_beyond_the_cap_into_other() {
+        let m = LedgerMetrics::new(2);
+        for ns in ["a", "b", "c", "d", "a"] {
+            m.recorded(ns);
+        }
+        let mut reg = Registry::default();
+        m.register(&mut reg);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        assert!(out.contains(r#"meshward_ledger_certificates_recorded_total{namespace="a"} 2"#));
+        assert!(out.contains(r#"meshward_ledger_certificates_recorded_total{namespace="b"} 1"#));
+        assert!(
+            out.contains(r#"meshward_ledger_certificates_recorded_total{namespace="_other"} 2"#)
+        );
+        assert!(!out.contains(r#"namespace="c""#));
+    }
+}

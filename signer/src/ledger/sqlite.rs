@@ -1,0 +1,400 @@
+//! The default ledger store: one embedded SQLite file, WAL journal,
+//! `synchronous=FULL` (a commit is on disk before `record` returns).
+//!
+//! SQLite calls block, so every call runs on tokio's blocking pool
+//! (`spawn_blocking`) with the connection behind a mutex: one writer at a
+//! time, which is what SQLite allows anyway.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use time::OffsetDateTime;
+
+use super::{CertDigest, IssuanceRecord, Ledger, LedgerError, LedgerFuture, NamespaceCount};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS certificates (
+    sha256     TEXT PRIMARY KEY NOT NULL,
+    serial     TEXT NOT NULL,
+    spiffe_id  TEXT NOT NULL,
+    namespace  TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after  INTEGER NOT NULL,
+    backend    TEXT NOT NULL,
+    caller     TEXT NOT NULL,
+    issued_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS certificates_not_after ON certificates (not_after);
+CREATE INDEX IF NOT EXISTS certificates_namespace ON certificates (namespace, not_after);
+CREATE INDEX IF NOT EXISTS certificates_spiffe_id ON certificates (spiffe_id);
+CREATE INDEX IF NOT EXISTS certificates_serial ON certificates (serial);
+CREATE INDEX IF NOT EXISTS certificates_issued_at ON certificates (issued_at);
+";
+
+/// How to open the SQLite ledger.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Database file (created if missing, with its parent directory).
+    pub path: PathBuf,
+    /// How long a write waits for a lock held by another connection before
+    /// failing (and so failing the issuance).
+    pub busy_timeout: Duration,
+}
+
+/// The SQLite ledger.
+#[derive(Debug, Clone)]
+pub struct SqliteLedger {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl SqliteLedger {
+    /// Open (or create) the database, switch it to WAL and create the schema.
+    pub fn open(opts: &SqliteOptions) -> Result<Self, LedgerError> {
+        let open_err = |reason: String| LedgerError::Open {
+            path: opts.path.display().to_string(),
+            reason,
+        };
+        if let Some(parent) = opts.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| open_err(format!("creating {}: {e}", parent.display())))?;
+        }
+        let conn = Connection::open(&opts.path).map_err(|e| open_err(e.to_string()))?;
+        conn.busy_timeout(opts.busy_timeout)
+            .map_err(|e| open_err(e.to_string()))?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(|e| open_err(format!("enabling WAL: {e}")))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(open_err(format!("journal mode is {mode}, WAL refused")));
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL;")
+            .map_err(|e| open_err(e.to_string()))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|e| open_err(format!("creating the schema: {e}")))?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            path: opts.path.clone(),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn with_conn<T, F>(&self, op: &'static str, f: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().map_err(|_| LedgerError::Store {
+                op,
+                reason: "connection lock poisoned".to_string(),
+            })?;
+            f(&conn)
+        })
+        .await
+        .map_err(|e| LedgerError::Store {
+            op,
+            reason: format!("blocking task failed: {e}"),
+        })?
+    }
+}
+
+fn store_err(op: &'static str) -> impl Fn(rusqlite::Error) -> LedgerError {
+    move |e| LedgerError::Store {
+        op,
+        reason: e.to_string(),
+    }
+}
+
+fn from_unix(sha256: &str, secs: i64) -> Result<OffsetDateTime, LedgerError> {
+    OffsetDateTime::from_unix_timestamp(secs).map_err(|e| LedgerError::Corrupt {
+        sha256: sha256.to_string(),
+        reason: format!("timestamp {secs}: {e}"),
+    })
+}
+
+type Row = (
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    String,
+    String,
+    i64,
+);
+
+fn row_to_record(row: Row) -> Result<IssuanceRecord, LedgerError> {
+    let (sha, serial, spiffe_id, namespace, nb, na, backend, caller, at) = row;
+    let sha256 = sha
+        .parse::<CertDigest>()
+        .map_err(|e| LedgerError::Corrupt {
+            sha256: sha.clone(),
+            reason: e.to_string(),
+        })?;
+    Ok(IssuanceRecord {
+        sha256,
+        serial,
+        spiffe_id,
+        namespace,
+        not_before: from_unix(&sha, nb)?,
+        not_after: from_unix(&sha, na)?,
+        backend,
+        caller,
+        issued_at: from_unix(&sha, at)?,
+    })
+}
+
+impl Ledger for SqliteLedger {
+    fn record<'a>(&'a self, rec: &'a IssuanceRecord) -> LedgerFuture<'a, ()> {
+        let rec = rec.clone();
+        Box::pin(self.with_conn("record", move |conn| {
+            conn.execute(
+                "INSERT INTO certificates
+                   (sha256, serial, spiffe_id, namespace, not_before, not_after, backend, caller, issued_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (sha256) DO NOTHING",
+                params![
+                    rec.sha256.to_hex(),
+                    rec.serial,
+                    rec.spiffe_id,
+                    rec.namespace,
+                    rec.not_before.unix_timestamp(),
+                    rec.not_after.unix_timestamp(),
+                    rec.backend,
+                    rec.caller,
+                    rec.issued_at.unix_timestamp(),
+                ],
+            )
+            .map_err(store_err("record"))?;
+            Ok(())
+        }))
+    }
+
+    fn lookup(&self, sha256: CertDigest) -> LedgerFuture<'_, Option<IssuanceRecord>> {
+        Box::pin(self.with_conn("lookup", move |conn| {
+            let row: Option<Row> = conn
+                .query_row(
+                    "SELECT sha256, serial, spiffe_id, namespace, not_before, not_after, backend, caller, issued_at
+                     FROM certificates WHERE sha256 = ?1",
+                    params![sha256.to_hex()],
+                    |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                            r.get(7)?,
+                            r.get(8)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(store_err("lookup"))?;
+            row.map(row_to_record).transpose()
+        }))
+    }
+
+    fn prune(&self, now: OffsetDateTime, retention: Duration) -> LedgerFuture<'_, u64> {
+        let cutoff = now
+            .unix_timestamp()
+            .saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
+        Box::pin(self.with_conn("prune", move |conn| {
+            let n = conn
+                .execute(
+                    "DELETE FROM certificates WHERE not_after < ?1",
+                    params![cutoff],
+                )
+                .map_err(store_err("prune"))?;
+            Ok(u64::try_from(n).unwrap_or(u64::MAX))
+        }))
+    }
+
+    fn counts_by_namespace(&self, now: OffsetDateTime) -> LedgerFuture<'_, Vec<NamespaceCount>> {
+        let now = now.unix_timestamp();
+        Box::pin(self.with_conn("counts", move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT namespace, COUNT(*),
+                            SUM(CASE WHEN not_before <= ?1 AND not_after > ?1 THEN 1 ELSE 0 END)
+                     FROM certificates GROUP BY namespace ORDER BY namespace",
+                )
+                .map_err(store_err("counts"))?;
+            let rows = stmt
+                .query_map(params![now], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })
+                .map_err(store_err("counts"))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (namespace, recorded, valid) = row.map_err(store_err("counts"))?;
+                out.push(NamespaceCount {
+                    namespace,
+                    recorded: u64::try_from(recorded).unwrap_or(0),
+                    valid: u64::try_from(valid).unwrap_or(0),
+                });
+            }
+            Ok(out)
+        }))
+    }
+
+    fn latest_not_after_issued_before(
+        &self,
+        before: OffsetDateTime,
+    ) -> LedgerFuture<'_, Option<OffsetDateTime>> {
+        let before = before.unix_timestamp();
+        Box::pin(self.with_conn("latest_not_after", move |conn| {
+            let max: Option<i64> = conn
+                .query_row(
+                    "SELECT MAX(not_after) FROM certificates WHERE issued_at < ?1",
+                    params![before],
+                    |r| r.get(0),
+                )
+                .map_err(store_err("latest_not_after"))?;
+            max.map(|s| from_unix("max(not_after)", s)).transpose()
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(byte: u8, ns: &str, not_after: i64, issued_at: i64) -> IssuanceRecord {
+        IssuanceRecord {
+            sha256: CertDigest::of(&[byte]),
+            serial: format!("{byte:02x}"),
+            spiffe_id: format!("spiffe://td/ns/{ns}/sa/s{byte}"),
+            namespace: ns.to_string(),
+            not_before: OffsetDateTime::from_unix_timestamp(not_after - 86_400).unwrap(),
+            not_after: OffsetDateTime::from_unix_timestamp(not_after).unwrap(),
+            backend: "builtin".to_string(),
+            caller: "spiffe://td/ns/x/sa/y".to_string(),
+            issued_at: OffsetDateTime::from_unix_timestamp(issued_at).unwrap(),
+        }
+    }
+
+    fn open(dir: &tempfile::TempDir) -> SqliteLedger {
+        SqliteLedger::open(&SqliteOptions {
+            path: dir.path().join("ledger.sqlite"),
+            busy_timeout: Duration::from_millis(100),
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_records_within_retention_after_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(&dir);
+        let now = 1_000_000_i64;
+        l.record(&rec(1, "a", now - 10_000, 0)).await.unwrap(); // expired long ago
+        l.record(&rec(2, "a", now - 100, 0)).await.unwrap(); // expired recently
+        l.record(&rec(3, "b", now + 100, 0)).await.unwrap(); // valid
+        let n = l
+            .prune(
+                OffsetDateTime::from_unix_timestamp(now).unwrap(),
+                Duration::from_secs(1_000),
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        assert!(l.lookup(CertDigest::of(&[1])).await.unwrap().is_none());
+        assert!(l.lookup(CertDigest::of(&[2])).await.unwrap().is_some());
+        assert!(l.lookup(CertDigest::of(&[3])).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn counts_group_by_namespace_and_validity() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(&dir);
+        let now = 1_000_000_i64;
+        l.record(&rec(1, "a", now - 10, 0)).await.unwrap();
+        l.record(&rec(2, "a", now + 10, 0)).await.unwrap();
+        l.record(&rec(3, "b", now + 10, 0)).await.unwrap();
+        let counts = l
+            .counts_by_namespace(OffsetDateTime::from_unix_timestamp(now).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            counts,
+            vec![
+                NamespaceCount {
+                    namespace: "a".into(),
+                    recorded: 2,
+                    valid: 1
+                },
+                NamespaceCount {
+                    namespace: "b".into(),
+                    recorded: 1,
+                    valid: 1
+                },
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn journal_is_wal_and_indexes_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(&dir);
+        drop(l);
+        let conn = Connection::open(dir.path().join("ledger.sqlite")).unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let mut stmt = conn
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='certificates'",
+            )
+            .unwrap();
+        let names: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        for want in [
+            "certificates_not_after",
+            "certificates_namespace",
+            "certificates_spiffe_id",
+            "certificates_serial",
+        ] {
+            assert!(
+                names.iter().any(|n| n == want),
+                "missing index {want}: {names:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn latest_not_after_considers_only_earlier_issuance() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(&dir);
+        l.record(&rec(1, "a", 5_000, 100)).await.unwrap();
+        l.record(&rec(2, "a", 9_000, 300)).await.unwrap();
+        let t = |s| OffsetDateTime::from_unix_timestamp(s).unwrap();
+        assert_eq!(
+            l.latest_not_after_issued_before(t(200)).await.unwrap(),
+            Some(t(5_000))
+        );
+        assert_eq!(
+            l.latest_not_after_issued_before(t(400)).await.unwrap(),
+            Some(t(9_000))
+        );
+        assert_eq!(l.latest_not_after_issued_before(t(50)).await.unwrap(), None);
+    }
+}
