@@ -1,12 +1,19 @@
 //! mTLS renewal: a client certificate from this CA authenticates its holder
 //! as the SPIFFE ID in it, with no token, for that identity only.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 #[path = "support/harness.rs"]
 mod harness;
 
 use harness::{Harness, assert_refused, id, webpki_verify};
-use meshward_signer::client::{CaClient, CallOptions, IssuedCertificate, WorkloadKey, WorkloadKeyType};
+use meshward_signer::client::{
+    CaClient, CallOptions, IssuedCertificate, WorkloadKey, WorkloadKeyType,
+};
 use meshward_signer::issuer::builtin::{BuiltinIssuer, BuiltinOptions, CaKeyAlgorithm};
 use meshward_signer::issuer::{IssueRequest, KeyKind};
 use meshward_signer::server::ca_service::to_pem;
@@ -31,7 +38,14 @@ async fn connect_as(h: &Harness, cert: &IssuedCertificate, key: &WorkloadKey) ->
 
 /// Sign a certificate for `ns/sa` directly with a CA in `dir`, valid over
 /// `[nb, na]` relative to now (seconds).
-fn sign_directly(dir: &std::path::Path, key: &WorkloadKey, ns: &str, sa: &str, nb: i64, na: i64) -> IssuedCertificate {
+fn sign_directly(
+    dir: &std::path::Path,
+    key: &WorkloadKey,
+    ns: &str,
+    sa: &str,
+    nb: i64,
+    na: i64,
+) -> IssuedCertificate {
     let ca = BuiltinIssuer::load_or_create(
         &BuiltinOptions {
             data_dir: dir.to_path_buf(),
@@ -65,7 +79,10 @@ fn sign_directly(dir: &std::path::Path, key: &WorkloadKey, ns: &str, sa: &str, n
 #[tokio::test]
 async fn renewal_over_mtls_without_a_token_issues_the_same_identity() {
     let h = Harness::start().await;
-    let (key, first) = h.issue("default", "sleep", &h.opts("default", "sleep")).await.unwrap();
+    let (key, first) = h
+        .issue("default", "sleep", &h.opts("default", "sleep"))
+        .await
+        .unwrap();
     let renewer = connect_as(&h, &first, &key).await;
     let new_key = p256();
     let renewed = renewer
@@ -80,12 +97,23 @@ async fn renewal_over_mtls_without_a_token_issues_the_same_identity() {
 #[tokio::test]
 async fn renewal_asking_for_another_identity_is_refused() {
     let h = Harness::start().await;
-    let (key, first) = h.issue("default", "sleep", &h.opts("default", "sleep")).await.unwrap();
+    let (key, first) = h
+        .issue("default", "sleep", &h.opts("default", "sleep"))
+        .await
+        .unwrap();
     let renewer = connect_as(&h, &first, &key).await;
     let r = renewer
-        .request_certificate(&p256(), &id("kube-system", "admin"), &CallOptions::default())
+        .request_certificate(
+            &p256(),
+            &id("kube-system", "admin"),
+            &CallOptions::default(),
+        )
         .await;
-    assert_refused(r, Code::PermissionDenied, "but the caller is spiffe://cluster.local/ns/default/sa/sleep");
+    assert_refused(
+        r,
+        Code::PermissionDenied,
+        "but the caller is spiffe://cluster.local/ns/default/sa/sleep",
+    );
     h.signer.shutdown().await.unwrap();
 }
 
@@ -93,12 +121,23 @@ async fn renewal_asking_for_another_identity_is_refused() {
 async fn renewal_with_a_cert_plus_a_token_for_another_identity_is_refused() {
     // The certificate is the credential; a token cannot widen it.
     let h = Harness::start().await;
-    let (key, first) = h.issue("default", "sleep", &h.opts("default", "sleep")).await.unwrap();
+    let (key, first) = h
+        .issue("default", "sleep", &h.opts("default", "sleep"))
+        .await
+        .unwrap();
     let renewer = connect_as(&h, &first, &key).await;
     let r = renewer
-        .request_certificate(&p256(), &id("kube-system", "admin"), &h.opts("kube-system", "admin"))
+        .request_certificate(
+            &p256(),
+            &id("kube-system", "admin"),
+            &h.opts("kube-system", "admin"),
+        )
         .await;
-    assert_refused(r, Code::PermissionDenied, "but the caller is spiffe://cluster.local/ns/default/sa/sleep");
+    assert_refused(
+        r,
+        Code::PermissionDenied,
+        "but the caller is spiffe://cluster.local/ns/default/sa/sleep",
+    );
     h.signer.shutdown().await.unwrap();
 }
 
@@ -146,18 +185,25 @@ async fn renewal_with_a_cert_from_another_ca_is_refused() {
     .await
     {
         Err(e) => Err(e),
-        Ok(c) => c
-            .request_certificate(&p256(), &id("default", "sleep"), &CallOptions::default())
-            .await,
+        Ok(c) => {
+            c.request_certificate(&p256(), &id("default", "sleep"), &CallOptions::default())
+                .await
+        }
     };
-    assert!(result.is_err(), "a foreign certificate must not authenticate: {result:?}");
+    assert!(
+        result.is_err(),
+        "a foreign certificate must not authenticate: {result:?}"
+    );
     h.signer.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn client_certificate_is_ignored_when_mtls_renewal_is_off() {
     let h = Harness::start_with(|c| c.authn.mtls_renewal = false).await;
-    let (key, first) = h.issue("default", "sleep", &h.opts("default", "sleep")).await.unwrap();
+    let (key, first) = h
+        .issue("default", "sleep", &h.opts("default", "sleep"))
+        .await
+        .unwrap();
     let renewer = connect_as(&h, &first, &key).await;
     let r = renewer
         .request_certificate(&p256(), &id("default", "sleep"), &CallOptions::default())

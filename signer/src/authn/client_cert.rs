@@ -88,7 +88,10 @@ impl ClientCertAuthenticator {
         };
         let id = crate::csr::canonical_spiffe_id(uri).map_err(|e| bad(e.to_string()))?;
         if id.trust_domain() != &self.trust_domain {
-            return Err(bad(format!("{id} is outside trust domain {}", self.trust_domain)));
+            return Err(bad(format!(
+                "{id} is outside trust domain {}",
+                self.trust_domain
+            )));
         }
         let segments: Vec<&str> = id.path().split('/').skip(1).collect();
         let (ns, sa) = match segments.as_slice() {
@@ -99,6 +102,11 @@ impl ClientCertAuthenticator {
                 )));
             }
         };
-        CallerIdentity::for_service_account(&self.trust_domain, ns, sa, AuthMethod::ClientCertificate)
+        CallerIdentity::for_service_account(
+            &self.trust_domain,
+            ns,
+            sa,
+            AuthMethod::ClientCertificate,
+        )
     }
 }
