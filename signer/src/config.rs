@@ -120,6 +120,9 @@ pub struct PolicyConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthnConfig {
+    /// Accept a client certificate from this CA instead of a token (renewal
+    /// over mTLS; the caller can only get its own identity again).
+    pub mtls_renewal: bool,
     /// Trusted service-account token issuers (`[[authn.jwt]]`).
     pub jwt: Vec<JwtIssuerConfig>,
 }
@@ -209,6 +212,7 @@ impl Default for PolicyConfig {
 impl Default for AuthnConfig {
     fn default() -> Self {
         Self {
+            mtls_renewal: true,
             jwt: vec![JwtIssuerConfig {
                 issuer: "https://kubernetes.default.svc.cluster.local".to_string(),
                 audiences: default_audiences(),
@@ -272,11 +276,7 @@ impl Config {
                 "server.max_concurrent_requests must be at least 1".to_string(),
             ));
         }
-        match (
-            self.ca.backend.as_str(),
-            &self.ca.cacerts,
-            &self.ca.vault,
-        ) {
+        match (self.ca.backend.as_str(), &self.ca.cacerts, &self.ca.vault) {
             ("builtin", _, _) | ("cacerts", Some(_), _) | ("vault", _, Some(_)) => {}
             ("cacerts" | "vault", _, _) => {
                 return Err(ConfigError::Invalid(format!(

@@ -13,13 +13,13 @@ use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info};
 
 use crate::admin::{self, AdminState};
-use crate::authn::Authenticator;
+use crate::authn::client_cert::ClientCertAuthenticator;
 use crate::authn::jwt::{JwtAuthenticator, TrustedIssuer};
 use crate::authn::keys::{self, KeyError};
+use crate::authn::{Authenticator, CertificateOrToken};
 use crate::config::{Config, ConfigError};
 use crate::issuer::Issuer;
 use crate::issuer::builtin::{BuiltinError, BuiltinIssuer, BuiltinOptions};
@@ -28,6 +28,7 @@ use crate::observer::IssuanceObserver;
 use crate::policy::TtlPolicy;
 use crate::server::ca_service::{CaPipeline, CaService, to_pem};
 use crate::server::serving::{ServingError, issue_serving_identity};
+use crate::server::tls::{server_config, tls_incoming};
 
 /// Why the signer did not start.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +130,11 @@ impl Signer {
 
         let issuer: Arc<dyn Issuer> = match self.issuer {
             Some(i) => i,
-            None => match (config.ca.backend.as_str(), &config.ca.cacerts, &config.ca.vault) {
+            None => match (
+                config.ca.backend.as_str(),
+                &config.ca.cacerts,
+                &config.ca.vault,
+            ) {
                 ("cacerts", Some(c), _) => {
                     crate::issuer::cacerts::CaCertsIssuer::start(c, OffsetDateTime::now_utc())
                         .map_err(|e| ConfigError::Invalid(e.to_string()))?
@@ -143,10 +148,16 @@ impl Signer {
                 _ => Arc::new(load_builtin(&config, &trust_domain).await?),
             },
         };
-        let authenticator: Arc<dyn Authenticator> = match self.authenticator {
+        let token_authenticator: Arc<dyn Authenticator> = match self.authenticator {
             Some(a) => a,
             None => Arc::new(jwt_authenticator(&config, &trust_domain)?),
         };
+        let authenticator: Arc<dyn Authenticator> = Arc::new(CertificateOrToken {
+            client_cert: config.authn.mtls_renewal.then(|| {
+                ClientCertAuthenticator::new(trust_domain.clone(), issuer.trust_anchors())
+            }),
+            token: token_authenticator,
+        });
         let metrics = Arc::new(Metrics::new());
         metrics.set_ca_expiry(issuer.signing_validity().not_after.unix_timestamp());
 
@@ -163,9 +174,12 @@ impl Signer {
             OffsetDateTime::now_utc(),
         )
         .await?;
-        let tls = tonic::transport::ServerTlsConfig::new().identity(
-            tonic::transport::Identity::from_pem(&serving.chain_pem, &serving.key_pem),
-        );
+        let tls = server_config(
+            &serving.chain_pem,
+            &serving.key_pem,
+            &issuer.trust_anchors(),
+        )
+        .map_err(|e| StartError::Tls(e.to_string()))?;
 
         let policy = TtlPolicy::from(&config.policy);
         let pipeline = Arc::new(CaPipeline {
@@ -181,12 +195,10 @@ impl Signer {
         let serving_flag = Arc::new(AtomicBool::new(false));
 
         let router = tonic::transport::Server::builder()
-            .tls_config(tls)
-            .map_err(|e| StartError::Tls(e.to_string()))?
             .add_service(IstioCertificateServiceServer::new(service));
         let mut rx = shutdown_rx.clone();
+        let incoming = tls_incoming(grpc_listener, tls, shutdown_rx.clone());
         let grpc_task = tokio::spawn(async move {
-            let incoming = TcpListenerStream::new(grpc_listener);
             let result = router
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = rx.wait_for(|stop| *stop).await;
