@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use meshward_signer::issuer::vault::{VaultConfig, VaultIssuer};
 use meshward_signer::issuer::{IssueError, IssueRequest, IssuedChain, Issuer, KeyKind};
-use openbao::{APPROLE_ROLE_ID, BaoOptions, MOUNT, OpenBao, ROLE};
+use openbao::{AuthKind, BaoOptions, OpenBao};
 use rcgen::{CertificateParams, KeyPair};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use spiffe::SpiffeId;
@@ -24,35 +24,8 @@ use time::OffsetDateTime;
 
 const ID: &str = "spiffe://cluster.local/ns/default/sa/foo";
 
-enum AuthKind {
-    Token,
-    AppRole,
-}
-
-/// Signer-side config for `bao`, as TOML (so the documented format is what
-/// is tested), with `extra` lines added at the top level.
 fn config(bao: &OpenBao, auth: AuthKind, extra: &str) -> VaultConfig {
-    let ca = bao
-        .ca_file
-        .as_ref()
-        .map(|f| format!("ca_file = {:?}\n", f.display().to_string()))
-        .unwrap_or_default();
-    let auth = match auth {
-        AuthKind::Token => format!(
-            "[auth]\nmethod = \"token\"\ntoken_file = {:?}\n",
-            bao.token_file().display().to_string()
-        ),
-        AuthKind::AppRole => format!(
-            "[auth]\nmethod = \"approle\"\nrole_id = {APPROLE_ROLE_ID:?}\nsecret_id_file = {:?}\n",
-            bao.secret_id_file().display().to_string()
-        ),
-    };
-    let text = format!(
-        "address = {:?}\nmount = {MOUNT:?}\nrole = {ROLE:?}\nroots_file = {:?}\n{ca}{extra}\n{auth}",
-        bao.addr,
-        bao.roots_file().display().to_string()
-    );
-    toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    bao.vault_config(auth, extra)
 }
 
 fn now() -> OffsetDateTime {

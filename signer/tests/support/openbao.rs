@@ -36,17 +36,29 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use meshward_signer::issuer::vault::VaultConfig;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
 /// Mount of the intermediate the signer uses.
 pub const MOUNT: &str = "pki_int";
 /// PKI role the signer signs with.
 pub const ROLE: &str = "istio";
+/// PKI role for the signer's own serving certificate (DNS names allowed).
+pub const SERVING_ROLE: &str = "meshward-serving";
 /// Policy given to the signer's token and AppRole.
 pub const POLICY: &str = "meshward-signer";
 /// AppRole name and (fixed) role id.
 pub const APPROLE: &str = "meshward-signer";
 pub const APPROLE_ROLE_ID: &str = "meshward-signer-role-id";
+
+/// How the signer authenticates to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthKind {
+    /// The policy-limited token, from a file.
+    Token,
+    /// AppRole with the fixed role id and the secret id from a file.
+    AppRole,
+}
 
 /// How the server is started and provisioned.
 #[derive(Clone, Debug, Default)]
@@ -355,10 +367,27 @@ impl OpenBao {
             &[&format!("certificate=@{}", int_file.display())],
         )?;
         self.write_role(&[])?;
+        self.write(
+            &format!("{MOUNT}/roles/{SERVING_ROLE}"),
+            &[
+                "allowed_uri_sans=spiffe://cluster.local/ns/istio-system/sa/meshward-signer",
+                "allowed_domains=localhost,istiod.istio-system.svc,meshward-signer.istio-system.svc",
+                "allow_bare_domains=true",
+                "allow_localhost=true",
+                "allow_subdomains=false",
+                "allow_ip_sans=false",
+                "key_type=any",
+                "require_cn=false",
+                "use_csr_common_name=false",
+                "use_csr_sans=true",
+                "max_ttl=720h",
+            ],
+        )?;
 
         let policy = format!(
             "path \"{MOUNT}/sign/{ROLE}\" {{ capabilities = [\"create\", \"update\"] }}\n\
-             path \"{MOUNT}/sign-verbatim/{ROLE}\" {{ capabilities = [\"create\", \"update\"] }}\n"
+             path \"{MOUNT}/sign-verbatim/{ROLE}\" {{ capabilities = [\"create\", \"update\"] }}\n\
+             path \"{MOUNT}/sign/{SERVING_ROLE}\" {{ capabilities = [\"create\", \"update\"] }}\n"
         );
         self.cli_with_stdin(&["policy", "write", POLICY, "-"], Some(&policy))?;
         if self.options.namespace.is_some() {
@@ -437,6 +466,38 @@ impl OpenBao {
         Ok(())
     }
 
+    /// The signer's `[ca.vault]` section for this server, as TOML text (what
+    /// docs/vault.md shows), `extra` lines added at its top level.
+    pub fn vault_config_toml(&self, auth: AuthKind, extra: &str) -> String {
+        let ca = self
+            .ca_file
+            .as_ref()
+            .map(|f| format!("ca_file = {:?}\n", f.display().to_string()))
+            .unwrap_or_default();
+        let auth = match auth {
+            AuthKind::Token => format!(
+                "[auth]\nmethod = \"token\"\ntoken_file = {:?}\n",
+                self.token_file().display().to_string()
+            ),
+            AuthKind::AppRole => format!(
+                "[auth]\nmethod = \"approle\"\nrole_id = {APPROLE_ROLE_ID:?}\nsecret_id_file = {:?}\n",
+                self.secret_id_file().display().to_string()
+            ),
+        };
+        format!(
+            "address = {:?}\nmount = {MOUNT:?}\nrole = {ROLE:?}\nserving_role = {SERVING_ROLE:?}\n\
+             roots_file = {:?}\n{ca}{extra}\n{auth}",
+            self.addr,
+            self.roots_file().display().to_string()
+        )
+    }
+
+    /// [`OpenBao::vault_config_toml`], parsed.
+    pub fn vault_config(&self, auth: AuthKind, extra: &str) -> VaultConfig {
+        let text = self.vault_config_toml(auth, extra);
+        toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
     /// The PEM roots the signer must chain results to, as a file.
     pub fn roots_file(&self) -> PathBuf {
         self.file("vault-roots.pem", &self.root_pem).unwrap()
@@ -493,6 +554,15 @@ impl OpenBao {
             }
         }
         Ok(())
+    }
+
+    /// Number of certificates the intermediate mount has issued.
+    pub fn issued_count(&self) -> Result<usize> {
+        match self.cli(&["list", "-format=json", &format!("{MOUNT}/certs")]) {
+            Ok(out) => Ok(serde_json::from_str::<Vec<String>>(&out)?.len()),
+            Err(e) if e.to_string().contains("No value found") => Ok(0),
+            Err(e) => Err(e),
+        }
     }
 
     /// Number of live tokens issued through the AppRole.

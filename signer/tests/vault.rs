@@ -1,0 +1,200 @@
+//! The signer with `ca.backend = "vault"` against a real OpenBao server,
+//! through its real gRPC API (TLS, service-account token, istio-agent-like
+//! client): issuance with token and AppRole auth, callers refused before
+//! Vault is asked, Vault outage and recovery, token expiry.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+#[path = "support/harness.rs"]
+mod harness;
+#[path = "support/openbao.rs"]
+mod openbao;
+
+use std::time::{Duration, Instant};
+
+use harness::{Harness, assert_refused, id, webpki_verify};
+use meshward_signer::client::{ClientError, WorkloadKey, WorkloadKeyType};
+use openbao::{AuthKind, BaoOptions, OpenBao};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use tonic::Code;
+
+async fn signer_on(bao: &OpenBao, auth: AuthKind, extra: &str) -> Harness {
+    let vault = bao.vault_config(auth, extra);
+    Harness::start_with(move |c| {
+        c.ca.backend = "vault".to_string();
+        c.ca.vault = Some(vault);
+    })
+    .await
+}
+
+fn root_der(bao: &OpenBao) -> CertificateDer<'static> {
+    CertificateDer::from(pem::parse(&bao.root_pem).unwrap().into_contents())
+}
+
+fn now() -> UnixTime {
+    UnixTime::now()
+}
+
+/// Issues for `default/foo` and checks the chain the workload receives.
+async fn issue_and_check(h: &Harness, bao: &OpenBao) {
+    let (_key, cert) = h
+        .issue("default", "foo", &h.opts("default", "foo"))
+        .await
+        .unwrap();
+    assert_eq!(
+        cert.roots,
+        vec![root_der(bao)],
+        "the Vault root, configured in the signer"
+    );
+    assert_eq!(
+        cert.intermediates.len(),
+        1,
+        "the istioca intermediate from pki_int"
+    );
+    webpki_verify(&cert, now());
+    let (_, leaf) = x509_parser::parse_x509_certificate(&cert.leaf).unwrap();
+    let sans = leaf.subject_alternative_name().unwrap().unwrap();
+    assert_eq!(
+        format!("{:?}", sans.value.general_names),
+        format!("[URI({:?})]", id("default", "foo").to_string())
+    );
+    let (_, int) = x509_parser::parse_x509_certificate(&cert.intermediates[0]).unwrap();
+    assert_eq!(
+        int.subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap(),
+        "istioca"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workload_gets_a_vault_signed_chain_with_token_auth() {
+    let Some(bao) = OpenBao::start(BaoOptions::default()) else {
+        return;
+    };
+    let h = signer_on(&bao, AuthKind::Token, "").await;
+    issue_and_check(&h, &bao).await;
+    assert_eq!(h.signer.issuer().name(), "vault");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workload_gets_a_vault_signed_chain_with_approle_auth() {
+    let Some(bao) = OpenBao::start(BaoOptions::default()) else {
+        return;
+    };
+    let h = signer_on(&bao, AuthKind::AppRole, "").await;
+    issue_and_check(&h, &bao).await;
+    // RSA workload keys go through the same role (key_type=any).
+    let key = WorkloadKey::generate(WorkloadKeyType::Rsa2048).unwrap();
+    let cert = h
+        .client
+        .request_certificate(&key, &id("default", "rsa"), &h.opts("default", "rsa"))
+        .await
+        .unwrap();
+    webpki_verify(&cert, now());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn csr_for_another_identity_is_refused_before_vault_is_asked() {
+    let Some(bao) = OpenBao::start(BaoOptions::default()) else {
+        return;
+    };
+    let h = signer_on(&bao, AuthKind::Token, "").await;
+    let before = bao.issued_count().unwrap();
+    // Caller proves default/foo but asks for kube-system/admin.
+    let key = WorkloadKey::generate(WorkloadKeyType::EcdsaP256).unwrap();
+    let csr = key.csr_pem(&id("kube-system", "admin")).unwrap();
+    let r = h.send_csr(&csr, "default", "foo").await;
+    assert!(
+        matches!(&r, Err(ClientError::Status(s)) if s.code() != Code::Ok),
+        "{r:?}"
+    );
+    // No token at all.
+    let csr = key.csr_pem(&id("default", "foo")).unwrap();
+    let r = h.client.create_certificate(&csr, &Default::default()).await;
+    assert_refused(r, Code::Unauthenticated, "");
+    assert_eq!(bao.issued_count().unwrap(), before, "Vault signed nothing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vault_down_answers_unavailable_within_the_timeout_and_recovers() {
+    let Some(mut bao) = OpenBao::start(BaoOptions::default()) else {
+        return;
+    };
+    let configured = Duration::from_secs(4);
+    let h = signer_on(
+        &bao,
+        AuthKind::AppRole,
+        "attempt_timeout = \"1s\"\ntimeout = \"4s\"\nmax_attempts = 3\n\
+         backoff_initial = \"50ms\"\nbackoff_max = \"200ms\"\n\
+         failure_threshold = 2\nopen_for = \"1s\"",
+    )
+    .await;
+    issue_and_check(&h, &bao).await;
+
+    bao.stop();
+    for _ in 0..3 {
+        let r = tokio::time::timeout(
+            configured + Duration::from_secs(5),
+            h.issue("default", "foo", &h.opts("default", "foo")),
+        )
+        .await
+        .expect("the signer must answer within the configured Vault timeout");
+        assert_refused(r, Code::Unavailable, "");
+    }
+
+    // Same address, same root; the AppRole token the signer held is gone
+    // with the in-memory storage, so recovery also means logging in again.
+    bao.restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match h.issue("default", "foo", &h.opts("default", "foo")).await {
+            Ok(_) => break,
+            Err(ClientError::Status(s)) if s.code() == Code::Unavailable => {
+                assert!(Instant::now() < deadline, "no recovery: {}", s.message());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("no recovery after restart: {e:?}"),
+        }
+    }
+    issue_and_check(&h, &bao).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_vault_token_leads_to_a_new_approle_login() {
+    let Some(bao) = OpenBao::start(BaoOptions {
+        approle_token_ttl: Some("3s".into()),
+        ..BaoOptions::default()
+    }) else {
+        return;
+    };
+    let h = signer_on(&bao, AuthKind::AppRole, "").await;
+    issue_and_check(&h, &bao).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bao.approle_token_count().unwrap() != 0 {
+        assert!(Instant::now() < deadline, "the token never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    issue_and_check(&h, &bao).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identity_outside_the_vault_role_is_permission_denied() {
+    let Some(bao) = OpenBao::start(BaoOptions::default()) else {
+        return;
+    };
+    // The role only allows one namespace; the signer's own checks pass.
+    bao.write_role(&["allowed_uri_sans=spiffe://cluster.local/ns/default/*"])
+        .unwrap();
+    let h = signer_on(&bao, AuthKind::Token, "").await;
+    issue_and_check(&h, &bao).await;
+    let r = h.issue("other", "foo", &h.opts("other", "foo")).await;
+    assert_refused(r, Code::PermissionDenied, "");
+}
