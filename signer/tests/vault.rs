@@ -198,3 +198,54 @@ async fn identity_outside_the_vault_role_is_permission_denied() {
     let r = h.issue("other", "foo", &h.opts("other", "foo")).await;
     assert_refused(r, Code::PermissionDenied, "");
 }
+
+/// The fenced block of `lang` in docs/vault.md (the first one).
+fn doc_block(lang: &str) -> String {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/vault.md")).unwrap();
+    let start = doc.find(&format!("```{lang}\n")).unwrap() + lang.len() + 4;
+    let len = doc[start..].find("```").unwrap();
+    doc[start..start + len].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn documented_vault_setup_and_signer_config_issue_certificates() {
+    let Some(bao) = OpenBao::start(BaoOptions {
+        bare: true,
+        ..BaoOptions::default()
+    }) else {
+        return;
+    };
+    // The commands exactly as documented, against this server.
+    let work = tempfile::tempdir().unwrap();
+    let script = doc_block("sh").replace("export BAO_ADDR=https://vault.example:8200", "");
+    bao.run_script(&script, work.path()).unwrap();
+    let read = |f: &str| std::fs::read_to_string(work.path().join(f)).unwrap();
+
+    // The documented signer config parses and validates as a whole...
+    let text = doc_block("toml");
+    let documented = meshward_signer::config::Config::from_toml(&text, "docs/vault.md").unwrap();
+    documented.validate().unwrap();
+    // ...and, pointed at this server and these files, issues.
+    let mut vault = documented.ca.vault.unwrap();
+    vault.address = bao.addr.clone();
+    vault.ca_file = None;
+    vault.roots_file = work.path().join("root-cert.pem");
+    vault.auth = meshward_signer::issuer::vault::VaultAuthConfig::Approle {
+        mount: "approle".into(),
+        role_id: read("role-id").trim().to_string(),
+        secret_id_file: work.path().join("secret-id"),
+    };
+    let h = Harness::start_with(move |c| {
+        c.ca.backend = "vault".to_string();
+        c.ca.vault = Some(vault);
+    })
+    .await;
+    let (_key, cert) = h
+        .issue("default", "foo", &h.opts("default", "foo"))
+        .await
+        .unwrap();
+    let root = CertificateDer::from(pem::parse(read("root-cert.pem")).unwrap().into_contents());
+    assert_eq!(cert.roots, vec![root]);
+    webpki_verify(&cert, now());
+}

@@ -69,6 +69,8 @@ pub struct BaoOptions {
     pub approle_token_ttl: Option<String>,
     /// Provision everything inside this OpenBao namespace (created first).
     pub namespace: Option<String>,
+    /// Start only; the test provisions (e.g. with the documented commands).
+    pub bare: bool,
 }
 
 pub struct OpenBao {
@@ -197,7 +199,10 @@ impl OpenBao {
                 dir,
                 options: options.clone(),
             };
-            let started = bao.spawn().and_then(|()| bao.provision());
+            let bare = options.bare;
+            let started = bao
+                .spawn()
+                .and_then(|()| if bare { Ok(()) } else { bao.provision() });
             match started {
                 Ok(()) => return Some(bao),
                 Err(e) => {
@@ -307,6 +312,52 @@ impl OpenBao {
                 args.join(" "),
                 String::from_utf8_lossy(&out.stderr),
                 String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs a bash script in `cwd` with `bao` on PATH and BAO_ADDR /
+    /// BAO_TOKEN (root) / BAO_CACERT set for this server; returns stdout.
+    pub fn run_script(&self, script: &str, cwd: &Path) -> Result<String> {
+        use std::io::Write;
+        let bin_dir = self.dir.path().join("bin");
+        if !bin_dir.join("bao").exists() {
+            std::fs::create_dir_all(&bin_dir)?;
+            std::os::unix::fs::symlink(&self.bin, bin_dir.join("bao"))?;
+        }
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut cmd = Command::new("bash");
+        cmd.arg("-s")
+            .current_dir(cwd)
+            .env("PATH", path)
+            .env("BAO_ADDR", &self.addr)
+            .env("BAO_TOKEN", &self.root_token)
+            .env("HOME", self.dir.path())
+            .env_remove("BAO_NAMESPACE")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(ca) = &self.ca_file {
+            cmd.env("BAO_CACERT", ca);
+        }
+        let mut child = cmd.spawn()?;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("set -euo pipefail\n{script}").as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "script failed ({}): {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                script
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
