@@ -358,3 +358,41 @@ async fn namespace_header_reaches_the_pki_mount_inside_the_namespace() {
     let without = VaultIssuer::new(&config(&bao, AuthKind::AppRole, "max_attempts = 1")).unwrap();
     assert!(sign(&without, &req).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn short_lived_file_token_is_renewed_before_it_expires() {
+    let Some(bao) = OpenBao::start(BaoOptions::default()) else {
+        return;
+    };
+    let cfg = config(&bao, AuthKind::Token, "");
+    let token = bao.create_token("4s").unwrap();
+    std::fs::write(bao.token_file(), &token).unwrap();
+    let issuer = VaultIssuer::new(&cfg).unwrap();
+    let req = request();
+    // Keep signing for well past the token's original 4s; renew-self at half
+    // its TTL keeps it alive, so every signing works with the same token.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(9) {
+        verify(&sign(&issuer, &req).await.unwrap(), &bao.root_pem, &req);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert!(bao.token_alive(&token), "the original token was renewed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoked_file_token_is_replaced_by_the_rotated_file() {
+    let Some(bao) = OpenBao::start(BaoOptions::default()) else {
+        return;
+    };
+    let cfg = config(&bao, AuthKind::Token, "");
+    let old = bao.create_token("1h").unwrap();
+    std::fs::write(bao.token_file(), &old).unwrap();
+    let issuer = VaultIssuer::new(&cfg).unwrap();
+    let req = request();
+    sign(&issuer, &req).await.unwrap();
+    // An operator (or Vault Agent) rotates: new token in the file, old revoked.
+    let new = bao.create_token("1h").unwrap();
+    std::fs::write(bao.token_file(), &new).unwrap();
+    bao.cli(&["token", "revoke", &old]).unwrap();
+    verify(&sign(&issuer, &req).await.unwrap(), &bao.root_pem, &req);
+}

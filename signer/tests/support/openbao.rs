@@ -607,6 +607,27 @@ impl OpenBao {
         Ok(())
     }
 
+    /// A new token with the signer's policy and `ttl` (renewable).
+    pub fn create_token(&self, ttl: &str) -> Result<String> {
+        let out = self.cli(&[
+            "token",
+            "create",
+            &format!("-policy={POLICY}"),
+            &format!("-ttl={ttl}"),
+            "-format=json",
+        ])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(v["auth"]["client_token"]
+            .as_str()
+            .context("no client_token")?
+            .to_owned())
+    }
+
+    /// Whether `token` is still valid on the server.
+    pub fn token_alive(&self, token: &str) -> bool {
+        self.cli(&["token", "lookup", token]).is_ok()
+    }
+
     /// Number of certificates the intermediate mount has issued.
     pub fn issued_count(&self) -> Result<usize> {
         match self.cli(&["list", "-format=json", &format!("{MOUNT}/certs")]) {
