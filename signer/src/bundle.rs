@@ -14,6 +14,7 @@ pub mod dir;
 pub mod endpoint;
 pub mod grpc;
 pub mod jwks;
+pub mod service;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,6 +26,7 @@ use tokio::sync::watch;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 pub use jwks::{Jwk, Jwks};
+pub use service::{BundleConfig, BundleService};
 
 /// Why a bundle could not be built or published.
 #[derive(Debug, thiserror::Error)]

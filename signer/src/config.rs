@@ -57,6 +57,10 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// Caller authentication.
     pub authn: AuthnConfig,
+    /// The issuance ledger (`[ledger]`).
+    pub ledger: crate::ledger::LedgerConfig,
+    /// Trust bundle publication (`[bundle]`).
+    pub bundle: crate::bundle::BundleConfig,
 }
 
 /// Listeners and the serving certificate.
@@ -165,6 +169,8 @@ impl Default for Config {
             ca: CaConfig::default(),
             policy: PolicyConfig::default(),
             authn: AuthnConfig::default(),
+            ledger: crate::ledger::LedgerConfig::default(),
+            bundle: crate::bundle::BundleConfig::default(),
         }
     }
 }

@@ -15,6 +15,7 @@
 //! certificate it only knows by digest.
 
 pub mod metrics;
+pub mod service;
 pub mod sqlite;
 
 use std::fmt;
@@ -34,6 +35,7 @@ use crate::issuer::IssuedChain;
 use crate::observer::{IssuanceEvent, IssuanceObserver, ObserveFuture};
 
 pub use metrics::LedgerMetrics;
+pub use service::{LedgerConfig, LedgerService};
 pub use sqlite::{SqliteLedger, SqliteOptions};
 
 /// SHA-256 of a certificate's DER, as Envoy's

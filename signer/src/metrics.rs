@@ -133,6 +133,12 @@ impl Metrics {
         self.ca_expiry.set(unix_seconds);
     }
 
+    /// The registry, for other modules' metrics (the ledger's) to register
+    /// into before the signer starts serving.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// Render in the Prometheus text format.
     pub fn render(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();

@@ -76,6 +76,12 @@ pub enum StartError {
     /// A background task failed.
     #[error("start-up task: {0}")]
     Task(String),
+    /// The issuance ledger could not be opened.
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+    /// The trust bundle or one of its sinks could not be set up.
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::BundleError),
 }
 
 /// A signer to start: a [`Config`] plus optional replacements for its parts.
@@ -158,7 +164,12 @@ impl Signer {
             }),
             token: token_authenticator,
         });
-        let metrics = Arc::new(Metrics::new());
+        let ledger = crate::ledger::LedgerService::open(&config.ledger, &config.ca.data_dir)?;
+        let mut metrics = Metrics::new();
+        if let Some(l) = &ledger {
+            l.metrics().register(metrics.registry_mut());
+        }
+        let metrics = Arc::new(metrics);
         metrics.set_ca_expiry(issuer.signing_validity().not_after.unix_timestamp());
 
         let grpc_listener = bind("gRPC", config.server.grpc_addr).await?;
@@ -187,15 +198,32 @@ impl Signer {
             authenticator,
             issuer: issuer.clone(),
             policy,
-            observers: self.observers,
+            observers: self
+                .observers
+                .into_iter()
+                .chain(
+                    ledger
+                        .iter()
+                        .map(|l| l.observer() as Arc<dyn IssuanceObserver>),
+                )
+                .collect(),
             metrics: metrics.clone(),
         });
         let service = CaService::new(pipeline, config.server.max_concurrent_requests);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let serving_flag = Arc::new(AtomicBool::new(false));
+        let mut bundle = crate::bundle::BundleService::start(
+            &config.bundle,
+            trust_domain.as_ref(),
+            issuer.trust_anchors(),
+            (&serving.chain_pem, &serving.key_pem),
+            shutdown_rx.clone(),
+        )
+        .await?;
 
         let router = tonic::transport::Server::builder()
-            .add_service(IstioCertificateServiceServer::new(service));
+            .add_service(IstioCertificateServiceServer::new(service))
+            .add_service(bundle.grpc_service());
         let mut rx = shutdown_rx.clone();
         let incoming = tls_incoming(grpc_listener, tls, shutdown_rx.clone());
         let grpc_task = tokio::spawn(async move {
@@ -215,7 +243,17 @@ impl Signer {
             metrics: metrics.clone(),
             serving: serving_flag.clone(),
             issuer: issuer.clone(),
-        });
+        })
+        .merge(bundle.admin_routes())
+        .merge(ledger.as_ref().map(|l| l.routes()).unwrap_or_default());
+        let mut tasks = bundle.take_tasks();
+        if let Some(l) = &ledger {
+            tasks.push(l.spawn_maintenance(
+                config.ledger.retention,
+                config.ledger.prune_interval,
+                shutdown_rx.clone(),
+            ));
+        }
         let mut rx = shutdown_rx;
         let admin_task = tokio::spawn(async move {
             let result = axum::serve(admin_listener, admin_router)
@@ -250,7 +288,10 @@ impl Signer {
             issuer,
             metrics,
             shutdown: shutdown_tx,
-            tasks: vec![grpc_task, admin_task],
+            bundle: bundle.channel().clone(),
+            bundle_endpoint: bundle.endpoint_addr(),
+            ledger: ledger.map(|l| l.ledger().clone()),
+            tasks: [grpc_task, admin_task].into_iter().chain(tasks).collect(),
         })
     }
 }
@@ -362,6 +403,9 @@ pub struct RunningSigner {
     issuer: Arc<dyn Issuer>,
     metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
+    bundle: crate::bundle::BundleChannel,
+    bundle_endpoint: Option<SocketAddr>,
+    ledger: Option<Arc<dyn crate::ledger::Ledger>>,
     tasks: Vec<JoinHandle<Result<(), String>>>,
 }
 
@@ -395,6 +439,21 @@ impl RunningSigner {
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The trust bundle channel (current bundle; rotation publishes here).
+    pub fn bundle(&self) -> &crate::bundle::BundleChannel {
+        &self.bundle
+    }
+
+    /// Where the HTTPS SPIFFE bundle endpoint listens, if `bundle.endpoint_addr` is set.
+    pub fn bundle_endpoint(&self) -> Option<SocketAddr> {
+        self.bundle_endpoint
+    }
+
+    /// The issuance ledger, unless `ledger.enabled = false`.
+    pub fn ledger(&self) -> Option<&Arc<dyn crate::ledger::Ledger>> {
+        self.ledger.as_ref()
     }
 
     /// Stop accepting, finish in-flight requests, and wait for both servers.

@@ -49,9 +49,10 @@ impl LedgerMetrics {
         }
     }
 
-    /// Register under `meshward_ledger_*`.
+    /// Register under `<registry prefix>_ledger_*` (in the signer:
+    /// `meshward_signer_ledger_*`).
     pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("meshward_ledger");
+        let r = registry.sub_registry_with_prefix("ledger");
         r.register(
             "certificates_recorded",
             "Certificates recorded in the ledger, by namespace",
@@ -144,15 +145,19 @@ mod tests {
         for ns in ["a", "b", "c", "d", "a"] {
             m.recorded(ns);
         }
-        let mut reg = Registry::default();
+        let mut reg = Registry::with_prefix("meshward_signer");
         m.register(&mut reg);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
-        assert!(out.contains(r#"meshward_ledger_certificates_recorded_total{namespace="a"} 2"#));
-        assert!(out.contains(r#"meshward_ledger_certificates_recorded_total{namespace="b"} 1"#));
         assert!(
-            out.contains(r#"meshward_ledger_certificates_recorded_total{namespace="_other"} 2"#)
+            out.contains(r#"meshward_signer_ledger_certificates_recorded_total{namespace="a"} 2"#)
         );
+        assert!(
+            out.contains(r#"meshward_signer_ledger_certificates_recorded_total{namespace="b"} 1"#)
+        );
+        assert!(out.contains(
+            r#"meshward_signer_ledger_certificates_recorded_total{namespace="_other"} 2"#
+        ));
         assert!(!out.contains(r#"namespace="c""#));
     }
 }
