@@ -15,6 +15,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::issuer::builtin::CaKeyAlgorithm;
 use crate::issuer::cacerts::CaCertsConfig;
 use crate::issuer::vault::VaultConfig;
+use crate::policy::TtlPolicy;
+use crate::policy::tiers::{
+    EffectivePolicy, IssuancePolicy, KeyType, NamespaceMatcher, Tier, TierConfig,
+};
 
 /// The embedded defaults, as a TOML document (what `Config::default()` is).
 pub const DEFAULTS_TOML: &str = include_str!("config/defaults.toml");
@@ -118,12 +122,22 @@ pub struct PolicyConfig {
     /// How far notBefore is set in the past, for clock skew.
     #[serde(with = "human")]
     pub backdate: Duration,
+    /// Key types accepted in CSRs (`p256`, `p384`, `ed25519`, `rsa`).
+    pub allowed_key_types: Vec<KeyType>,
+    /// Per-namespace tiers (`[[policy.tiers]]`); the first match wins.
+    pub tiers: Vec<TierConfig>,
 }
 
 /// Authentication settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthnConfig {
+    /// Service accounts (`<namespace>/<service-account>`) that may ask for
+    /// another identity's certificate with the `ImpersonatedIdentity`
+    /// request metadata (node agents such as `istio-system/ztunnel`; like
+    /// istio-csr's `--ca-trusted-node-accounts`). Everyone else who sets it
+    /// is refused.
+    pub trusted_node_accounts: Vec<String>,
     /// Accept a client certificate from this CA instead of a token (renewal
     /// over mTLS; the caller can only get its own identity again).
     pub mtls_renewal: bool,
@@ -211,6 +225,8 @@ impl Default for PolicyConfig {
             default_ttl: Duration::from_secs(24 * HOUR),
             max_ttl: Duration::from_secs(24 * HOUR),
             backdate: Duration::from_secs(60),
+            allowed_key_types: KeyType::ALL.to_vec(),
+            tiers: Vec::new(),
         }
     }
 }
@@ -218,6 +234,7 @@ impl Default for PolicyConfig {
 impl Default for AuthnConfig {
     fn default() -> Self {
         Self {
+            trusted_node_accounts: Vec::new(),
             mtls_renewal: true,
             jwt: vec![JwtIssuerConfig {
                 issuer: "https://kubernetes.default.svc.cluster.local".to_string(),
@@ -277,6 +294,17 @@ impl Config {
                 humantime::format_duration(p.max_ttl)
             )));
         }
+        self.issuance_policy()?;
+        for a in &self.authn.trusted_node_accounts {
+            match a.split_once('/') {
+                Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {}
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "authn.trusted_node_accounts entry {a:?} is not <namespace>/<service-account>"
+                    )));
+                }
+            }
+        }
         if self.server.max_concurrent_requests == 0 {
             return Err(ConfigError::Invalid(
                 "server.max_concurrent_requests must be at least 1".to_string(),
@@ -317,6 +345,95 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// Compile the issuance policy (base + tiers), checking each tier.
+    pub fn issuance_policy(&self) -> Result<IssuancePolicy, ConfigError> {
+        let p = &self.policy;
+        if p.allowed_key_types.is_empty() {
+            return Err(ConfigError::Invalid(
+                "policy.allowed_key_types is empty: nothing could be issued".to_string(),
+            ));
+        }
+        let base_ttl = TtlPolicy::from(p);
+        let base = EffectivePolicy {
+            tier: "default".to_string(),
+            ttl: base_ttl,
+            allowed_keys: p.allowed_key_types.iter().copied().collect(),
+        };
+        let mut tiers = Vec::new();
+        for (i, t) in p.tiers.iter().enumerate() {
+            let ttl = TtlPolicy {
+                default_ttl: t.default_ttl.unwrap_or(base_ttl.default_ttl),
+                max_ttl: t.max_ttl.unwrap_or(base_ttl.max_ttl),
+                backdate: base_ttl.backdate,
+            };
+            let name = if t.name.is_empty() {
+                format!("#{i}")
+            } else {
+                t.name.clone()
+            };
+            if ttl.default_ttl.is_zero() || ttl.default_ttl > ttl.max_ttl {
+                return Err(ConfigError::Invalid(format!(
+                    "policy tier {name}: default_ttl {} must be positive and at most max_ttl {}",
+                    humantime::format_duration(ttl.default_ttl),
+                    humantime::format_duration(ttl.max_ttl)
+                )));
+            }
+            if t.namespaces.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "policy tier {name} has no namespaces"
+                )));
+            }
+            let allowed_keys: std::collections::BTreeSet<KeyType> = t
+                .allowed_key_types
+                .as_ref()
+                .map(|v| v.iter().copied().collect())
+                .unwrap_or_else(|| base.allowed_keys.clone());
+            if allowed_keys.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "policy tier {name}: allowed_key_types is empty"
+                )));
+            }
+            tiers.push(Tier {
+                name,
+                namespaces: NamespaceMatcher::new(&t.namespaces),
+                ttl,
+                allowed_keys,
+            });
+        }
+        Ok(IssuancePolicy { base, tiers })
+    }
+
+    /// Trusted node accounts as `(namespace, service account)` pairs.
+    pub fn trusted_node_accounts(&self) -> Vec<(String, String)> {
+        self.authn
+            .trusted_node_accounts
+            .iter()
+            .filter_map(|a| a.split_once('/'))
+            .map(|(ns, sa)| (ns.to_string(), sa.to_string()))
+            .collect()
+    }
+}
+
+/// serde for `Option<Duration>` as humantime strings.
+pub(crate) mod human_opt {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("duration {text:?}: {e}")))
     }
 }
 
@@ -364,6 +481,61 @@ mod tests {
             "inline",
         )
         .unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn tiers_choose_ttl_and_keys_by_namespace() {
+        let c = Config::from_toml(
+            r#"
+[policy]
+default_ttl = "24h"
+max_ttl = "24h"
+[[policy.tiers]]
+name = "critical"
+namespaces = ["payments"]
+default_ttl = "12h"
+max_ttl = "12h"
+allowed_key_types = ["p256"]
+[[policy.tiers]]
+name = "dev"
+namespaces = ["dev-*"]
+default_ttl = "24h"
+max_ttl = "7d"
+"#,
+            "inline",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let p = c.issuance_policy().unwrap();
+        assert_eq!(p.for_namespace("payments").tier, "critical");
+        assert_eq!(
+            p.for_namespace("payments").ttl.max_ttl,
+            Duration::from_secs(12 * 3600)
+        );
+        assert_eq!(
+            p.for_namespace("dev-bob").ttl.max_ttl,
+            Duration::from_secs(7 * 86400)
+        );
+        assert_eq!(p.for_namespace("default").tier, "default");
+        assert!(
+            p.for_namespace("payments")
+                .check_key(crate::issuer::KeyKind::Rsa { bits: 2048 })
+                .is_err()
+        );
+        assert!(
+            p.for_namespace("default")
+                .check_key(crate::issuer::KeyKind::Rsa { bits: 2048 })
+                .is_ok()
+        );
+        let text = c.to_toml().unwrap();
+        assert_eq!(Config::from_toml(&text, "rt").unwrap(), c);
+    }
+
+    #[test]
+    fn malformed_trusted_node_account_is_refused() {
+        let c = Config::from_toml("[authn]\ntrusted_node_accounts = [\"ztunnel\"]\n", "inline")
+            .unwrap();
         assert!(c.validate().is_err());
     }
 

@@ -38,6 +38,28 @@ enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration (defaults, file, overrides) as TOML.
     Config(ServeArgs),
+    /// Inspect the issuance policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Show the policy that applies to one workload: its SPIFFE ID, tier,
+    /// TTLs, allowed key types, and whether it is a trusted node agent.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+struct ExplainArgs {
+    /// Kubernetes namespace of the workload.
+    #[arg(long)]
+    ns: String,
+    /// Kubernetes service account of the workload.
+    #[arg(long)]
+    sa: String,
+    #[command(flatten)]
+    config: ServeArgs,
 }
 
 /// Configuration sources, lowest precedence first: embedded defaults, the
@@ -131,6 +153,11 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", args.load()?.to_toml()?);
             Ok(())
         }
+        Command::Policy(PolicyCommand::Explain(args)) => {
+            let config = args.config.load()?;
+            print!("{}", explain(&config, &args.ns, &args.sa)?);
+            Ok(())
+        }
         Command::Serve(args) => {
             let config = args.load()?;
             let signer = meshward_signer::Signer::start(config)
@@ -148,6 +175,80 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("signer stopped: {e}"))
         }
     }
+}
+
+fn explain(config: &Config, ns: &str, sa: &str) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    let td = spiffe::TrustDomain::new(&config.trust_domain)?;
+    let id = spiffe::SpiffeId::from_segments(td, &["ns", ns, "sa", sa])
+        .with_context(|| format!("{ns}/{sa} does not make a valid SPIFFE ID"))?;
+    let policy = config.issuance_policy()?;
+    let effective = policy.for_namespace(ns);
+    let tier_source = policy
+        .tiers
+        .iter()
+        .find(|t| t.name == effective.tier)
+        .map(|t| t.namespaces.to_string())
+        .unwrap_or_else(|| "no [[policy.tiers]] entry matches this namespace".to_string());
+    let node_agent = config
+        .trusted_node_accounts()
+        .iter()
+        .any(|(n, s)| n == ns && s == sa);
+    let hd = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let mut out = String::new();
+    writeln!(out, "identity:          {id}")?;
+    writeln!(out, "tier:              {} ({tier_source})", effective.tier)?;
+    writeln!(
+        out,
+        "default TTL:       {} (validity_duration = 0)",
+        hd(effective.ttl.default_ttl)
+    )?;
+    writeln!(
+        out,
+        "max TTL:           {} (longer requests are clamped to it; negative ones refused)",
+        hd(effective.ttl.max_ttl)
+    )?;
+    writeln!(
+        out,
+        "backdate:          {} (never before, nor after, the signing CA's validity)",
+        hd(effective.ttl.backdate)
+    )?;
+    writeln!(
+        out,
+        "key types:         {}",
+        effective
+            .allowed_keys
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
+    writeln!(
+        out,
+        "node agent:        {}",
+        if node_agent {
+            "yes: may request other identities with ImpersonatedIdentity"
+        } else {
+            "no: ImpersonatedIdentity is refused (PERMISSION_DENIED)"
+        }
+    )?;
+    let issuers: Vec<String> = config
+        .authn
+        .jwt
+        .iter()
+        .map(|j| format!("{} (aud {})", j.issuer, j.audiences.join("|")))
+        .collect();
+    writeln!(out, "token issuers:     {}", issuers.join("; "))?;
+    writeln!(
+        out,
+        "mTLS renewal:      {}",
+        if config.authn.mtls_renewal {
+            "on: a valid certificate from this CA renews its own identity without a token"
+        } else {
+            "off"
+        }
+    )?;
+    Ok(out)
 }
 
 async fn shutdown_signal() {

@@ -11,6 +11,10 @@
 //!
 //! notBefore is backdated by the configured skew; the window never leaves
 //! the signing certificate's own validity.
+//!
+//! [`tiers`] chooses the TTLs and allowed key types per namespace.
+
+pub mod tiers;
 
 use std::time::Duration;
 

@@ -25,7 +25,6 @@ use crate::issuer::Issuer;
 use crate::issuer::builtin::{BuiltinError, BuiltinIssuer, BuiltinOptions};
 use crate::metrics::Metrics;
 use crate::observer::IssuanceObserver;
-use crate::policy::TtlPolicy;
 use crate::server::ca_service::{CaPipeline, CaService, to_pem};
 use crate::server::serving::{ServingError, issue_serving_identity};
 use crate::server::tls::{server_config, tls_incoming};
@@ -192,12 +191,25 @@ impl Signer {
         )
         .map_err(|e| StartError::Tls(e.to_string()))?;
 
-        let policy = TtlPolicy::from(&config.policy);
+        let policy = config.issuance_policy()?;
+        info!(policy = %policy.base.describe(), "issuance policy for namespaces in no tier");
+        for t in &policy.tiers {
+            let effective = crate::policy::tiers::EffectivePolicy {
+                tier: t.name.clone(),
+                ttl: t.ttl,
+                allowed_keys: t.allowed_keys.clone(),
+            };
+            info!(namespaces = %t.namespaces, policy = %effective.describe(), "issuance policy tier");
+        }
+        if !config.authn.trusted_node_accounts.is_empty() {
+            info!(accounts = ?config.authn.trusted_node_accounts, "trusted node agents (may use ImpersonatedIdentity)");
+        }
         let pipeline = Arc::new(CaPipeline {
             trust_domain: trust_domain.clone(),
             authenticator,
             issuer: issuer.clone(),
             policy,
+            trusted_node_accounts: config.trusted_node_accounts(),
             observers: self
                 .observers
                 .into_iter()

@@ -21,7 +21,8 @@ use crate::csr::{self, CsrError};
 use crate::issuer::{IssueError, IssueRequest, IssuedChain, Issuer};
 use crate::metrics::{Metrics, Outcome};
 use crate::observer::{IssuanceEvent, IssuanceObserver};
-use crate::policy::{PolicyError, TtlPolicy};
+use crate::policy::PolicyError;
+use crate::policy::tiers::IssuancePolicy;
 
 /// Request-metadata Struct key with which a node agent (ztunnel) asks for
 /// another workload's certificate (Istio `security.ImpersonatedIdentity`).
@@ -101,8 +102,11 @@ pub struct CaPipeline {
     pub authenticator: Arc<dyn Authenticator>,
     /// Who signs.
     pub issuer: Arc<dyn Issuer>,
-    /// TTL policy.
-    pub policy: TtlPolicy,
+    /// TTL tiers and allowed key types.
+    pub policy: IssuancePolicy,
+    /// `(namespace, service account)` of node agents allowed to use
+    /// `ImpersonatedIdentity`.
+    pub trusted_node_accounts: Vec<(String, String)>,
     /// Run after each issuance.
     pub observers: Vec<Arc<dyn IssuanceObserver>>,
     /// Metrics.
@@ -150,23 +154,7 @@ impl CaPipeline {
             .map_err(|e| (Refusal::from(e), None))?;
         let with_caller = |r: Refusal| (r, Some(caller.clone()));
 
-        if let Some(meta) = &req.metadata
-            && let Some(v) = meta.fields.get(IMPERSONATED_IDENTITY_KEY)
-        {
-            let asked = match &v.kind {
-                Some(prost_types::value::Kind::StringValue(s)) => s.clone(),
-                _ => "<non-string>".to_string(),
-            };
-            if !asked.is_empty() {
-                return Err(with_caller(Refusal::new(
-                    Code::PermissionDenied,
-                    format!(
-                        "{} may not request certificates for another identity ({IMPERSONATED_IDENTITY_KEY}={asked:?}): not a trusted node agent",
-                        caller.spiffe_id
-                    ),
-                )));
-            }
-        }
+        let target = self.target_identity(&caller, req).map_err(with_caller)?;
 
         let validated = csr::validate(req.csr.as_bytes()).map_err(|e| with_caller(e.into()))?;
         if validated.spiffe_id.trust_domain() != &self.trust_domain {
@@ -179,11 +167,16 @@ impl CaPipeline {
             )));
         }
         validated
-            .check_identity(&caller.spiffe_id)
+            .check_identity(&target.spiffe_id)
             .map_err(|e| with_caller(e.into()))?;
 
-        let validity = self
-            .policy
+        let effective = self.policy.for_namespace(&target.namespace);
+        effective
+            .check_key(validated.key_kind)
+            .map_err(|m| with_caller(Refusal::new(Code::InvalidArgument, m)))?;
+
+        let validity = effective
+            .ttl
             .validity(req.validity_duration, now, self.issuer.signing_validity())
             .map_err(|e| with_caller(e.into()))?;
 
@@ -221,10 +214,80 @@ impl CaPipeline {
             clamped_to_max = validity.clamped_to_max,
             clamped_to_issuer = validity.clamped_to_issuer,
             key = issue.key_kind.name(),
+            tier = %effective.tier,
+            caller = %caller.spiffe_id,
+            impersonated = target.spiffe_id != caller.spiffe_id,
             backend = self.issuer.name(),
             "issued certificate"
         );
         Ok(Issued { chain, caller })
+    }
+}
+
+impl CaPipeline {
+    /// Whose certificate this request is for: the caller's own, or — for a
+    /// trusted node agent setting `ImpersonatedIdentity` — that identity.
+    fn target_identity(
+        &self,
+        caller: &CallerIdentity,
+        req: &IstioCertificateRequest,
+    ) -> Result<CallerIdentity, Refusal> {
+        let asked = req
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY_KEY))
+            .map(|v| match &v.kind {
+                Some(prost_types::value::Kind::StringValue(s)) => s.clone(),
+                _ => "<non-string>".to_string(),
+            })
+            .filter(|s| !s.is_empty());
+        let Some(asked) = asked else {
+            return Ok(caller.clone());
+        };
+        let trusted = self
+            .trusted_node_accounts
+            .iter()
+            .any(|(ns, sa)| *ns == caller.namespace && *sa == caller.service_account);
+        if !trusted {
+            return Err(Refusal::new(
+                Code::PermissionDenied,
+                format!(
+                    "{} may not request certificates for another identity ({IMPERSONATED_IDENTITY_KEY}={asked:?}): not a trusted node agent",
+                    caller.spiffe_id
+                ),
+            ));
+        }
+        let id = csr::canonical_spiffe_id(&asked).map_err(|e| {
+            Refusal::new(
+                Code::InvalidArgument,
+                format!("{IMPERSONATED_IDENTITY_KEY}: {e}"),
+            )
+        })?;
+        if id.trust_domain() != &self.trust_domain {
+            return Err(Refusal::new(
+                Code::PermissionDenied,
+                format!(
+                    "{IMPERSONATED_IDENTITY_KEY} {id} is outside trust domain {}",
+                    self.trust_domain
+                ),
+            ));
+        }
+        let segments: Vec<&str> = id.path().split('/').skip(1).collect();
+        let ["ns", ns, "sa", sa] = segments.as_slice() else {
+            return Err(Refusal::new(
+                Code::InvalidArgument,
+                format!("{IMPERSONATED_IDENTITY_KEY} {id} is not /ns/<ns>/sa/<sa>"),
+            ));
+        };
+        let target =
+            CallerIdentity::for_service_account(&self.trust_domain, ns, sa, caller.method.clone())
+                .map_err(|e| Refusal::new(Code::InvalidArgument, e.to_string()))?;
+        info!(
+            node_agent = %caller.spiffe_id,
+            impersonated = %target.spiffe_id,
+            "trusted node agent requests a certificate for another identity"
+        );
+        Ok(target)
     }
 }
 

@@ -117,6 +117,17 @@ impl Harness {
         Ok((key, cert))
     }
 
+    /// A request for `target` with a fresh P-256 key and `opts`.
+    pub async fn issue_for(
+        &self,
+        target: &SpiffeId,
+        opts: &CallOptions,
+    ) -> Result<(WorkloadKey, IssuedCertificate), ClientError> {
+        let key = WorkloadKey::generate(WorkloadKeyType::EcdsaP256).unwrap();
+        let cert = self.client.request_certificate(&key, target, opts).await?;
+        Ok((key, cert))
+    }
+
     pub async fn metrics(&self) -> String {
         http_get(self.signer.admin_addr(), "/metrics").await.1
     }
