@@ -1,1 +1,6 @@
-//! meshward end-to-end: proxy-wasm host, mesh simulation, demo.
+//! meshward end-to-end: a proxy-wasm ABI v0.2.1 host on wasmtime, a
+//! one-machine mTLS mesh around it, and the demo.
+
+pub mod attributes;
+pub mod host;
+pub mod wasm;
