@@ -133,6 +133,7 @@ impl Signer {
         let trust_domain = TrustDomain::new(&config.trust_domain)
             .map_err(|e| ConfigError::Invalid(format!("trust_domain: {e}")))?;
 
+        let mut cacerts_metrics = None;
         let issuer: Arc<dyn Issuer> = match self.issuer {
             Some(i) => i,
             None => match (
@@ -141,9 +142,11 @@ impl Signer {
                 &config.ca.vault,
             ) {
                 ("cacerts", Some(c), _) => {
-                    crate::issuer::cacerts::CaCertsIssuer::start(c, OffsetDateTime::now_utc())
-                        .map_err(|e| ConfigError::Invalid(e.to_string()))?
-                        as Arc<dyn Issuer>
+                    let ca =
+                        crate::issuer::cacerts::CaCertsIssuer::start(c, OffsetDateTime::now_utc())
+                            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                    cacerts_metrics = Some(ca.metrics().clone());
+                    ca as Arc<dyn Issuer>
                 }
                 ("vault", _, Some(v)) => Arc::new(
                     crate::issuer::vault::VaultIssuer::connect(v)
@@ -167,6 +170,9 @@ impl Signer {
         let mut metrics = Metrics::new();
         if let Some(l) = &ledger {
             l.metrics().register(metrics.registry_mut());
+        }
+        if let Some(m) = &cacerts_metrics {
+            m.register(metrics.registry_mut());
         }
         let metrics = Arc::new(metrics);
         metrics.set_ca_expiry(issuer.signing_validity().not_after.unix_timestamp());

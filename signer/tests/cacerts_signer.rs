@@ -86,13 +86,27 @@ async fn rotation_is_picked_up_and_invalid_files_keep_the_serving_ca() {
         KeyPair::generate().unwrap().serialize_pem(),
     )
     .unwrap();
-    for _ in 0..5 {
-        assert_eq!(issued_root(&h).await, *root_a.cert.der());
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !h
+        .metrics()
+        .await
+        .contains("meshward_signer_cacerts_reload_failures_total 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the broken files were never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(issued_root(&h).await, *root_a.cert.der());
 
     // The fixed update: root-b takes over without a restart.
     std::fs::write(dir.path().join("ca-key.pem"), &ca_b.key_pem).unwrap();
     wait_for_root(&h, root_b.cert.der()).await;
     assert_eq!(issued_root(&h).await, *root_b.cert.der());
+    assert!(
+        h.metrics()
+            .await
+            .contains("meshward_signer_cacerts_reloads_total 1")
+    );
 }

@@ -14,7 +14,7 @@
 //! is polled ([`CaCertsIssuer::reload_if_changed`]); changed files are
 //! validated the same way and swapped in atomically, and invalid new files
 //! leave the current CA in service with a warning and
-//! `meshward_cacerts_reload_failures_total` incremented.
+//! `meshward_signer_cacerts_reload_failures_total` incremented.
 
 pub mod key;
 pub mod material;
@@ -134,15 +134,18 @@ pub struct CaCertsMetrics {
 }
 
 impl CaCertsMetrics {
-    /// Adds the counters to `registry` (`meshward_cacerts_*`).
+    /// Adds the counters to `registry` under `cacerts_` (in the signer:
+    /// `meshward_signer_cacerts_reloads_total`,
+    /// `meshward_signer_cacerts_reload_failures_total`).
     pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "meshward_cacerts_reloads",
+        let r = registry.sub_registry_with_prefix("cacerts");
+        r.register(
+            "reloads",
             "Plugged-in CA files reloaded after a change",
             self.reloads.clone(),
         );
-        registry.register(
-            "meshward_cacerts_reload_failures",
+        r.register(
+            "reload_failures",
             "Changed plugged-in CA files refused; the previous CA stays in service",
             self.reload_failures.clone(),
         );
