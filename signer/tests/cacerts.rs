@@ -420,3 +420,72 @@ async fn background_reloader_picks_up_a_rotation() {
         vec![root_b.cert.der().clone()]
     );
 }
+
+mod hostile_input {
+    use super::*;
+    use meshward_signer::issuer::cacerts::key::parse_private_key;
+    use meshward_signer::issuer::cacerts::material::{PluggedInFiles, validate};
+    use proptest::prelude::*;
+
+    fn pem_block(tag: &'static str) -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..600)
+            .prop_map(move |der| pem::encode(&pem::Pem::new(tag, der)).into_bytes())
+    }
+
+    fn file() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..300),
+            pem_block("CERTIFICATE"),
+            pem_block("PRIVATE KEY"),
+            pem_block("RSA PRIVATE KEY"),
+            pem_block("EC PRIVATE KEY"),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_plugged_in_files_are_refused_without_panicking(
+            ca_cert in file(), ca_key in file(), cert_chain in file(), root_cert in file()
+        ) {
+            let files = PluggedInFiles { ca_cert, ca_key, cert_chain, root_cert };
+            prop_assert!(validate(&files, now()).is_err());
+        }
+
+        #[test]
+        fn arbitrary_key_files_never_panic(key in file()) {
+            let _ = parse_private_key(&key);
+        }
+    }
+
+    #[test]
+    fn valid_files_with_one_flipped_byte_never_panic() {
+        let root = root("root");
+        let ca = intermediate("istioca", &root);
+        let base = PluggedInFiles {
+            ca_cert: ca.cert.pem().into_bytes(),
+            ca_key: ca.key_pem.clone().into_bytes(),
+            cert_chain: Vec::new(),
+            root_cert: root.cert.pem().into_bytes(),
+        };
+        assert!(validate(&base, now()).is_ok());
+        for which in 0..3 {
+            let len = match which {
+                0 => base.ca_cert.len(),
+                1 => base.ca_key.len(),
+                _ => base.root_cert.len(),
+            };
+            for i in (0..len).step_by(7) {
+                let mut f = base.clone();
+                let target = match which {
+                    0 => &mut f.ca_cert,
+                    1 => &mut f.ca_key,
+                    _ => &mut f.root_cert,
+                };
+                target[i] ^= 0x01;
+                let _ = validate(&f, now());
+            }
+        }
+    }
+}

@@ -384,6 +384,18 @@ mod tests {
         assert!(matches!(r, Err(Rejection::Chain(_))), "{r:?}");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_from_vault_are_refused_without_panicking(
+            leaf in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            int in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+        ) {
+            let pki = make_pki();
+            let r = check_issued(&leaf, &[CertificateDer::from(int)], &anchors(&pki), &expected(b""));
+            proptest::prop_assert!(r.is_err());
+        }
+    }
+
     #[test]
     fn garbage_is_refused() {
         let pki = make_pki();
