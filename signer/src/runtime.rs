@@ -134,6 +134,7 @@ impl Signer {
             .map_err(|e| ConfigError::Invalid(format!("trust_domain: {e}")))?;
 
         let mut cacerts_metrics = None;
+        let mut vault_metrics = None;
         let issuer: Arc<dyn Issuer> = match self.issuer {
             Some(i) => i,
             None => match (
@@ -148,11 +149,13 @@ impl Signer {
                     cacerts_metrics = Some(ca.metrics().clone());
                     ca as Arc<dyn Issuer>
                 }
-                ("vault", _, Some(v)) => Arc::new(
-                    crate::issuer::vault::VaultIssuer::connect(v)
+                ("vault", _, Some(v)) => {
+                    let vault = crate::issuer::vault::VaultIssuer::connect(v)
                         .await
-                        .map_err(|e| ConfigError::Invalid(e.to_string()))?,
-                ),
+                        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                    vault_metrics = Some(vault.metrics().clone());
+                    Arc::new(vault)
+                }
                 _ => Arc::new(load_builtin(&config, &trust_domain).await?),
             },
         };
@@ -172,6 +175,9 @@ impl Signer {
             l.metrics().register(metrics.registry_mut());
         }
         if let Some(m) = &cacerts_metrics {
+            m.register(metrics.registry_mut());
+        }
+        if let Some(m) = &vault_metrics {
             m.register(metrics.registry_mut());
         }
         let metrics = Arc::new(metrics);

@@ -149,6 +149,12 @@ async fn vault_down_answers_unavailable_within_the_timeout_and_recovers() {
         .expect("the signer must answer within the configured Vault timeout");
         assert_refused(r, Code::Unavailable, "");
     }
+    let m = h.metrics().await;
+    assert!(m.contains("meshward_signer_vault_circuit_open 1"), "{m}");
+    assert!(
+        m.contains("meshward_signer_vault_signings_total{outcome=\"unavailable\"} 3"),
+        "{m}"
+    );
 
     // Same address, same root; the AppRole token the signer held is gone
     // with the in-memory storage, so recovery also means logging in again.
@@ -165,6 +171,9 @@ async fn vault_down_answers_unavailable_within_the_timeout_and_recovers() {
         }
     }
     issue_and_check(&h, &bao).await;
+    let m = h.metrics().await;
+    assert!(m.contains("meshward_signer_vault_circuit_open 0"), "{m}");
+    assert!(m.contains("meshward_signer_vault_logins_total 2"), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

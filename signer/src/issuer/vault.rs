@@ -17,6 +17,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod check;
 pub mod client;
+pub mod metrics;
 
 use std::path::PathBuf;
 use std::sync::RwLock;
@@ -31,6 +32,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use self::backoff::Backoff;
 use self::check::{Expected, check_issued};
 use self::client::{Auth, ClientSettings, SignedCert, VaultClient, VaultError};
+use self::metrics::{Outcome, VaultMetrics};
 use super::{IssueError, IssueFuture, IssueRequest, IssuedChain, Issuer, SigningValidity};
 
 const NAME: &str = "vault";
@@ -199,6 +201,7 @@ pub struct VaultIssuer {
     anchors: Vec<TrustAnchor<'static>>,
     clock_skew: Duration,
     signing_validity: RwLock<SigningValidity>,
+    metrics: VaultMetrics,
 }
 
 impl VaultIssuer {
@@ -266,6 +269,7 @@ impl VaultIssuer {
                 "max_attempts must be at least 1".into(),
             ));
         }
+        let metrics = VaultMetrics::default();
         let client = VaultClient::new(ClientSettings {
             address,
             namespace: cfg.namespace.clone().filter(|n| !n.is_empty()),
@@ -280,6 +284,7 @@ impl VaultIssuer {
             },
             failure_threshold: cfg.failure_threshold,
             open_for: cfg.open_for,
+            metrics: metrics.clone(),
         })
         .map_err(|e| VaultConfigError::Invalid(e.to_string()))?;
         let verb = if cfg.sign_verbatim {
@@ -297,6 +302,7 @@ impl VaultIssuer {
             anchors,
             clock_skew: cfg.clock_skew,
             signing_validity: RwLock::new(initial_validity),
+            metrics,
         })
     }
 
@@ -332,6 +338,12 @@ impl VaultIssuer {
         if let Ok(mut slot) = self.signing_validity.write() {
             *slot = v;
         }
+    }
+
+    /// Counters and the circuit gauge (register them with
+    /// [`VaultMetrics::register`]).
+    pub fn metrics(&self) -> &VaultMetrics {
+        &self.metrics
     }
 
     /// True while Vault is considered down and requests fail fast.
@@ -448,7 +460,16 @@ impl Issuer for VaultIssuer {
     }
 
     fn sign<'a>(&'a self, req: &'a IssueRequest) -> IssueFuture<'a> {
-        Box::pin(self.sign_request(req))
+        Box::pin(async move {
+            let result = self.sign_request(req).await;
+            self.metrics.record(match &result {
+                Ok(_) => Outcome::Signed,
+                Err(IssueError::Refused { .. }) => Outcome::Refused,
+                Err(IssueError::Unavailable { .. }) => Outcome::Unavailable,
+                Err(IssueError::Internal { .. }) => Outcome::Failed,
+            });
+            result
+        })
     }
 
     fn trust_anchors(&self) -> Vec<CertificateDer<'static>> {

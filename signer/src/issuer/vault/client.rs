@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::backoff::Backoff;
 use super::breaker::{Admission, Breaker};
+use super::metrics::VaultMetrics;
 
 /// How the client proves itself to Vault.
 #[derive(Debug, Clone)]
@@ -57,6 +58,8 @@ pub struct ClientSettings {
     pub failure_threshold: u32,
     /// How long the circuit stays open before one probe.
     pub open_for: Duration,
+    /// Where logins, renewals and the circuit state are counted.
+    pub metrics: VaultMetrics,
 }
 
 /// Why a call to Vault failed.
@@ -285,11 +288,21 @@ impl VaultClient {
 
     fn record(&self, reachable: bool) {
         if let Ok(mut b) = self.breaker.lock() {
+            let was_open = b.is_open();
             if reachable {
                 b.record_success();
             } else {
                 b.record_failure(Instant::now());
             }
+            let open = b.is_open();
+            if open != was_open {
+                if open {
+                    tracing::warn!("Vault keeps failing; failing requests fast for a while");
+                } else {
+                    tracing::info!("Vault answers again");
+                }
+            }
+            self.settings.metrics.set_circuit_open(open);
         }
     }
 
@@ -380,6 +393,7 @@ impl VaultClient {
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
                 tracing::info!(ttl, renewable, "using Vault token");
+                self.settings.metrics.logins.inc();
                 Ok(token_with_ttl(value, renewable, ttl))
             }
             Auth::AppRole {
@@ -408,6 +422,7 @@ impl VaultClient {
                     .and_then(Value::as_u64)
                     .unwrap_or(0);
                 tracing::info!(ttl, "logged in to Vault with AppRole");
+                self.settings.metrics.logins.inc();
                 // AppRole tokens are replaced by a fresh login, never renewed:
                 // a login also resets token_max_ttl.
                 Ok(token_with_ttl(value, false, ttl))
@@ -460,6 +475,7 @@ impl VaultClient {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         tracing::debug!(ttl, "renewed Vault token");
+        self.settings.metrics.renewals.inc();
         Ok(token_with_ttl(token.to_owned(), renewable, ttl))
     }
 }
@@ -578,6 +594,7 @@ mod tests {
             },
             failure_threshold: 1,
             open_for: Duration::from_secs(1),
+            metrics: VaultMetrics::default(),
         };
         assert!(matches!(
             VaultClient::new(settings),
