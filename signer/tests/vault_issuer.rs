@@ -268,7 +268,7 @@ async fn token_refused_by_vault_is_unavailable_not_permission_denied() {
     let issuer = VaultIssuer::new(&cfg).unwrap();
     match sign(&issuer, &request()).await {
         Err(IssueError::Unavailable { reason, .. }) => {
-            assert!(reason.contains("denied"), "{reason}")
+            assert!(reason.contains("credentials are refused"), "{reason}")
         }
         other => panic!("expected UNAVAILABLE, got {other:?}"),
     }

@@ -505,7 +505,7 @@ fn map_error(e: VaultError) -> IssueError {
             message,
         } => IssueError::Unavailable {
             backend: NAME,
-            reason: format!("Vault denied the signer: {message}"),
+            reason: format!("the signer's Vault credentials are refused or unreadable: {message}"),
         },
         // The role forbids this request (e.g. a SAN outside allowed_uri_sans).
         VaultError::Refused {

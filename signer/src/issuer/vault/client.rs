@@ -180,6 +180,8 @@ impl VaultClient {
         let data = match tokio::time::timeout(self.settings.timeout, op).await {
             Ok(r) => r?,
             Err(_) => {
+                // The attempt in flight was cut short: that is a failure too.
+                self.record(false);
                 return Err(VaultError::Unavailable(format!(
                     "no answer within {:?}",
                     self.settings.timeout
