@@ -8,6 +8,8 @@
 pub mod client_cert;
 pub mod jwt;
 pub mod keys;
+pub mod oidc;
+pub mod token_review;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -98,6 +100,14 @@ pub enum AuthnError {
     /// `iss` is not a configured issuer.
     #[error("token issuer {0:?} is not trusted")]
     UnknownIssuer(String),
+    /// The issuer is trusted, but not for the cluster the request names.
+    #[error("token issuer {issuer:?} is not trusted for cluster {cluster:?}")]
+    WrongCluster {
+        /// The token's `iss`.
+        issuer: String,
+        /// The `ClusterID` header.
+        cluster: String,
+    },
     /// `aud` has none of the accepted audiences.
     #[error("token audience {found:?} does not include any of {expected:?}")]
     WrongAudience {
@@ -121,6 +131,12 @@ pub enum AuthnError {
     /// The named service account does not make a valid SPIFFE ID.
     #[error("token identity is not usable: {0}")]
     InvalidIdentity(String),
+    /// The Kubernetes API server did not authenticate the token.
+    #[error("token rejected by the Kubernetes API server: {0}")]
+    Rejected(String),
+    /// The Kubernetes API server could not be asked (UNAVAILABLE).
+    #[error("cannot reach the Kubernetes API server for TokenReview: {0}")]
+    ReviewUnavailable(String),
     /// A client certificate was presented but is not usable.
     #[error("client certificate refused: {0}")]
     ClientCertificate(String),

@@ -145,7 +145,9 @@ pub struct AuthnConfig {
     pub jwt: Vec<JwtIssuerConfig>,
 }
 
-/// One trusted JWT issuer, verified offline.
+/// One trusted JWT issuer and where its keys come from: exactly one of
+/// `jwks_file`, `public_key_file`, `oidc_discovery = true` or
+/// `[authn.jwt.token_review]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtIssuerConfig {
@@ -160,9 +162,83 @@ pub struct JwtIssuerConfig {
     /// A PEM file with one or more public keys (`PUBLIC KEY`, RSA or P-256).
     #[serde(default)]
     pub public_key_file: Option<PathBuf>,
+    /// Find the keys by OIDC discovery at
+    /// `<issuer>/.well-known/openid-configuration` (cached; refetched on an
+    /// unknown `kid`, at most once per `min_refresh_interval`).
+    #[serde(default)]
+    pub oidc_discovery: bool,
+    /// PEM roots for HTTPS discovery / JWKS URLs (default: none, so an
+    /// HTTPS issuer needs this).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Refetch discovered keys at least this often.
+    #[serde(default = "default_refresh", with = "human")]
+    pub refresh_interval: Duration,
+    /// Never refetch discovered keys more often than this (kid floods).
+    #[serde(default = "default_min_refresh", with = "human")]
+    pub min_refresh_interval: Duration,
+    /// Check tokens online with the Kubernetes TokenReview API.
+    #[serde(default)]
+    pub token_review: Option<TokenReviewConfig>,
+    /// The cluster (istio-agent's `ClusterID` header) this issuer signs
+    /// for; unset = the signer's own cluster. When any issuer sets one, a
+    /// request is checked only against the issuers of the cluster it names.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
     /// Allowed clock skew for `exp` / `nbf`.
     #[serde(default = "default_jwt_skew", with = "human")]
     pub clock_skew: Duration,
+}
+
+/// Kubernetes TokenReview (`authentication.k8s.io/v1`) settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenReviewConfig {
+    /// API server URL, e.g. `https://kubernetes.default.svc`.
+    pub api_server: String,
+    /// PEM CA bundle of the API server.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// File with the bearer token the signer calls the API with (its own
+    /// service-account token, which needs `create` on `tokenreviews`).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl JwtIssuerConfig {
+    /// An issuer with default audiences, skew and refresh settings and no
+    /// key source yet (set one of the source fields).
+    pub fn new(issuer: impl Into<String>) -> Self {
+        Self {
+            issuer: issuer.into(),
+            audiences: default_audiences(),
+            jwks_file: None,
+            public_key_file: None,
+            oidc_discovery: false,
+            ca_file: None,
+            refresh_interval: default_refresh(),
+            min_refresh_interval: default_min_refresh(),
+            token_review: None,
+            cluster_id: None,
+            clock_skew: default_jwt_skew(),
+        }
+    }
+
+    /// How many key sources are set (must be exactly one).
+    fn sources(&self) -> usize {
+        usize::from(self.jwks_file.is_some())
+            + usize::from(self.public_key_file.is_some())
+            + usize::from(self.oidc_discovery)
+            + usize::from(self.token_review.is_some())
+    }
+}
+
+fn default_refresh() -> Duration {
+    Duration::from_secs(HOUR)
+}
+
+fn default_min_refresh() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_audiences() -> Vec<String> {
@@ -237,11 +313,8 @@ impl Default for AuthnConfig {
             trusted_node_accounts: Vec::new(),
             mtls_renewal: true,
             jwt: vec![JwtIssuerConfig {
-                issuer: "https://kubernetes.default.svc.cluster.local".to_string(),
-                audiences: default_audiences(),
-                jwks_file: None,
                 public_key_file: Some(PathBuf::from("/var/run/meshward/sa-signing-key.pub")),
-                clock_skew: default_jwt_skew(),
+                ..JwtIssuerConfig::new("https://kubernetes.default.svc.cluster.local")
             }],
         }
     }
@@ -337,9 +410,21 @@ impl Config {
                     j.issuer
                 )));
             }
-            if j.jwks_file.is_none() == j.public_key_file.is_none() {
+            if j.sources() != 1 {
                 return Err(ConfigError::Invalid(format!(
-                    "authn.jwt[{i}] ({}) needs exactly one of jwks_file or public_key_file",
+                    "authn.jwt[{i}] ({}) needs exactly one of jwks_file, public_key_file, oidc_discovery = true, token_review",
+                    j.issuer
+                )));
+            }
+            if self
+                .authn
+                .jwt
+                .iter()
+                .take(i)
+                .any(|o| o.issuer == j.issuer && o.cluster_id == j.cluster_id)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "authn.jwt[{i}]: issuer {} is configured twice for the same cluster",
                     j.issuer
                 )));
             }

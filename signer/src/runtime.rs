@@ -17,8 +17,10 @@ use tracing::{error, info};
 
 use crate::admin::{self, AdminState};
 use crate::authn::client_cert::ClientCertAuthenticator;
-use crate::authn::jwt::{JwtAuthenticator, TrustedIssuer};
+use crate::authn::jwt::{JwtAuthenticator, KeySource, TrustedIssuer};
 use crate::authn::keys::{self, KeyError};
+use crate::authn::oidc::{DiscoveredKeys, DiscoveryOptions};
+use crate::authn::token_review::TokenReviewer;
 use crate::authn::{Authenticator, CertificateOrToken};
 use crate::config::{Config, ConfigError};
 use crate::issuer::Issuer;
@@ -352,44 +354,82 @@ pub fn jwt_authenticator(
 ) -> Result<JwtAuthenticator, StartError> {
     let mut issuers = Vec::new();
     for j in &config.authn.jwt {
-        let (path, keys) = match (&j.jwks_file, &j.public_key_file) {
-            (Some(path), _) => {
-                let text = read(path)?;
-                let (keys, skipped) =
-                    keys::parse_jwks(&text).map_err(|source| StartError::Keys {
-                        issuer: j.issuer.clone(),
-                        path: path.clone(),
-                        source,
-                    })?;
-                for s in skipped {
-                    tracing::warn!(issuer = %j.issuer, path = %path.display(), reason = %s, "skipped a JWKS key");
-                }
-                (path, keys)
-            }
-            (None, Some(path)) => {
-                let text = read(path)?;
-                let keys =
-                    keys::parse_pem_public_keys(&text).map_err(|source| StartError::Keys {
-                        issuer: j.issuer.clone(),
-                        path: path.clone(),
-                        source,
-                    })?;
-                (path, keys)
-            }
-            (None, None) => {
-                return Err(ConfigError::Invalid(format!(
-                    "authn.jwt issuer {} has no key source",
-                    j.issuer
-                ))
-                .into());
-            }
+        let keys_error = |path: &std::path::Path, source| StartError::Keys {
+            issuer: j.issuer.clone(),
+            path: path.to_path_buf(),
+            source,
         };
-        info!(issuer = %j.issuer, audiences = ?j.audiences, keys = keys.len(), source = %path.display(), "trusting JWT issuer");
+        let (source, keys) = if let Some(path) = &j.jwks_file {
+            let text = read(path)?;
+            let (keys, skipped) = keys::parse_jwks(&text).map_err(|e| keys_error(path, e))?;
+            for s in skipped {
+                tracing::warn!(issuer = %j.issuer, path = %path.display(), reason = %s, "skipped a JWKS key");
+            }
+            (
+                format!("JWKS file {}", path.display()),
+                KeySource::Static(keys),
+            )
+        } else if let Some(path) = &j.public_key_file {
+            let text = read(path)?;
+            let keys = keys::parse_pem_public_keys(&text).map_err(|e| keys_error(path, e))?;
+            (
+                format!("PEM file {}", path.display()),
+                KeySource::Static(keys),
+            )
+        } else if j.oidc_discovery {
+            let mut http = reqwest::Client::builder().use_rustls_tls();
+            if let Some(path) = &j.ca_file {
+                let text = read(path)?;
+                for block in pem::parse_many(text.as_bytes())
+                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?
+                {
+                    let cert = reqwest::Certificate::from_der(block.contents())
+                        .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+                    http = http.add_root_certificate(cert);
+                }
+            }
+            let http = http
+                .build()
+                .map_err(|e| ConfigError::Invalid(format!("HTTP client for {}: {e}", j.issuer)))?;
+            let discovered = DiscoveredKeys::new(
+                DiscoveryOptions {
+                    issuer: j.issuer.clone(),
+                    max_age: j.refresh_interval,
+                    min_refresh_interval: j.min_refresh_interval,
+                },
+                http,
+            );
+            (
+                "OIDC discovery".to_string(),
+                KeySource::Discovery(Arc::new(discovered)),
+            )
+        } else if let Some(tr) = &j.token_review {
+            let reviewer = TokenReviewer::new(tr, j.audiences.clone())
+                .map_err(|e| ConfigError::Invalid(format!("token_review for {}: {e}", j.issuer)))?;
+            (
+                format!("TokenReview at {}", tr.api_server),
+                KeySource::TokenReview(Arc::new(reviewer)),
+            )
+        } else {
+            return Err(ConfigError::Invalid(format!(
+                "authn.jwt issuer {} has no key source",
+                j.issuer
+            ))
+            .into());
+        };
+        info!(
+            issuer = %j.issuer,
+            audiences = ?j.audiences,
+            cluster_id = j.cluster_id.as_deref().unwrap_or("<own cluster>"),
+            %source,
+            "trusting JWT issuer"
+        );
         issuers.push(TrustedIssuer {
             issuer: j.issuer.clone(),
             audiences: j.audiences.clone(),
             keys,
             clock_skew: j.clock_skew,
+            cluster_id: j.cluster_id.clone(),
         });
     }
     Ok(JwtAuthenticator::new(trust_domain.clone(), issuers))

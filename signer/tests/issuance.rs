@@ -198,11 +198,8 @@ async fn rs256_token_from_a_pem_key_file_is_accepted() {
     rs.write_public_key_pem(&pem_path).unwrap();
     let h = Harness::start_with(|c| {
         c.authn.jwt.push(JwtIssuerConfig {
-            issuer: "https://rs.example".to_string(),
-            audiences: vec!["istio-ca".to_string()],
-            jwks_file: None,
             public_key_file: Some(pem_path.clone()),
-            clock_skew: std::time::Duration::from_secs(60),
+            ..JwtIssuerConfig::new("https://rs.example")
         })
     })
     .await;

@@ -15,6 +15,7 @@
 //!    account name) or from `sub = system:serviceaccount:<ns>:<sa>`; if both
 //!    are present they must agree.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -23,10 +24,33 @@ use serde::Deserialize;
 use spiffe::TrustDomain;
 
 use super::keys::{JwtAlgorithm, VerificationKey};
+use super::oidc::DiscoveredKeys;
+use super::token_review::TokenReviewer;
 use super::{AuthMethod, Authenticator, AuthnError, AuthnFuture, CallerIdentity, Credentials};
 
 /// Longest token accepted (real service-account tokens are ~1 KiB).
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// Where an issuer's keys come from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// A fixed set (JWKS or PEM file).
+    Static(Vec<VerificationKey>),
+    /// OIDC discovery, cached and refreshed.
+    Discovery(Arc<DiscoveredKeys>),
+    /// No keys: the Kubernetes API server checks each token (TokenReview).
+    TokenReview(Arc<TokenReviewer>),
+}
+
+impl KeySource {
+    async fn keys(&self, kid: Option<&str>) -> Vec<VerificationKey> {
+        match self {
+            KeySource::Static(k) => k.clone(),
+            KeySource::Discovery(d) => d.keys(kid).await,
+            KeySource::TokenReview(_) => Vec::new(),
+        }
+    }
+}
 
 /// One trusted issuer with its keys.
 #[derive(Debug, Clone)]
@@ -36,9 +60,12 @@ pub struct TrustedIssuer {
     /// `aud` must contain one of these.
     pub audiences: Vec<String>,
     /// Keys that may sign this issuer's tokens.
-    pub keys: Vec<VerificationKey>,
+    pub keys: KeySource,
     /// Allowed clock skew for `exp` / `nbf`.
     pub clock_skew: Duration,
+    /// The cluster (istio-agent's `ClusterID` header) whose tokens this
+    /// issuer signs; `None` for the signer's own cluster.
+    pub cluster_id: Option<String>,
 }
 
 /// Verifies service-account JWTs against a fixed set of issuers.
@@ -119,8 +146,27 @@ impl JwtAuthenticator {
         &self.issuers
     }
 
-    /// Verify a token at time `now_unix` (seconds).
-    pub fn verify(&self, token: &str, now_unix: i64) -> Result<VerifiedToken, AuthnError> {
+    /// The issuers that may vouch for a request from `cluster_id`: when no
+    /// issuer declares a cluster, all of them (the header is ignored);
+    /// otherwise those of that cluster, or — without the header — those
+    /// with no cluster.
+    fn issuers_for(&self, cluster_id: Option<&str>) -> Vec<&TrustedIssuer> {
+        if self.issuers.iter().all(|i| i.cluster_id.is_none()) {
+            return self.issuers.iter().collect();
+        }
+        self.issuers
+            .iter()
+            .filter(|i| i.cluster_id.as_deref() == cluster_id)
+            .collect()
+    }
+
+    /// Verify a token sent with `cluster_id` at time `now_unix` (seconds).
+    pub async fn verify(
+        &self,
+        token: &str,
+        cluster_id: Option<&str>,
+        now_unix: i64,
+    ) -> Result<VerifiedToken, AuthnError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthnError::Malformed(format!(
                 "{} bytes, more than {MAX_TOKEN_BYTES}",
@@ -153,13 +199,25 @@ impl JwtAuthenticator {
             .as_deref()
             .ok_or_else(|| AuthnError::UnknownIssuer(String::new()))?;
         let issuer = self
-            .issuers
-            .iter()
+            .issuers_for(cluster_id)
+            .into_iter()
             .find(|i| i.issuer == iss)
-            .ok_or_else(|| AuthnError::UnknownIssuer(iss.to_string()))?;
+            .ok_or_else(|| match cluster_id {
+                Some(c) if self.issuers.iter().any(|i| i.issuer == iss) => {
+                    AuthnError::WrongCluster {
+                        issuer: iss.to_string(),
+                        cluster: c.to_string(),
+                    }
+                }
+                _ => AuthnError::UnknownIssuer(iss.to_string()),
+            })?;
 
-        let candidates: Vec<&VerificationKey> = issuer
-            .keys
+        let reviewed = match &issuer.keys {
+            KeySource::TokenReview(reviewer) => Some(reviewer.review(token).await?),
+            _ => None,
+        };
+        let keys = issuer.keys.keys(header.kid.as_deref()).await;
+        let candidates: Vec<&VerificationKey> = keys
             .iter()
             .filter(|k| k.alg == alg)
             .filter(|k| match (&header.kid, &k.kid) {
@@ -167,7 +225,7 @@ impl JwtAuthenticator {
                 _ => true,
             })
             .collect();
-        if candidates.is_empty() {
+        if reviewed.is_none() && candidates.is_empty() {
             return Err(AuthnError::UnknownKey(format!(
                 "no {} key{} for issuer {iss}",
                 alg.jose(),
@@ -182,9 +240,10 @@ impl JwtAuthenticator {
         let message = token
             .get(..signed_len)
             .ok_or_else(|| AuthnError::Malformed("token length".to_string()))?;
-        if !candidates
-            .iter()
-            .any(|k| k.verify(message.as_bytes(), &signature))
+        if reviewed.is_none()
+            && !candidates
+                .iter()
+                .any(|k| k.verify(message.as_bytes(), &signature))
         {
             return Err(AuthnError::BadSignature);
         }
@@ -235,6 +294,14 @@ impl JwtAuthenticator {
                 ));
             }
         };
+        if let Some(r) = reviewed
+            && (r.namespace != namespace || r.service_account != service_account)
+        {
+            return Err(AuthnError::NoIdentity(format!(
+                "the API server says {}/{} but the token claims {namespace}/{service_account}",
+                r.namespace, r.service_account
+            )));
+        }
         Ok(VerifiedToken {
             issuer: iss.to_string(),
             namespace,
@@ -258,7 +325,9 @@ impl Authenticator for JwtAuthenticator {
                 .bearer_token
                 .as_deref()
                 .ok_or(AuthnError::NoCredentials)?;
-            let verified = self.verify(token, now_unix)?;
+            let verified = self
+                .verify(token, credentials.cluster_id.as_deref(), now_unix)
+                .await?;
             CallerIdentity::for_service_account(
                 &self.trust_domain,
                 &verified.namespace,
@@ -276,6 +345,13 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
     fn authenticator() -> JwtAuthenticator {
         let key = VerificationKey::p256(Some("k".into()), &[1; 32], &[2; 32]).unwrap();
         JwtAuthenticator::new(
@@ -283,8 +359,9 @@ mod tests {
             vec![TrustedIssuer {
                 issuer: "iss".into(),
                 audiences: vec!["istio-ca".into()],
-                keys: vec![key],
+                keys: KeySource::Static(vec![key]),
                 clock_skew: Duration::from_secs(60),
+                cluster_id: None,
             }],
         )
     }
@@ -292,7 +369,7 @@ mod tests {
     proptest! {
         #[test]
         fn garbage_token_never_panics(s in ".{0,2000}") {
-            prop_assert!(authenticator().verify(&s, 0).is_err());
+            prop_assert!(block_on(authenticator().verify(&s, None, 0)).is_err());
         }
 
         #[test]
@@ -302,7 +379,7 @@ mod tests {
             s in proptest::collection::vec(any::<u8>(), 0..300),
         ) {
             let t = format!("{}.{}.{}", URL_SAFE_NO_PAD.encode(&h), URL_SAFE_NO_PAD.encode(&p), URL_SAFE_NO_PAD.encode(&s));
-            prop_assert!(authenticator().verify(&t, 0).is_err());
+            prop_assert!(block_on(authenticator().verify(&t, None, 0)).is_err());
         }
     }
 

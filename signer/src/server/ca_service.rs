@@ -59,7 +59,11 @@ impl Refusal {
 
 impl From<AuthnError> for Refusal {
     fn from(e: AuthnError) -> Self {
-        Refusal::new(Code::Unauthenticated, format!("authentication failed: {e}"))
+        let code = match e {
+            AuthnError::ReviewUnavailable(_) => Code::Unavailable,
+            _ => Code::Unauthenticated,
+        };
+        Refusal::new(code, format!("authentication failed: {e}"))
     }
 }
 

@@ -43,11 +43,8 @@ pub fn test_config(dir: &std::path::Path, tokens: &TokenIssuer) -> Config {
     config.server.admin_addr = "127.0.0.1:0".parse().unwrap();
     config.ca.data_dir = dir.join("ca");
     config.authn.jwt = vec![JwtIssuerConfig {
-        issuer: K8S_ISSUER.to_string(),
-        audiences: vec!["istio-ca".to_string()],
         jwks_file: Some(jwks),
-        public_key_file: None,
-        clock_skew: std::time::Duration::from_secs(60),
+        ..JwtIssuerConfig::new(K8S_ISSUER)
     }];
     config
 }
