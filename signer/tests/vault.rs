@@ -258,3 +258,46 @@ async fn documented_vault_setup_and_signer_config_issue_certificates() {
     assert_eq!(cert.roots, vec![root]);
     webpki_verify(&cert, now());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hung_vault_answers_unavailable_within_the_timeout_and_recovers() {
+    let Some(bao) = OpenBao::start(BaoOptions::default()) else {
+        return;
+    };
+    let configured = Duration::from_secs(3);
+    let h = signer_on(
+        &bao,
+        AuthKind::Token,
+        "attempt_timeout = \"1s\"\ntimeout = \"3s\"\nmax_attempts = 2\n\
+         backoff_initial = \"50ms\"\nbackoff_max = \"100ms\"\n\
+         failure_threshold = 2\nopen_for = \"1s\"",
+    )
+    .await;
+    issue_and_check(&h, &bao).await;
+
+    // Vault accepts connections but never answers.
+    bao.freeze();
+    for _ in 0..2 {
+        let r = tokio::time::timeout(
+            configured + Duration::from_secs(5),
+            h.issue("default", "foo", &h.opts("default", "foo")),
+        )
+        .await
+        .expect("the signer must answer within the configured Vault timeout");
+        assert_refused(r, Code::Unavailable, "");
+    }
+    bao.thaw();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match h.issue("default", "foo", &h.opts("default", "foo")).await {
+            Ok(_) => break,
+            Err(ClientError::Status(s)) if s.code() == Code::Unavailable => {
+                assert!(Instant::now() < deadline, "no recovery: {}", s.message());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("no recovery after thaw: {e:?}"),
+        }
+    }
+    issue_and_check(&h, &bao).await;
+}

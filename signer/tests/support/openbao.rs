@@ -572,6 +572,28 @@ impl OpenBao {
         }
     }
 
+    /// Freezes the server (SIGSTOP by PID): connections are accepted by the
+    /// kernel but never answered, like a hung Vault.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Resumes a frozen server (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .expect("server running")
+            .id()
+            .to_string();
+        let status = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(status.success(), "kill {sig} {pid}");
+    }
+
     /// Starts the server again on the same address and re-provisions the same
     /// root, role, token id and AppRole credentials (dev storage is in memory).
     pub fn restart(&mut self) -> Result<()> {
