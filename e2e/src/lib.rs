@@ -2,5 +2,7 @@
 //! one-machine mTLS mesh around it, and the demo.
 
 pub mod attributes;
+pub mod demo;
 pub mod host;
+pub mod mesh;
 pub mod wasm;

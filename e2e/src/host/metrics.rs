@@ -148,6 +148,19 @@ impl Metrics {
             })
     }
 
+    /// Every counter as (stat name, value), in definition order.
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        let inner = self.lock();
+        inner
+            .metrics
+            .iter()
+            .filter_map(|m| match m.value {
+                Value::Counter(c) => Some((m.name.clone(), c)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Prometheus text exposition of every metric, grouped by family.
     ///
     /// Names are sanitized the way Envoy's exporter does (every character
@@ -204,6 +217,24 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Splits a stat name into its family and tags (see [`Metrics::prometheus`]
+/// for the two spellings understood).
+pub fn parse_stat_name(name: &str) -> (String, Vec<(String, String)>) {
+    let mut tags = Vec::new();
+    let mut rest = name;
+    if name.contains(";.;") {
+        while let Some((segment, tail)) = rest.split_once(";.;") {
+            match segment.split_once("=.=") {
+                Some((k, v)) => tags.push((k.to_owned(), v.to_owned())),
+                None => break,
+            }
+            rest = tail;
+        }
+        return (rest.to_owned(), tags);
+    }
+    (split_labels(name).0, tags)
 }
 
 /// Splits a stat name into family and labels. Two spellings are understood:
