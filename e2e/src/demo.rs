@@ -110,10 +110,10 @@ impl Table {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<34} {:<22} {:<11} {:<20} {:>9} {:>10}",
+            "{:<34} {:<20} {:<9} {:<22} {:>8} {:>9}",
             "caller (SPIFFE ID)", "request", "decision", "rule", "cert age", "remaining"
         );
-        let _ = writeln!(out, "{}", "-".repeat(111));
+        let _ = writeln!(out, "{}", "-".repeat(107));
         Self { out }
     }
 
@@ -134,7 +134,7 @@ impl Table {
         let (action, rule) = decision.unwrap_or_else(|| ("?".into(), "?".into()));
         let _ = writeln!(
             self.out,
-            "{:<34} {:<22} {:<11} {:<20} {:>9} {:>10}",
+            "{:<34} {:<20} {:<9} {:<22} {:>8} {:>9}",
             caller.trim_start_matches("spiffe://"),
             request,
             format!("{action} {}", r.status),
@@ -285,6 +285,28 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// Start and end markers of the demo output in the README.
+pub const README_MARKERS: (&str, &str) = ("<!-- demo-output:start -->", "<!-- demo-output:end -->");
+
+/// Replaces what lies between the [`README_MARKERS`] in `readme` with
+/// `output` as a code block.
+pub fn splice_readme(readme: &str, output: &str) -> anyhow::Result<String> {
+    let (start, end) = README_MARKERS;
+    let a = readme
+        .find(start)
+        .context("README has no demo-output start marker")?;
+    let b = readme
+        .find(end)
+        .context("README has no demo-output end marker")?;
+    anyhow::ensure!(a < b, "README demo-output markers are out of order");
+    let head = readme.get(..a + start.len()).context("marker")?;
+    let tail = readme.get(b..).context("marker")?;
+    Ok(format!(
+        "{head}\n```text\n{}\n```\n{tail}",
+        output.trim_end()
+    ))
+}
+
 /// Loads a demo config file (TOML).
 pub fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<DemoConfig> {
     match path {
@@ -294,5 +316,43 @@ pub fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<DemoConfig>
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readme_section_is_replaced_between_markers() {
+        let readme = "a\n<!-- demo-output:start -->\nold\n<!-- demo-output:end -->\nb\n";
+        let out = splice_readme(readme, "new\n").unwrap();
+        assert_eq!(
+            out,
+            "a\n<!-- demo-output:start -->\n```text\nnew\n```\n<!-- demo-output:end -->\nb\n"
+        );
+        assert!(splice_readme("no markers", "x").is_err());
+    }
+
+    #[test]
+    fn decision_is_the_counter_that_moved() {
+        let before = vec![(
+            "action=.=allow;.;rule=.=r1;.;mode=.=enforce;.;meshward_decisions_total".to_owned(),
+            1,
+        )];
+        let after = vec![
+            (
+                "action=.=allow;.;rule=.=r1;.;mode=.=enforce;.;meshward_decisions_total".to_owned(),
+                1,
+            ),
+            (
+                "action=.=deny;.;rule=.=r2;.;mode=.=enforce;.;meshward_decisions_total".to_owned(),
+                1,
+            ),
+        ];
+        assert_eq!(
+            decision_between(&before, &after),
+            Some(("deny".to_owned(), "r2".to_owned()))
+        );
     }
 }

@@ -23,6 +23,10 @@ enum Command {
         /// The filter .wasm (default: MESHWARD_FILTER_WASM, else target/meshward_filter.wasm).
         #[arg(long)]
         wasm: Option<PathBuf>,
+        /// Also write the output into this README, between the
+        /// `<!-- demo-output:start -->` / `<!-- demo-output:end -->` markers.
+        #[arg(long)]
+        update_readme: Option<PathBuf>,
     },
 }
 
@@ -36,13 +40,22 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Demo { config, wasm } => {
+        Command::Demo {
+            config,
+            wasm,
+            update_readme,
+        } => {
             let mut config = meshward_e2e::demo::load_config(config.as_deref())?;
             if wasm.is_some() {
                 config.wasm = wasm;
             }
             let out = meshward_e2e::demo::run(config).await?;
             print!("{out}");
+            if let Some(path) = update_readme {
+                let readme = std::fs::read_to_string(&path)?;
+                std::fs::write(&path, meshward_e2e::demo::splice_readme(&readme, &out)?)?;
+                tracing::info!(path = %path.display(), "demo output written into the README");
+            }
         }
     }
     Ok(())
