@@ -50,14 +50,21 @@ struct Oidc {
     discovery_hits: Arc<AtomicUsize>,
     jwks_hits: Arc<AtomicUsize>,
     addr: SocketAddr,
+    https: bool,
 }
 
 impl Oidc {
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     async fn start(jwks: String) -> Self {
+        Self::start_with_tls(jwks, None).await
+    }
+
+    /// With `tls`, serve HTTPS with that rustls config.
+    async fn start_with_tls(jwks: String, tls: Option<rustls::ServerConfig>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let oidc = Oidc {
@@ -66,6 +73,7 @@ impl Oidc {
             discovery_hits: Arc::new(AtomicUsize::new(0)),
             jwks_hits: Arc::new(AtomicUsize::new(0)),
             addr,
+            https: tls.is_some(),
         };
         let app = axum::Router::new()
             .route(
@@ -84,9 +92,57 @@ impl Oidc {
                 }),
             )
             .with_state(oidc.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        match tls {
+            None => {
+                tokio::spawn(async move { axum::serve(listener, app).await });
+            }
+            Some(config) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+                tokio::spawn(async move {
+                    loop {
+                        let Ok((tcp, _)) = listener.accept().await else { break };
+                        let acceptor = acceptor.clone();
+                        let app = app.clone();
+                        tokio::spawn(async move {
+                            let Ok(stream) = acceptor.accept(tcp).await else { return };
+                            let svc = hyper_util::service::TowerToHyperService::new(app);
+                            let _ = hyper_util::server::conn::auto::Builder::new(
+                                hyper_util::rt::TokioExecutor::new(),
+                            )
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                            .await;
+                        });
+                    }
+                });
+            }
+        }
         oidc
     }
+}
+
+/// A CA (PEM) and a rustls server config for 127.0.0.1 signed by it.
+fn https_identity() -> (String, rustls::ServerConfig) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "test issuer CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    )
+    .unwrap();
+    (ca_cert.pem(), config)
 }
 
 fn discovery_issuer(url: &str, min_refresh_secs: u64) -> JwtIssuerConfig {
@@ -118,6 +174,45 @@ async fn token_from_an_oidc_discovered_issuer_is_accepted() {
         1,
         "cached after the first fetch"
     );
+}
+
+#[tokio::test]
+async fn oidc_discovery_over_https_with_the_configured_ca_is_accepted() {
+    let (ca_pem, tls) = https_identity();
+    let oidc = Oidc::start_with_tls(String::new(), Some(tls)).await;
+    let tokens = es256(&oidc.url());
+    *oidc.jwks.lock().unwrap() = tokens.jwks_json();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("issuer-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let url = oidc.url();
+    let h = Harness::start_with(|c| {
+        c.authn.jwt.push(JwtIssuerConfig {
+            ca_file: Some(ca_file.clone()),
+            ..discovery_issuer(&url, 30)
+        })
+    })
+    .await;
+    h.issue("default", "sleep", &with_token(tokens.token_for("default", "sleep", now_unix()).unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(oidc.jwks_hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn oidc_issuer_with_an_untrusted_tls_certificate_is_not_used() {
+    let (_, tls) = https_identity();
+    let oidc = Oidc::start_with_tls(String::new(), Some(tls)).await;
+    let tokens = es256(&oidc.url());
+    *oidc.jwks.lock().unwrap() = tokens.jwks_json();
+    let url = oidc.url();
+    // no ca_file: the issuer's certificate cannot be verified
+    let h = Harness::start_with(|c| c.authn.jwt.push(discovery_issuer(&url, 0))).await;
+    let r = h
+        .issue("default", "sleep", &with_token(tokens.token_for("default", "sleep", now_unix()).unwrap()))
+        .await;
+    assert_refused(r, Code::Unauthenticated, "not trusted");
+    assert_eq!(oidc.discovery_hits.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test]
