@@ -100,11 +100,15 @@ impl Oidc {
                 let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
                 tokio::spawn(async move {
                     loop {
-                        let Ok((tcp, _)) = listener.accept().await else { break };
+                        let Ok((tcp, _)) = listener.accept().await else {
+                            break;
+                        };
                         let acceptor = acceptor.clone();
                         let app = app.clone();
                         tokio::spawn(async move {
-                            let Ok(stream) = acceptor.accept(tcp).await else { return };
+                            let Ok(stream) = acceptor.accept(tcp).await else {
+                                return;
+                            };
                             let svc = hyper_util::service::TowerToHyperService::new(app);
                             let _ = hyper_util::server::conn::auto::Builder::new(
                                 hyper_util::rt::TokioExecutor::new(),
@@ -125,7 +129,9 @@ fn https_identity() -> (String, rustls::ServerConfig) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "test issuer CA");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test issuer CA");
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let ca = rcgen::Issuer::new(ca_params, ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
@@ -193,9 +199,13 @@ async fn oidc_discovery_over_https_with_the_configured_ca_is_accepted() {
         })
     })
     .await;
-    h.issue("default", "sleep", &with_token(tokens.token_for("default", "sleep", now_unix()).unwrap()))
-        .await
-        .unwrap();
+    h.issue(
+        "default",
+        "sleep",
+        &with_token(tokens.token_for("default", "sleep", now_unix()).unwrap()),
+    )
+    .await
+    .unwrap();
     assert_eq!(oidc.jwks_hits.load(Ordering::SeqCst), 1);
 }
 
@@ -209,7 +219,11 @@ async fn oidc_issuer_with_an_untrusted_tls_certificate_is_not_used() {
     // no ca_file: the issuer's certificate cannot be verified
     let h = Harness::start_with(|c| c.authn.jwt.push(discovery_issuer(&url, 0))).await;
     let r = h
-        .issue("default", "sleep", &with_token(tokens.token_for("default", "sleep", now_unix()).unwrap()))
+        .issue(
+            "default",
+            "sleep",
+            &with_token(tokens.token_for("default", "sleep", now_unix()).unwrap()),
+        )
         .await;
     assert_refused(r, Code::Unauthenticated, "not trusted");
     assert_eq!(oidc.discovery_hits.load(Ordering::SeqCst), 0);
