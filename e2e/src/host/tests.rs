@@ -18,6 +18,7 @@ const GUEST: &str = r#"
   (import "env" "proxy_get_buffer_bytes" (func $buf (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_continue_stream" (func $cont (param i32) (result i32)))
   (import "env" "proxy_close_stream" (func $close (param i32) (result i32)))
+  (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))
   (import "wasi_snapshot_preview1" "fd_pread" (func $pread (param i32 i32 i32 i64 i32) (result i32)))
   (memory (export "memory") 1)
   (global $heap (mut i32) (i32.const 8192))
@@ -39,7 +40,10 @@ const GUEST: &str = r#"
     (i32.store (i32.const 1008) (call $log (i32.const 2) (i32.const 0) (i32.const 5)))
     (i32.store (i32.const 1012) (call $log (i32.const 9) (i32.const 0) (i32.const 5)))
     (i32.store (i32.const 1016) (call $pread (i32.const 0) (i32.const 0) (i32.const 0) (i64.const 0) (i32.const 0)))
+    (drop (call $tick (i32.const 250)))
     (i32.ne (local.get 1) (i32.const 0)))
+  (func (export "proxy_on_tick") (param i32)
+    (i32.store (i32.const 3100) (i32.add (i32.load (i32.const 3100)) (i32.const 1))))
   (func (export "proxy_on_request_headers") (param $ctx i32) (param i32 i32) (result i32)
     (i32.store (i32.const 3000) (local.get $ctx))
     (i32.store (i32.const 1020) (call $hget (i32.const 0) (i32.const 64) (i32.const 6) (i32.const 2000) (i32.const 2004)))
@@ -219,4 +223,49 @@ fn shared_data_compare_and_swap() {
     assert_eq!(d.set(b"k", b"2", cas), Status::Ok);
     assert_eq!(d.set(b"k", b"3", cas), Status::CasMismatch);
     assert_eq!(d.get(b"k").unwrap().0, b"2");
+}
+
+#[test]
+fn tick_period_is_recorded_and_on_tick_runs() {
+    let mut p = start(HostEnv::default());
+    assert_eq!(p.tick_period_ms(), 250);
+    p.tick().unwrap();
+    p.tick().unwrap();
+    assert_eq!(status_at(&p, 3100), 2);
+}
+
+const TRAPPING: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) unreachable)
+)
+"#;
+
+#[test]
+fn guest_trap_fails_the_plugin_closed() {
+    let mut p = CompiledPlugin::compile(&wat::parse_str(TRAPPING).unwrap())
+        .unwrap()
+        .instantiate(PluginConfig::new(b"{}".to_vec()), HostEnv::default())
+        .unwrap();
+    let err = p
+        .new_http_request(&Properties::new(), &[], b"")
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            HostError::Trap {
+                callback: "proxy_on_request_headers",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(p.has_failed());
+    assert!(matches!(
+        p.new_http_request(&Properties::new(), &[], b"")
+            .unwrap_err(),
+        HostError::Failed
+    ));
 }
