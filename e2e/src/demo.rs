@@ -324,6 +324,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn example_config_file_is_the_default() {
+        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/demo.toml"));
+        let c = load_config(Some(path)).unwrap();
+        assert_eq!(c.rotation_ttl, DemoConfig::default().rotation_ttl);
+        assert_eq!(c.policy, Some(demo_policy()));
+        assert!(c.wasm.is_none());
+    }
+
+    #[test]
+    fn unknown_demo_setting_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.toml");
+        std::fs::write(&path, "rotation = \"8s\"\n").unwrap();
+        assert!(load_config(Some(&path)).is_err());
+    }
+
+    #[test]
     fn readme_section_is_replaced_between_markers() {
         let readme = "a\n<!-- demo-output:start -->\nold\n<!-- demo-output:end -->\nb\n";
         let out = splice_readme(readme, "new\n").unwrap();
