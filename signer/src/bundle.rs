@@ -14,6 +14,7 @@ pub mod dir;
 pub mod endpoint;
 pub mod grpc;
 pub mod jwks;
+pub mod rotation;
 pub mod service;
 
 use std::future::Future;

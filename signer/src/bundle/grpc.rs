@@ -17,12 +17,23 @@ use super::{BundleChannel, TrustBundle};
 #[derive(Debug, Clone)]
 pub struct WatchBundleService {
     channel: BundleChannel,
+    shutdown: Option<watch::Receiver<bool>>,
 }
 
 impl WatchBundleService {
     /// Serve bundles from `channel`.
     pub fn new(channel: BundleChannel) -> Self {
-        Self { channel }
+        Self {
+            channel,
+            shutdown: None,
+        }
+    }
+
+    /// End every open stream when `shutdown` turns true (a server's graceful
+    /// shutdown waits for open streams, which would otherwise never end).
+    pub fn with_shutdown(mut self, shutdown: watch::Receiver<bool>) -> Self {
+        self.shutdown = Some(shutdown);
+        self
     }
 
     /// The tonic server for this service.
@@ -65,7 +76,12 @@ impl pb::trust_bundle_service_server::TrustBundleService for WatchBundleService 
         }
         let rx = self.channel.subscribe();
         let (tx, out) = mpsc::channel(4);
-        tokio::spawn(forward(rx, tx));
+        let (_keep, never) = watch::channel(false);
+        let shutdown = self.shutdown.clone().unwrap_or(never);
+        tokio::spawn(async move {
+            let _keep = _keep;
+            forward(rx, tx, shutdown).await;
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 }
@@ -76,6 +92,7 @@ impl pb::trust_bundle_service_server::TrustBundleService for WatchBundleService 
 async fn forward(
     mut rx: watch::Receiver<Arc<TrustBundle>>,
     tx: mpsc::Sender<Result<pb::TrustBundle, Status>>,
+    mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         let bundle = rx.borrow_and_update().clone();
@@ -89,6 +106,7 @@ async fn forward(
                 }
             }
             () = tx.closed() => return,
+            _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
 }

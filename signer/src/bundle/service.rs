@@ -72,6 +72,7 @@ pub struct BundleService {
     channel: BundleChannel,
     endpoint_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<Result<(), String>>>,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl BundleService {
@@ -135,6 +136,7 @@ impl BundleService {
             channel,
             endpoint_addr,
             tasks,
+            shutdown,
         })
     }
 
@@ -159,7 +161,9 @@ impl BundleService {
     ) -> meshward_proto::meshward::v1::trust_bundle_service_server::TrustBundleServiceServer<
         WatchBundleService,
     > {
-        WatchBundleService::new(self.channel.clone()).into_server()
+        WatchBundleService::new(self.channel.clone())
+            .with_shutdown(self.shutdown.clone())
+            .into_server()
     }
 
     /// The background tasks (sinks, endpoint); they end on shutdown.
