@@ -41,6 +41,18 @@ enum Command {
     /// Inspect the issuance policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Rotate the built-in CA: `ca rotate-intermediate`, `ca rotate-root
+    /// [--overlap 24h]`, `ca status`. A running signer picks the change up.
+    Ca(CaArgs),
+}
+
+/// `ca` subcommands, with the same configuration sources as `serve`.
+#[derive(Debug, Args)]
+struct CaArgs {
+    #[command(flatten)]
+    config: ServeArgs,
+    #[command(subcommand)]
+    command: meshward_signer::bundle::rotation::CaCommand,
 }
 
 #[derive(Debug, Subcommand)]
@@ -58,10 +70,6 @@ struct ExplainArgs {
     /// Kubernetes service account of the workload.
     #[arg(long)]
     sa: String,
-    /// A label of the namespace (`key=value`, repeatable), for tiers that
-    /// select namespaces by label.
-    #[arg(long = "label", value_parser = parse_label)]
-    labels: Vec<(String, String)>,
     #[command(flatten)]
     config: ServeArgs,
 }
@@ -94,12 +102,6 @@ struct ServeArgs {
     /// Override `policy.default_ttl` (e.g. `24h`).
     #[arg(long, env = "MESHWARD_DEFAULT_TTL", value_parser = humantime::parse_duration)]
     default_ttl: Option<std::time::Duration>,
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("{s:?}: expected key=value"))
 }
 
 fn parse_key_alg(s: &str) -> Result<CaKeyAlgorithm, String> {
@@ -165,9 +167,19 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Policy(PolicyCommand::Explain(args)) => {
             let config = args.config.load()?;
-            let labels: std::collections::BTreeMap<String, String> =
-                args.labels.into_iter().collect();
-            print!("{}", explain(&config, &args.ns, &args.sa, &labels)?);
+            print!("{}", explain(&config, &args.ns, &args.sa)?);
+            Ok(())
+        }
+        Command::Ca(args) => {
+            let config = args.config.load()?;
+            print!(
+                "{}",
+                meshward_signer::bundle::rotation::run_ca_command(
+                    &args.command,
+                    &config,
+                    time::OffsetDateTime::now_utc()
+                )?
+            );
             Ok(())
         }
         Command::Serve(args) => {
@@ -189,32 +201,18 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-fn explain(
-    config: &Config,
-    ns: &str,
-    sa: &str,
-    labels: &std::collections::BTreeMap<String, String>,
-) -> anyhow::Result<String> {
+fn explain(config: &Config, ns: &str, sa: &str) -> anyhow::Result<String> {
     use std::fmt::Write;
     let td = spiffe::TrustDomain::new(&config.trust_domain)?;
     let id = spiffe::SpiffeId::from_segments(td, &["ns", ns, "sa", sa])
         .with_context(|| format!("{ns}/{sa} does not make a valid SPIFFE ID"))?;
     let policy = config.issuance_policy()?;
-    let effective = policy.for_namespace(ns, Some(labels));
+    let effective = policy.for_namespace(ns);
     let tier_source = policy
         .tiers
         .iter()
         .find(|t| t.name == effective.tier)
-        .map(|t| {
-            let labels: Vec<String> = t.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            match (t.namespaces.is_empty(), labels.is_empty()) {
-                (_, true) => t.namespaces.to_string(),
-                (true, false) => format!("namespace labels {}", labels.join(",")),
-                (false, false) => {
-                    format!("{}, or namespace labels {}", t.namespaces, labels.join(","))
-                }
-            }
-        })
+        .map(|t| t.namespaces.to_string())
         .unwrap_or_else(|| "no [[policy.tiers]] entry matches this namespace".to_string());
     let node_agent = config
         .trusted_node_accounts()
@@ -249,12 +247,6 @@ fn explain(
             .collect::<Vec<_>>()
             .join(", ")
     )?;
-    if policy.needs_labels() && labels.is_empty() {
-        writeln!(
-            out,
-            "note:              some tiers select namespaces by label; pass the namespace's labels with --label key=value"
-        )?;
-    }
     writeln!(
         out,
         "node agent:        {}",

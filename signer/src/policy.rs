@@ -14,7 +14,6 @@
 //!
 //! [`tiers`] chooses the TTLs and allowed key types per namespace.
 
-pub mod namespaces;
 pub mod tiers;
 
 use std::time::Duration;

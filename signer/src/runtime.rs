@@ -27,7 +27,6 @@ use crate::issuer::Issuer;
 use crate::issuer::builtin::{BuiltinError, BuiltinIssuer, BuiltinOptions};
 use crate::metrics::Metrics;
 use crate::observer::IssuanceObserver;
-use crate::policy::namespaces::{KubeNamespaceLabels, NamespaceLabels};
 use crate::server::ca_service::{CaPipeline, CaService, to_pem};
 use crate::server::serving::{ServingError, issue_serving_identity};
 use crate::server::tls::{server_config, tls_incoming};
@@ -84,6 +83,9 @@ pub enum StartError {
     /// The trust bundle or one of its sinks could not be set up.
     #[error(transparent)]
     Bundle(#[from] crate::bundle::BundleError),
+    /// The built-in CA's rotation state is unusable.
+    #[error(transparent)]
+    Rotation(#[from] crate::bundle::rotation::RotationError),
 }
 
 /// A signer to start: a [`Config`] plus optional replacements for its parts.
@@ -138,6 +140,7 @@ impl Signer {
 
         let mut cacerts_metrics = None;
         let mut vault_metrics = None;
+        let mut rotating: Option<Arc<crate::bundle::rotation::live::RotatingBuiltin>> = None;
         let issuer: Arc<dyn Issuer> = match self.issuer {
             Some(i) => i,
             None => match (
@@ -159,7 +162,11 @@ impl Signer {
                     vault_metrics = Some(vault.metrics().clone());
                     Arc::new(vault)
                 }
-                _ => Arc::new(load_builtin(&config, &trust_domain).await?),
+                _ => {
+                    let ca = Arc::new(load_rotating_builtin(&config, &trust_domain).await?);
+                    rotating = Some(ca.clone());
+                    ca
+                }
             },
         };
         let token_authenticator: Arc<dyn Authenticator> = match self.authenticator {
@@ -207,14 +214,6 @@ impl Signer {
         .map_err(|e| StartError::Tls(e.to_string()))?;
 
         let policy = config.issuance_policy()?;
-        let namespace_labels: Option<Arc<dyn NamespaceLabels>> = match &config.policy.kubernetes {
-            Some(k) => Some(Arc::new(KubeNamespaceLabels::new(
-                crate::kube_api::client(k)
-                    .map_err(|e| ConfigError::Invalid(format!("policy.kubernetes: {e}")))?,
-                config.policy.namespace_label_cache,
-            ))),
-            None => None,
-        };
         info!(policy = %policy.base.describe(), "issuance policy for namespaces in no tier");
         for t in &policy.tiers {
             let effective = crate::policy::tiers::EffectivePolicy {
@@ -222,7 +221,7 @@ impl Signer {
                 ttl: t.ttl,
                 allowed_keys: t.allowed_keys.clone(),
             };
-            info!(namespaces = %t.namespaces, selector = ?t.selector, policy = %effective.describe(), "issuance policy tier");
+            info!(namespaces = %t.namespaces, policy = %effective.describe(), "issuance policy tier");
         }
         if !config.authn.trusted_node_accounts.is_empty() {
             info!(accounts = ?config.authn.trusted_node_accounts, "trusted node agents (may use ImpersonatedIdentity)");
@@ -233,7 +232,6 @@ impl Signer {
             issuer: issuer.clone(),
             policy,
             trusted_node_accounts: config.trusted_node_accounts(),
-            namespace_labels,
             observers: self
                 .observers
                 .into_iter()
@@ -287,6 +285,24 @@ impl Signer {
             tasks.push(l.spawn_maintenance(
                 config.ledger.retention,
                 config.ledger.prune_interval,
+                shutdown_rx.clone(),
+            ));
+        }
+        if let Some(ca) = rotating {
+            // The longest TTL any tier may grant bounds how long an old root
+            // must stay trusted after a switch.
+            let max_ttl = config
+                .policy
+                .tiers
+                .iter()
+                .filter_map(|t| t.max_ttl)
+                .fold(config.policy.max_ttl, std::cmp::max);
+            tasks.push(crate::bundle::rotation::live::spawn_rotation(
+                ca,
+                bundle.channel().clone(),
+                ledger.as_ref().map(|l| l.ledger().clone()),
+                max_ttl,
+                config.bundle.rotation_check_interval,
                 shutdown_rx.clone(),
             ));
         }
@@ -354,6 +370,27 @@ async fn load_builtin(
     } else {
         info!(data_dir = %config.ca.data_dir.display(), "loaded the built-in CA");
     }
+    Ok(ca)
+}
+
+/// The built-in CA, reloadable so `ca rotate-*` take effect without a restart.
+async fn load_rotating_builtin(
+    config: &Config,
+    trust_domain: &TrustDomain,
+) -> Result<crate::bundle::rotation::live::RotatingBuiltin, StartError> {
+    load_builtin(config, trust_domain).await?;
+    let opts = BuiltinOptions {
+        data_dir: config.ca.data_dir.clone(),
+        key_algorithm: config.ca.key_algorithm,
+        organization: trust_domain.to_string(),
+        root_ttl: config.ca.root_ttl,
+        intermediate_ttl: config.ca.intermediate_ttl,
+    };
+    let ca = tokio::task::spawn_blocking(move || {
+        crate::bundle::rotation::live::RotatingBuiltin::load(opts, OffsetDateTime::now_utc())
+    })
+    .await
+    .map_err(|e| StartError::Task(e.to_string()))??;
     Ok(ca)
 }
 

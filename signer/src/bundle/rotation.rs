@@ -420,3 +420,74 @@ mod tests {
         assert_eq!(next_step(&d, i64::MAX, None), Step::Wait);
     }
 }
+
+/// `meshward-signer ca ...`: rotation commands run against the built-in
+/// CA's data directory. A running signer notices within
+/// `bundle.rotation_check_interval` and publishes the new bundle.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum CaCommand {
+    /// Replace the intermediate with a new one signed by the same root.
+    RotateIntermediate,
+    /// Start a root rotation: publish a new root now, switch issuance to it
+    /// after the overlap, drop the old root once every certificate it
+    /// vouches for has expired.
+    RotateRoot {
+        /// How long both roots are published before issuance switches
+        /// (default: `bundle.rotation_overlap`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        overlap: Option<Duration>,
+    },
+    /// Show the rotation phase and the trusted roots.
+    Status,
+}
+
+/// Run a [`CaCommand`] for `config` at `now`; returns what to print.
+pub fn run_ca_command(
+    cmd: &CaCommand,
+    config: &crate::config::Config,
+    now: OffsetDateTime,
+) -> Result<String, RotationError> {
+    if config.ca.backend != "builtin" {
+        return Err(RotationError::WrongPhase(format!(
+            "ca.backend is {:?}: rotate a plugged-in or Vault CA where its keys live; these commands manage the built-in CA",
+            config.ca.backend
+        )));
+    }
+    let dir = CaDir::new(BuiltinOptions {
+        data_dir: config.ca.data_dir.clone(),
+        key_algorithm: config.ca.key_algorithm,
+        organization: config.trust_domain.clone(),
+        root_ttl: config.ca.root_ttl,
+        intermediate_ttl: config.ca.intermediate_ttl,
+    });
+    // Make sure a CA exists (and is whole) before touching it.
+    BuiltinIssuer::load_or_create(&dir.opts, now).map_err(|e| RotationError::Ca(e.to_string()))?;
+    let mut out = String::new();
+    match cmd {
+        CaCommand::RotateIntermediate => {
+            dir.rotate_intermediate(now)?;
+            out.push_str("intermediate rotated; a running signer switches at its next rotation check\n");
+        }
+        CaCommand::RotateRoot { overlap } => {
+            let overlap = overlap.unwrap_or(config.bundle.rotation_overlap);
+            let phase = dir.rotate_root(now, overlap)?;
+            out.push_str(&format!(
+                "new root published; issuance switches after {} ({phase:?})\n",
+                humantime::format_duration(overlap)
+            ));
+        }
+        CaCommand::Status => {}
+    }
+    out.push_str(&format!("phase: {:?}\n", dir.phase()?));
+    for r in dir.trust_roots()? {
+        let (_, c) = x509_parser::parse_x509_certificate(&r)
+            .map_err(|e| RotationError::Ca(e.to_string()))?;
+        out.push_str(&format!(
+            "trusted root: {} not after {} sha256 {}\n",
+            c.subject(),
+            c.validity().not_after,
+            crate::ledger::CertDigest::of(&r)
+        ));
+    }
+    Ok(out)
+}

@@ -36,6 +36,14 @@ pub struct BundleConfig {
     /// SPIFFE bundle endpoint over HTTPS (serving certificate from this CA:
     /// the `https_spiffe` profile), e.g. `0.0.0.0:8443`.
     pub endpoint_addr: Option<SocketAddr>,
+    /// `ca rotate-root` without `--overlap`: how long the new root is
+    /// published before issuance switches to it.
+    #[serde(with = "humantime_serde")]
+    pub rotation_overlap: Duration,
+    /// How often a running built-in CA checks its rotation state (switch,
+    /// retire, or a `ca rotate-*` run by another process).
+    #[serde(with = "humantime_serde")]
+    pub rotation_check_interval: Duration,
     /// Istio's `istio-ca-root-cert` ConfigMap sink.
     pub configmap: Option<ConfigMapConfig>,
 }
@@ -61,6 +69,8 @@ impl Default for BundleConfig {
             resync_interval: Duration::from_secs(60),
             dir: None,
             endpoint_addr: None,
+            rotation_overlap: Duration::from_secs(24 * 3600),
+            rotation_check_interval: Duration::from_secs(30),
             configmap: None,
         }
     }
