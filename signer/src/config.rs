@@ -126,6 +126,13 @@ pub struct PolicyConfig {
     pub allowed_key_types: Vec<KeyType>,
     /// Per-namespace tiers (`[[policy.tiers]]`); the first match wins.
     pub tiers: Vec<TierConfig>,
+    /// API server for namespace labels (needed by tiers with a
+    /// `namespace_selector`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubeApiConfig>,
+    /// How long namespace labels are cached.
+    #[serde(with = "human")]
+    pub namespace_label_cache: Duration,
 }
 
 /// Authentication settings.
@@ -190,10 +197,13 @@ pub struct JwtIssuerConfig {
     pub clock_skew: Duration,
 }
 
-/// Kubernetes TokenReview (`authentication.k8s.io/v1`) settings.
+/// How to reach a Kubernetes API server.
+pub type TokenReviewConfig = KubeApiConfig;
+
+/// How to reach a Kubernetes API server (TokenReview, namespace labels).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TokenReviewConfig {
+pub struct KubeApiConfig {
     /// API server URL, e.g. `https://kubernetes.default.svc`.
     pub api_server: String,
     /// PEM CA bundle of the API server.
@@ -303,6 +313,8 @@ impl Default for PolicyConfig {
             backdate: Duration::from_secs(60),
             allowed_key_types: KeyType::ALL.to_vec(),
             tiers: Vec::new(),
+            kubernetes: None,
+            namespace_label_cache: Duration::from_secs(60),
         }
     }
 }
@@ -467,9 +479,14 @@ impl Config {
                     humantime::format_duration(ttl.max_ttl)
                 )));
             }
-            if t.namespaces.is_empty() {
+            if t.namespaces.is_empty() && t.namespace_selector.is_empty() {
                 return Err(ConfigError::Invalid(format!(
-                    "policy tier {name} has no namespaces"
+                    "policy tier {name} has neither namespaces nor a namespace_selector"
+                )));
+            }
+            if !t.namespace_selector.is_empty() && p.kubernetes.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "policy tier {name} selects namespaces by label: set [policy.kubernetes] so labels can be read"
                 )));
             }
             let allowed_keys: std::collections::BTreeSet<KeyType> = t
@@ -485,6 +502,7 @@ impl Config {
             tiers.push(Tier {
                 name,
                 namespaces: NamespaceMatcher::new(&t.namespaces),
+                selector: t.namespace_selector.clone(),
                 ttl,
                 allowed_keys,
             });
@@ -593,23 +611,19 @@ max_ttl = "7d"
         .unwrap();
         c.validate().unwrap();
         let p = c.issuance_policy().unwrap();
-        assert_eq!(p.for_namespace("payments").tier, "critical");
-        assert_eq!(
-            p.for_namespace("payments").ttl.max_ttl,
-            Duration::from_secs(12 * 3600)
-        );
-        assert_eq!(
-            p.for_namespace("dev-bob").ttl.max_ttl,
-            Duration::from_secs(7 * 86400)
-        );
-        assert_eq!(p.for_namespace("default").tier, "default");
+        let policy = p;
+        let p = |ns: &str| policy.for_namespace(ns, None);
+        assert_eq!(p("payments").tier, "critical");
+        assert_eq!(p("payments").ttl.max_ttl, Duration::from_secs(12 * 3600));
+        assert_eq!(p("dev-bob").ttl.max_ttl, Duration::from_secs(7 * 86400));
+        assert_eq!(p("default").tier, "default");
         assert!(
-            p.for_namespace("payments")
+            p("payments")
                 .check_key(crate::issuer::KeyKind::Rsa { bits: 2048 })
                 .is_err()
         );
         assert!(
-            p.for_namespace("default")
+            p("default")
                 .check_key(crate::issuer::KeyKind::Rsa { bits: 2048 })
                 .is_ok()
         );

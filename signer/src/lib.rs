@@ -26,6 +26,7 @@ pub mod client;
 pub mod config;
 pub mod csr;
 pub mod issuer;
+pub mod kube_api;
 pub mod ledger;
 pub mod metrics;
 pub mod observer;

@@ -70,6 +70,10 @@ struct ExplainArgs {
     /// Kubernetes service account of the workload.
     #[arg(long)]
     sa: String,
+    /// A label of the namespace (`key=value`, repeatable), for tiers that
+    /// select namespaces by label.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
     #[command(flatten)]
     config: ServeArgs,
 }
@@ -102,6 +106,12 @@ struct ServeArgs {
     /// Override `policy.default_ttl` (e.g. `24h`).
     #[arg(long, env = "MESHWARD_DEFAULT_TTL", value_parser = humantime::parse_duration)]
     default_ttl: Option<std::time::Duration>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?}: expected key=value"))
 }
 
 fn parse_key_alg(s: &str) -> Result<CaKeyAlgorithm, String> {
@@ -167,7 +177,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Policy(PolicyCommand::Explain(args)) => {
             let config = args.config.load()?;
-            print!("{}", explain(&config, &args.ns, &args.sa)?);
+            let labels: std::collections::BTreeMap<String, String> =
+                args.labels.into_iter().collect();
+            print!("{}", explain(&config, &args.ns, &args.sa, &labels)?);
             Ok(())
         }
         Command::Ca(args) => {
@@ -201,18 +213,32 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-fn explain(config: &Config, ns: &str, sa: &str) -> anyhow::Result<String> {
+fn explain(
+    config: &Config,
+    ns: &str,
+    sa: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<String> {
     use std::fmt::Write;
     let td = spiffe::TrustDomain::new(&config.trust_domain)?;
     let id = spiffe::SpiffeId::from_segments(td, &["ns", ns, "sa", sa])
         .with_context(|| format!("{ns}/{sa} does not make a valid SPIFFE ID"))?;
     let policy = config.issuance_policy()?;
-    let effective = policy.for_namespace(ns);
+    let effective = policy.for_namespace(ns, Some(labels));
     let tier_source = policy
         .tiers
         .iter()
         .find(|t| t.name == effective.tier)
-        .map(|t| t.namespaces.to_string())
+        .map(|t| {
+            let labels: Vec<String> = t.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            match (t.namespaces.is_empty(), labels.is_empty()) {
+                (_, true) => t.namespaces.to_string(),
+                (true, false) => format!("namespace labels {}", labels.join(",")),
+                (false, false) => {
+                    format!("{}, or namespace labels {}", t.namespaces, labels.join(","))
+                }
+            }
+        })
         .unwrap_or_else(|| "no [[policy.tiers]] entry matches this namespace".to_string());
     let node_agent = config
         .trusted_node_accounts()
@@ -247,6 +273,12 @@ fn explain(config: &Config, ns: &str, sa: &str) -> anyhow::Result<String> {
             .collect::<Vec<_>>()
             .join(", ")
     )?;
+    if policy.needs_labels() && labels.is_empty() {
+        writeln!(
+            out,
+            "note:              some tiers select namespaces by label; pass the namespace's labels with --label key=value"
+        )?;
+    }
     writeln!(
         out,
         "node agent:        {}",

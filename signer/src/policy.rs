@@ -14,6 +14,7 @@
 //!
 //! [`tiers`] chooses the TTLs and allowed key types per namespace.
 
+pub mod namespaces;
 pub mod tiers;
 
 use std::time::Duration;

@@ -27,6 +27,7 @@ use crate::issuer::Issuer;
 use crate::issuer::builtin::{BuiltinError, BuiltinIssuer, BuiltinOptions};
 use crate::metrics::Metrics;
 use crate::observer::IssuanceObserver;
+use crate::policy::namespaces::{KubeNamespaceLabels, NamespaceLabels};
 use crate::server::ca_service::{CaPipeline, CaService, to_pem};
 use crate::server::serving::{ServingError, issue_serving_identity};
 use crate::server::tls::{server_config, tls_incoming};
@@ -214,6 +215,14 @@ impl Signer {
         .map_err(|e| StartError::Tls(e.to_string()))?;
 
         let policy = config.issuance_policy()?;
+        let namespace_labels: Option<Arc<dyn NamespaceLabels>> = match &config.policy.kubernetes {
+            Some(k) => Some(Arc::new(KubeNamespaceLabels::new(
+                crate::kube_api::client(k)
+                    .map_err(|e| ConfigError::Invalid(format!("policy.kubernetes: {e}")))?,
+                config.policy.namespace_label_cache,
+            ))),
+            None => None,
+        };
         info!(policy = %policy.base.describe(), "issuance policy for namespaces in no tier");
         for t in &policy.tiers {
             let effective = crate::policy::tiers::EffectivePolicy {
@@ -221,7 +230,7 @@ impl Signer {
                 ttl: t.ttl,
                 allowed_keys: t.allowed_keys.clone(),
             };
-            info!(namespaces = %t.namespaces, policy = %effective.describe(), "issuance policy tier");
+            info!(namespaces = %t.namespaces, selector = ?t.selector, policy = %effective.describe(), "issuance policy tier");
         }
         if !config.authn.trusted_node_accounts.is_empty() {
             info!(accounts = ?config.authn.trusted_node_accounts, "trusted node agents (may use ImpersonatedIdentity)");
@@ -232,6 +241,7 @@ impl Signer {
             issuer: issuer.clone(),
             policy,
             trusted_node_accounts: config.trusted_node_accounts(),
+            namespace_labels,
             observers: self
                 .observers
                 .into_iter()

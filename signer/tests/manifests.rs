@@ -1,17 +1,26 @@
-//! The signer config shipped in `istio-manifests/` must parse and validate with
-//! the signer that will read it: a typo there is an outage at deploy time.
+//! What ships in `istio-manifests/` must match the signer that reads it and
+//! the metrics it exposes: a typo there is an outage at deploy time, or an
+//! alert that can never fire.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "support/harness.rs"]
+mod harness;
+
+use std::collections::BTreeSet;
+
+use harness::Harness;
 use meshward_signer::config::Config;
+
+fn manifest(rel: &str) -> String {
+    let path = format!("{}/../istio-manifests/{rel}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"))
+}
 
 #[test]
 fn shipped_istio_manifest_signer_config_is_valid() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../istio-manifests/signer/signer.toml"
-    );
-    let text = std::fs::read_to_string(path).expect("read manifest config");
-    let config = Config::from_toml(&text, path).expect("manifest config parses");
+    let text = manifest("signer/signer.toml");
+    let config = Config::from_toml(&text, "istio-manifests/signer/signer.toml")
+        .expect("manifest config parses");
     config.validate().expect("manifest config validates");
     assert_eq!(config.ca.backend, "cacerts");
     assert_eq!(config.server.grpc_addr.port(), 15012);
@@ -22,5 +31,63 @@ fn shipped_istio_manifest_signer_config_is_valid() {
             .iter()
             .any(|n| n == "meshward-signer.istio-system.svc"),
         "istio-agent dials meshward-signer.istio-system.svc:15012 and checks this name"
+    );
+}
+
+/// `meshward_signer_*` metric names used by the alerts and the dashboard,
+/// reduced to their family name (no `_bucket`/`_total`/... suffix).
+fn referenced_signer_families() -> BTreeSet<String> {
+    let text = manifest("monitoring/prometheus-rules.yaml")
+        + &manifest("monitoring/meshward-dashboard.json");
+    let mut out = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = text[i..].find("meshward_signer_") {
+        let start = i + pos;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        let name = &text[start..end];
+        let family = ["_bucket", "_count", "_sum", "_total"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        out.insert(family.to_string());
+        i = end;
+    }
+    out
+}
+
+#[tokio::test]
+async fn alert_and_dashboard_metrics_exist_on_a_running_signer() {
+    let families = referenced_signer_families();
+    assert!(
+        families.len() >= 5,
+        "expected the rules to use signer metrics: {families:?}"
+    );
+    let h = Harness::start().await;
+    // Per-namespace families only print once they have a series.
+    h.issue("shop", "web", &h.opts("shop", "web"))
+        .await
+        .unwrap();
+    let metrics = h.metrics().await;
+    let exposed: BTreeSet<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let missing: Vec<&String> = families
+        .iter()
+        // Backend metrics exist only when that backend is configured; their
+        // names are checked against the backends' own tests.
+        .filter(|f| {
+            !f.starts_with("meshward_signer_vault_") && !f.starts_with("meshward_signer_cacerts_")
+        })
+        .filter(|f| !exposed.contains(f.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "alerts/dashboard use metrics the signer does not expose: {missing:?}\nexposed: {exposed:?}"
     );
 }

@@ -29,6 +29,7 @@ fn tiers(c: &mut Config) {
         TierConfig {
             name: "critical".into(),
             namespaces: vec!["payments".into()],
+            namespace_selector: Default::default(),
             default_ttl: Some(Duration::from_secs(12 * HOUR)),
             max_ttl: Some(Duration::from_secs(12 * HOUR)),
             allowed_key_types: Some(vec![KeyType::P256]),
@@ -36,6 +37,7 @@ fn tiers(c: &mut Config) {
         TierConfig {
             name: "dev".into(),
             namespaces: vec!["dev-*".into()],
+            namespace_selector: Default::default(),
             default_ttl: None,
             max_ttl: Some(Duration::from_secs(7 * 24 * HOUR)),
             allowed_key_types: None,
@@ -240,6 +242,109 @@ async fn rsa_key_in_a_p256_only_tier_is_refused() {
         .request_certificate(&key, &id("default", "sleep"), &h.opts("default", "sleep"))
         .await
         .unwrap();
+}
+
+// ---------- label-selector tiers ----------
+
+/// A local stand-in for the API server's `GET /api/v1/namespaces/{name}`
+/// (recorded response shape; no Kubernetes API server can run here).
+async fn namespace_api(
+    labels: std::collections::HashMap<String, serde_json::Value>,
+    hits: Arc<std::sync::atomic::AtomicUsize>,
+) -> std::net::SocketAddr {
+    use axum::extract::Path;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/api/v1/namespaces/{name}",
+        axum::routing::get(move |Path(name): Path<String>| {
+            let labels = labels.clone();
+            let hits = hits.clone();
+            async move {
+                hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let body = serde_json::json!({
+                    "apiVersion": "v1",
+                    "kind": "Namespace",
+                    "metadata": {
+                        "name": name,
+                        "uid": "5c0e6a52-0000-0000-0000-000000000000",
+                        "resourceVersion": "1234",
+                        "labels": labels.get(&name).cloned().unwrap_or_else(|| serde_json::json!({
+                            "kubernetes.io/metadata.name": name
+                        }))
+                    },
+                    "spec": {"finalizers": ["kubernetes"]},
+                    "status": {"phase": "Active"}
+                });
+                axum::Json(body)
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+fn selector_tier(api: std::net::SocketAddr) -> impl FnOnce(&mut Config) {
+    move |c: &mut Config| {
+        c.policy.kubernetes = Some(meshward_signer::config::KubeApiConfig {
+            api_server: format!("http://{api}"),
+            ca_file: None,
+            token_file: None,
+        });
+        c.policy.tiers = vec![TierConfig {
+            name: "critical".into(),
+            namespaces: Vec::new(),
+            namespace_selector: [("meshward.io/tier".to_string(), "critical".to_string())]
+                .into_iter()
+                .collect(),
+            default_ttl: Some(Duration::from_secs(12 * HOUR)),
+            max_ttl: Some(Duration::from_secs(12 * HOUR)),
+            allowed_key_types: None,
+        }];
+    }
+}
+
+#[tokio::test]
+async fn namespace_label_selects_the_tier_and_is_cached() {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let labels = [(
+        "payments".to_string(),
+        serde_json::json!({"kubernetes.io/metadata.name": "payments", "meshward.io/tier": "critical"}),
+    )]
+    .into_iter()
+    .collect();
+    let api = namespace_api(labels, hits.clone()).await;
+    let h = Harness::start_with(selector_tier(api)).await;
+    for _ in 0..2 {
+        let mut opts = h.opts("payments", "api");
+        opts.validity_secs = 24 * 3600;
+        let (_, cert) = h.issue("payments", "api", &opts).await.unwrap();
+        assert_eq!(lifetime(&cert), 12 * 3600 + 60);
+    }
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "labels cached"
+    );
+    let mut opts = h.opts("default", "sleep");
+    opts.validity_secs = 24 * 3600;
+    let (_, cert) = h.issue("default", "sleep", &opts).await.unwrap();
+    assert_eq!(
+        lifetime(&cert),
+        24 * 3600 + 60,
+        "unlabelled namespace keeps the base policy"
+    );
+}
+
+#[tokio::test]
+async fn unreadable_namespace_labels_refuse_instead_of_guessing_the_tier() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let h = Harness::start_with(selector_tier(closed)).await;
+    let r = h.issue("payments", "api", &h.opts("payments", "api")).await;
+    assert_refused(r, Code::Unavailable, "cannot read the labels");
 }
 
 #[test]

@@ -38,29 +38,7 @@ pub struct ReviewedAccount {
 impl TokenReviewer {
     /// A reviewer for `cfg`, asking the API server to check `audiences`.
     pub fn new(cfg: &TokenReviewConfig, audiences: Vec<String>) -> Result<Self, String> {
-        let uri: http::Uri = cfg
-            .api_server
-            .parse()
-            .map_err(|e| format!("api_server {:?}: {e}", cfg.api_server))?;
-        let mut config = kube::Config::new(uri);
-        if let Some(path) = &cfg.ca_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
-            let roots = pem::parse_many(text.as_bytes())
-                .map_err(|e| format!("{}: {e}", path.display()))?
-                .into_iter()
-                .map(|p| p.into_contents())
-                .collect();
-            config.root_cert = Some(roots);
-        }
-        if let Some(path) = &cfg.token_file {
-            let token = std::fs::read_to_string(path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
-            config.auth_info.token = Some(token.trim().to_string().into());
-        }
-        config.connect_timeout = Some(std::time::Duration::from_secs(5));
-        config.read_timeout = Some(std::time::Duration::from_secs(10));
-        let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
+        let client = crate::kube_api::client(cfg)?;
         Ok(Self {
             api: Api::all(client),
             audiences,

@@ -105,8 +105,15 @@ impl LedgerMetrics {
     }
 
     /// One certificate recorded.
+    ///
+    /// The per-namespace gauges count it at once (a new certificate is on
+    /// record and valid), so they are right between maintenance runs, which
+    /// recount them exactly (expiry, pruning).
     pub fn recorded(&self, namespace: &str) {
-        self.recorded.get_or_create(&self.label(namespace)).inc();
+        let label = self.label(namespace);
+        self.recorded.get_or_create(&label).inc();
+        self.on_record.get_or_create(&label).inc();
+        self.valid.get_or_create(&label).inc();
     }
 
     /// One issuance failed at the ledger.

@@ -1,7 +1,7 @@
 //! Per-namespace issuance tiers (e.g. critical 12 h, standard 24 h, dev 7 d)
 //! and the allowed-key-types policy, compiled once from the config.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -71,6 +71,11 @@ impl NamespaceMatcher {
         Self { exact, prefixes }
     }
 
+    /// True when no name or prefix is listed.
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.prefixes.is_empty()
+    }
+
     /// Does `namespace` belong to the tier?
     pub fn matches(&self, namespace: &str) -> bool {
         self.exact.contains(namespace) || self.prefixes.iter().any(|p| namespace.starts_with(p))
@@ -94,8 +99,11 @@ impl std::fmt::Display for NamespaceMatcher {
 pub struct Tier {
     /// Tier name (for logs and `policy explain`).
     pub name: String,
-    /// Namespaces it covers.
+    /// Namespaces it covers by name.
     pub namespaces: NamespaceMatcher,
+    /// Namespaces it covers by label (`matchLabels`: all must match);
+    /// empty = no selector.
+    pub selector: BTreeMap<String, String>,
     /// Its TTLs.
     pub ttl: TtlPolicy,
     /// Its allowed key types.
@@ -160,11 +168,27 @@ pub struct IssuancePolicy {
 }
 
 impl IssuancePolicy {
-    /// The policy for `namespace`.
-    pub fn for_namespace(&self, namespace: &str) -> EffectivePolicy {
+    /// Whether some tier selects namespaces by label (then the caller must
+    /// supply labels).
+    pub fn needs_labels(&self) -> bool {
+        self.tiers.iter().any(|t| !t.selector.is_empty())
+    }
+
+    /// The policy for `namespace` (with its labels, when known; selector
+    /// tiers never match without them).
+    pub fn for_namespace(
+        &self,
+        namespace: &str,
+        labels: Option<&BTreeMap<String, String>>,
+    ) -> EffectivePolicy {
         self.tiers
             .iter()
-            .find(|t| t.namespaces.matches(namespace))
+            .find(|t| {
+                t.namespaces.matches(namespace)
+                    || (!t.selector.is_empty()
+                        && labels
+                            .is_some_and(|l| t.selector.iter().all(|(k, v)| l.get(k) == Some(v))))
+            })
             .map(|t| EffectivePolicy {
                 tier: t.name.clone(),
                 ttl: t.ttl,
@@ -193,7 +217,12 @@ pub struct TierConfig {
     /// Name.
     pub name: String,
     /// Namespaces: exact names or `prefix-*`.
+    #[serde(default)]
     pub namespaces: Vec<String>,
+    /// Namespaces whose labels include all of these (needs
+    /// `[policy.kubernetes]`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespace_selector: BTreeMap<String, String>,
     /// Default TTL in this tier (falls back to `policy.default_ttl`).
     #[serde(
         default,

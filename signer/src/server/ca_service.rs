@@ -22,6 +22,7 @@ use crate::issuer::{IssueError, IssueRequest, IssuedChain, Issuer};
 use crate::metrics::{Metrics, Outcome};
 use crate::observer::{IssuanceEvent, IssuanceObserver};
 use crate::policy::PolicyError;
+use crate::policy::namespaces::NamespaceLabels;
 use crate::policy::tiers::IssuancePolicy;
 
 /// Request-metadata Struct key with which a node agent (ztunnel) asks for
@@ -111,6 +112,8 @@ pub struct CaPipeline {
     /// `(namespace, service account)` of node agents allowed to use
     /// `ImpersonatedIdentity`.
     pub trusted_node_accounts: Vec<(String, String)>,
+    /// Namespace labels, for tiers with a `namespace_selector`.
+    pub namespace_labels: Option<Arc<dyn NamespaceLabels>>,
     /// Run after each issuance.
     pub observers: Vec<Arc<dyn IssuanceObserver>>,
     /// Metrics.
@@ -174,7 +177,25 @@ impl CaPipeline {
             .check_identity(&target.spiffe_id)
             .map_err(|e| with_caller(e.into()))?;
 
-        let effective = self.policy.for_namespace(&target.namespace);
+        let labels = if self.policy.needs_labels() {
+            let source = self.namespace_labels.as_ref().ok_or_else(|| {
+                with_caller(Refusal::new(
+                    Code::Unavailable,
+                    "policy tiers select by namespace label but no label source is configured",
+                ))
+            })?;
+            Some(source.labels(&target.namespace).await.map_err(|e| {
+                with_caller(Refusal::new(
+                    Code::Unavailable,
+                    format!("cannot read the labels that choose the policy tier: {e}"),
+                ))
+            })?)
+        } else {
+            None
+        };
+        let effective = self
+            .policy
+            .for_namespace(&target.namespace, labels.as_ref());
         effective
             .check_key(validated.key_kind)
             .map_err(|m| with_caller(Refusal::new(Code::InvalidArgument, m)))?;
