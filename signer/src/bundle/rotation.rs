@@ -466,7 +466,9 @@ pub fn run_ca_command(
     match cmd {
         CaCommand::RotateIntermediate => {
             dir.rotate_intermediate(now)?;
-            out.push_str("intermediate rotated; a running signer switches at its next rotation check\n");
+            out.push_str(
+                "intermediate rotated; a running signer switches at its next rotation check\n",
+            );
         }
         CaCommand::RotateRoot { overlap } => {
             let overlap = overlap.unwrap_or(config.bundle.rotation_overlap);
