@@ -382,3 +382,48 @@ async fn invalid_plugin_config_keeps_the_sidecar_from_starting() {
         );
     }
 }
+
+#[tokio::test]
+async fn strict_sidecar_refuses_plaintext_before_any_http() {
+    let mesh = Mesh::start().await;
+    let backend = mesh
+        .backend(|c| c.http_filter = Some(http_policy("enforce")))
+        .await;
+    let r = plaintext_request(backend.inbound_addr(), "GET", "/api/items", &[]).await;
+    assert!(r.is_err(), "STRICT mTLS must not answer plaintext: {r:?}");
+}
+
+#[tokio::test]
+async fn workload_from_another_ca_cannot_connect() {
+    let mesh = Mesh::start().await;
+    let other = Mesh::start().await;
+    assert_ne!(
+        mesh.signer.roots_pem().unwrap(),
+        other.signer.roots_pem().unwrap()
+    );
+    let backend = mesh
+        .backend(|c| c.http_filter = Some(http_policy("enforce")))
+        .await;
+    // Same SPIFFE ID as the allowed frontend, certificate from a foreign CA;
+    // it trusts our CA too, so only the backend's check can stop it.
+    let mut ctx = other.ctx();
+    ctx.roots_pem.push_str(&mesh.signer.roots_pem().unwrap());
+    let impostor = Sidecar::start(SidecarConfig::new("shop", "frontend"), &ctx)
+        .await
+        .unwrap();
+    let r = impostor
+        .request(
+            backend.inbound_addr(),
+            Some(BACKEND),
+            "GET",
+            "/api/items",
+            &[],
+        )
+        .await;
+    assert!(
+        r.is_err(),
+        "a foreign CA's certificate must fail the handshake: {r:?}"
+    );
+    let genuine = mesh.client("shop", "frontend").await;
+    assert_eq!(get(&genuine, &backend, "/api/items").await.status, 200);
+}
