@@ -263,6 +263,12 @@ fn explain(
         "backdate:          {} (never before, nor after, the signing CA's validity)",
         hd(effective.ttl.backdate)
     )?;
+    if policy.needs_labels() && labels.is_empty() {
+        writeln!(
+            out,
+            "note:              some tiers select namespaces by label; pass the namespace's labels with --label key=value"
+        )?;
+    }
     writeln!(
         out,
         "key types:         {}",
@@ -273,12 +279,6 @@ fn explain(
             .collect::<Vec<_>>()
             .join(", ")
     )?;
-    if policy.needs_labels() && labels.is_empty() {
-        writeln!(
-            out,
-            "note:              some tiers select namespaces by label; pass the namespace's labels with --label key=value"
-        )?;
-    }
     writeln!(
         out,
         "node agent:        {}",
