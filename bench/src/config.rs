@@ -1,0 +1,273 @@
+//! What to measure and how long: embedded defaults (`config/defaults.toml`),
+//! optionally replaced key by key from a `--config` file; `--check` shrinks
+//! it to the quick version.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::workload::KeyType;
+
+/// The embedded defaults.
+pub const DEFAULTS_TOML: &str = include_str!("config/defaults.toml");
+
+/// Everything a run uses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchConfig {
+    /// Signer throughput.
+    pub signer: SignerBench,
+    /// Mass restart.
+    pub restart: RestartBench,
+    /// Filter decision cost.
+    pub filter: FilterBench,
+    /// `openssl speed`.
+    pub openssl: OpensslBench,
+    /// Targets `--check` enforces.
+    pub targets: Targets,
+}
+
+/// Signer throughput settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignerBench {
+    /// The `meshward-signer` binary; empty = next to `meshward-bench`.
+    #[serde(default)]
+    pub binary: Option<PathBuf>,
+    /// Where the signers' data dirs (CA, ledger) go; empty = the system temp dir.
+    #[serde(default)]
+    pub work_dir: Option<PathBuf>,
+    /// Key types to measure.
+    pub key_types: Vec<KeyType>,
+    /// Concurrent clients per measurement.
+    pub concurrency: Vec<usize>,
+    /// Warm-up before each window.
+    #[serde(with = "humantime_serde")]
+    pub warmup: Duration,
+    /// Measurement window.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// `server.max_concurrent_requests` for the throughput runs (above the
+    /// largest concurrency, so every request is admitted).
+    pub max_concurrent_requests: usize,
+    /// Keep the issuance ledger on (the signer's default).
+    pub ledger: bool,
+    /// Also measure P-256 at this concurrency with the ledger off (0 = skip).
+    pub no_ledger_concurrency: usize,
+    /// Distinct RSA keys shared by the RSA workloads.
+    pub rsa_keys: usize,
+}
+
+/// Mass-restart settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartBench {
+    /// Skip it.
+    pub enabled: bool,
+    /// Clients starting at once.
+    pub clients: usize,
+    /// Their key type.
+    pub key_type: KeyType,
+    /// `server.max_concurrent_requests` (the signer's default is 256).
+    pub max_concurrent_requests: usize,
+    /// Give up after this long.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+    /// First retry delay.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Largest retry delay.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// Delay growth per attempt.
+    pub backoff_multiplier: f64,
+}
+
+/// Filter settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterBench {
+    /// Rule counts.
+    pub rules: Vec<usize>,
+    /// Timed batches per measurement.
+    pub samples: usize,
+    /// Wall time of one batch.
+    #[serde(with = "humantime_serde")]
+    pub batch: Duration,
+    /// The plugin; empty = `MESHWARD_FILTER_WASM`, else `target/meshward_filter.wasm`.
+    #[serde(default)]
+    pub wasm: Option<PathBuf>,
+}
+
+/// `openssl speed` settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpensslBench {
+    /// `-seconds` per operation.
+    pub seconds: u32,
+}
+
+/// The targets of issue 9.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Targets {
+    /// Signer / bound for P-256, at least.
+    pub p256_ratio: f64,
+    /// Median wasm decision at `flat_from` rules, at most (µs).
+    pub wasm_median_us: f64,
+    /// Wasm / native, at most.
+    pub wasm_over_native: f64,
+    /// Median at `flat_to` rules / median at `flat_from` rules, at most.
+    pub flat_ratio: f64,
+    /// Lower rule count of the flatness check.
+    pub flat_from: usize,
+    /// Upper rule count of the flatness check.
+    pub flat_to: usize,
+    /// `.wasm` size, at most (KiB).
+    pub wasm_kib: u64,
+}
+
+mod humantime_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl BenchConfig {
+    /// The embedded defaults.
+    pub fn defaults() -> anyhow::Result<Self> {
+        Self::from_toml(DEFAULTS_TOML, "embedded defaults")
+    }
+
+    /// Parse a whole config.
+    pub fn from_toml(text: &str, origin: &str) -> anyhow::Result<Self> {
+        let config: Self = toml::from_str(text).with_context(|| format!("parsing {origin}"))?;
+        config
+            .validate()
+            .with_context(|| format!("checking {origin}"))?;
+        Ok(config)
+    }
+
+    /// The defaults with every key present in `text` replaced (tables merged).
+    pub fn defaults_overridden_by(text: &str, origin: &str) -> anyhow::Result<Self> {
+        let mut base: toml::Table = toml::from_str(DEFAULTS_TOML).context("embedded defaults")?;
+        let over: toml::Table =
+            toml::from_str(text).with_context(|| format!("parsing {origin}"))?;
+        merge(&mut base, over);
+        let merged = toml::to_string(&base).context("re-serialising the merged config")?;
+        Self::from_toml(&merged, origin)
+    }
+
+    /// The quick version `--check` runs: P-256 only at one concurrency,
+    /// short windows, no restart, fewer filter samples, and only the rule
+    /// counts the targets name.
+    pub fn quick(mut self) -> Self {
+        self.signer.key_types = vec![KeyType::P256];
+        let c = self
+            .signer
+            .concurrency
+            .iter()
+            .copied()
+            .find(|&c| c >= 16)
+            .unwrap_or(64);
+        self.signer.concurrency = vec![c];
+        self.signer.warmup = Duration::from_millis(500);
+        self.signer.window = Duration::from_secs(2);
+        self.signer.no_ledger_concurrency = 0;
+        self.restart.enabled = false;
+        self.filter.rules = vec![self.targets.flat_from, self.targets.flat_to];
+        self.filter.samples = self.filter.samples.min(50);
+        self.openssl.seconds = 1;
+        self
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.signer.concurrency.contains(&0),
+            "signer.concurrency: 0 clients"
+        );
+        anyhow::ensure!(
+            self.signer.window > Duration::ZERO,
+            "signer.window must be > 0"
+        );
+        anyhow::ensure!(self.restart.clients > 0, "restart.clients must be > 0");
+        anyhow::ensure!(
+            self.restart.backoff_multiplier >= 1.0,
+            "restart.backoff_multiplier must be ≥ 1"
+        );
+        anyhow::ensure!(!self.filter.rules.contains(&0), "filter.rules: 0 rules");
+        anyhow::ensure!(self.filter.samples > 0, "filter.samples must be > 0");
+        anyhow::ensure!(self.openssl.seconds > 0, "openssl.seconds must be > 0");
+        Ok(())
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_parse_and_name_the_issue_targets() {
+        let c = BenchConfig::defaults().unwrap();
+        assert_eq!(c.signer.concurrency, vec![1, 64, 512]);
+        assert_eq!(c.signer.key_types, vec![KeyType::P256, KeyType::Rsa2048]);
+        assert_eq!(c.filter.rules, vec![10, 1_000, 10_000]);
+        assert_eq!(c.restart.clients, 2_000);
+        assert_eq!(c.targets.p256_ratio, 0.8);
+        assert!(c.signer.max_concurrent_requests >= 512);
+    }
+
+    #[test]
+    fn a_file_overrides_only_the_keys_it_names() {
+        let c = BenchConfig::defaults_overridden_by(
+            "[signer]\nconcurrency = [8]\nwindow = \"500ms\"\n[restart]\nenabled = false\n",
+            "test",
+        )
+        .unwrap();
+        assert_eq!(c.signer.concurrency, vec![8]);
+        assert_eq!(c.signer.window, Duration::from_millis(500));
+        assert!(!c.restart.enabled);
+        assert_eq!(c.restart.clients, 2_000);
+        assert_eq!(c.filter.rules, vec![10, 1_000, 10_000]);
+    }
+
+    #[test]
+    fn unknown_keys_and_nonsense_values_are_refused() {
+        assert!(BenchConfig::defaults_overridden_by("[signer]\nconcurency = [8]\n", "t").is_err());
+        assert!(BenchConfig::defaults_overridden_by("[signer]\nconcurrency = [0]\n", "t").is_err());
+        assert!(BenchConfig::defaults_overridden_by("[signer]\nwindow = \"soon\"\n", "t").is_err());
+        assert!(
+            BenchConfig::defaults_overridden_by("[signer]\nkey_types = [\"dsa\"]\n", "t").is_err()
+        );
+    }
+
+    #[test]
+    fn quick_version_keeps_the_checked_rule_counts_and_drops_the_restart() {
+        let c = BenchConfig::defaults().unwrap().quick();
+        assert_eq!(c.signer.key_types, vec![KeyType::P256]);
+        assert_eq!(c.signer.concurrency, vec![64]);
+        assert_eq!(c.filter.rules, vec![1_000, 10_000]);
+        assert!(!c.restart.enabled);
+    }
+}

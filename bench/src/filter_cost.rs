@@ -1,0 +1,258 @@
+//! Filter decision cost, natively: the compiled policy against the naive
+//! linear scan (`meshward_filter::reference`, how Envoy's RBAC filter walks
+//! its principals), per HTTP request and per TCP connection.
+//!
+//! Each iteration does what the shim does per request: build the peer from
+//! the connection's URI SAN (SPIFFE parsing included) and the request view,
+//! then decide.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use meshward_filter::{Config, Peer, Policy, Request, UnixTime, Verdict, reference};
+use serde::Serialize;
+
+use crate::stats::Summary;
+
+/// The peer every generated policy allows only through its last rule.
+pub const PEER_URI: &str = "spiffe://cluster.local/ns/shop/sa/web";
+/// Request attributes.
+pub const AUTHORITY: &str = "shop.example";
+/// `:method`.
+pub const METHOD: &str = "GET";
+/// `:path`.
+pub const PATH: &str = "/v1/cart?x=1";
+/// `destination.port`.
+pub const PORT: u16 = 8080;
+/// The decision time.
+pub const NOW: UnixTime = UnixTime(1_750_000_000);
+
+/// HTTP (per request) or network (per connection) filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// `filterType: http`: decides each request.
+    Http,
+    /// `filterType: network`: decides each connection (port only).
+    Network,
+}
+
+impl Kind {
+    /// Both kinds.
+    pub const ALL: [Kind; 2] = [Kind::Http, Kind::Network];
+
+    /// Report label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Http => "per request (HTTP)",
+            Kind::Network => "per connection (network)",
+        }
+    }
+}
+
+/// A policy of exactly `rules` rules (≥ 1) mixing exact, prefix and suffix
+/// principals, namespaces, DENY rules, paths/methods (HTTP) or ports
+/// (network) and `when` conditions; the bench peer matches only the last
+/// rule — the worst case for a linear scan, the common case for an index.
+pub fn policy_json(rules: usize, kind: Kind) -> String {
+    let others = rules.saturating_sub(1);
+    let mut list = Vec::with_capacity(rules);
+    for i in 0..others {
+        let to_req = match kind {
+            Kind::Http => r#"[{"paths":["/v1/*"],"methods":["GET","POST"]}]"#.to_string(),
+            Kind::Network => format!(r#"[{{"ports":["{}"]}}]"#, 10_000 + i % 50_000),
+        };
+        let rule = match i % 5 {
+            0 => format!(
+                r#"{{"name":"deny-{i}","action":"DENY","from":[{{"principals":["cluster.local/ns/legacy-{i}/*"]}}]}}"#
+            ),
+            1 => format!(
+                r#"{{"name":"suffix-{i}","action":"ALLOW","from":[{{"principals":["*/sa/batch-{i}"]}}],"to":{to_req}}}"#
+            ),
+            2 => format!(
+                r#"{{"name":"ns-{i}","action":"ALLOW","from":[{{"namespaces":["team-{i}"]}}]}}"#
+            ),
+            3 => format!(
+                r#"{{"name":"audit-{i}","action":"AUDIT","from":[{{"principals":["cluster.local/ns/audit-{i}/sa/web"]}}]}}"#
+            ),
+            _ => format!(
+                r#"{{"name":"allow-{i}","action":"ALLOW","from":[{{"principals":["cluster.local/ns/app-{i}/sa/web"]}}],"to":{to_req},"when":{{"maxCertAge":"24h"}}}}"#
+            ),
+        };
+        list.push(rule);
+    }
+    let target_to = match kind {
+        Kind::Http => r#"[{"paths":["/v1/*"]}]"#.to_string(),
+        Kind::Network => format!(r#"[{{"ports":["{PORT}"]}}]"#),
+    };
+    list.push(format!(
+        r#"{{"name":"target","action":"ALLOW","from":[{{"principals":["cluster.local/ns/shop/sa/web"]}}],"to":{target_to}}}"#
+    ));
+    let filter_type = match kind {
+        Kind::Http => "http",
+        Kind::Network => "network",
+    };
+    format!(
+        r#"{{"filterType":"{filter_type}","rules":[{}]}}"#,
+        list.join(",")
+    )
+}
+
+/// How long to sample.
+#[derive(Debug, Clone, Copy)]
+pub struct Sampling {
+    /// Number of timed batches.
+    pub samples: usize,
+    /// Target wall time of one batch (its iteration count is calibrated).
+    pub batch: Duration,
+}
+
+/// Time `f` in calibrated batches; returns per-iteration nanoseconds
+/// (each sample is one batch's mean).
+pub fn time_per_iteration(
+    sampling: Sampling,
+    mut f: impl FnMut() -> bool,
+) -> anyhow::Result<Summary> {
+    // Calibrate: double the batch until it takes at least `batch`/4.
+    let mut iters: u64 = 1;
+    loop {
+        let t = Instant::now();
+        for _ in 0..iters {
+            black_box(f());
+        }
+        let took = t.elapsed();
+        if took >= sampling.batch / 4 || iters >= 1 << 24 {
+            let per = took.as_secs_f64() / iters as f64;
+            iters = ((sampling.batch.as_secs_f64() / per.max(1e-12)) as u64).max(1);
+            break;
+        }
+        iters *= 2;
+    }
+    let mut samples = Vec::with_capacity(sampling.samples);
+    for _ in 0..sampling.samples.max(1) {
+        let t = Instant::now();
+        for _ in 0..iters {
+            black_box(f());
+        }
+        samples.push(t.elapsed().as_secs_f64() * 1e9 / iters as f64);
+    }
+    Summary::of(&mut samples).context("no samples")
+}
+
+/// Native cost at one rule count.
+#[derive(Debug, Clone, Serialize)]
+pub struct NativeCost {
+    /// Rules in the policy.
+    pub rules: usize,
+    /// HTTP or network.
+    pub kind: Kind,
+    /// Compiled policy, ns per decision.
+    pub compiled_ns: Summary,
+    /// Linear reference scan, ns per decision.
+    pub linear_ns: Summary,
+    /// Policy compile time (ms), once per configure.
+    pub compile_ms: f64,
+}
+
+fn request(kind: Kind) -> Request<'static> {
+    match kind {
+        Kind::Http => Request::http(Some(AUTHORITY), Some(METHOD), Some(PATH), Some(PORT)),
+        Kind::Network => Request::tcp(Some(PORT)),
+    }
+}
+
+/// Measure native decisions for `rules` rules of `kind`.
+pub fn native(rules: usize, kind: Kind, sampling: Sampling) -> anyhow::Result<NativeCost> {
+    let json = policy_json(rules, kind);
+    let config = Config::from_json(json.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t = Instant::now();
+    let policy = Policy::compile(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    ensure!(
+        policy.rule_count() == rules,
+        "{} rules compiled, wanted {rules}",
+        policy.rule_count()
+    );
+
+    // Both must allow through the target rule, or we would time a shortcut.
+    let peer = Peer::from_connection(true, Some(PEER_URI), None);
+    let req = request(kind);
+    let d = policy.authorize(&peer, &req, NOW);
+    ensure!(
+        d.verdict == Verdict::Allow && d.rule == Some("target"),
+        "compiled policy decided {:?} by {:?}",
+        d.verdict,
+        d.rule
+    );
+    let r = reference::authorize(&config, &peer, &req, NOW);
+    ensure!(r == d, "reference {r:?} differs from compiled {d:?}");
+
+    let compiled_ns = time_per_iteration(sampling, || {
+        let peer = Peer::from_connection(true, Some(black_box(PEER_URI)), None);
+        let req = black_box(request(kind));
+        policy.authorize(&peer, &req, NOW).verdict == Verdict::Allow
+    })?;
+    let linear_ns = time_per_iteration(sampling, || {
+        let peer = Peer::from_connection(true, Some(black_box(PEER_URI)), None);
+        let req = black_box(request(kind));
+        reference::authorize(&config, &peer, &req, NOW).verdict == Verdict::Allow
+    })?;
+    Ok(NativeCost {
+        rules,
+        kind,
+        compiled_ns,
+        linear_ns,
+        compile_ms,
+    })
+}
+
+/// Cost in wasm at one rule count.
+#[derive(Debug, Clone, Serialize)]
+pub struct WasmCost {
+    /// Rules in the policy.
+    pub rules: usize,
+    /// HTTP or network.
+    pub kind: Kind,
+    /// ns per request / connection (whole stream lifecycle).
+    pub stream_ns: Summary,
+    /// Guest linear memory right after `proxy_on_configure` (bytes).
+    pub memory_after_configure: usize,
+    /// Instantiate + configure time (ms).
+    pub configure_ms: f64,
+}
+
+/// The size of the `.wasm` file.
+pub fn wasm_size(path: &Path) -> anyhow::Result<u64> {
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("reading {} (build it with scripts/wasm)", path.display()))?
+        .len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_policies_have_the_asked_rule_count_and_allow_only_by_the_last_rule() {
+        for kind in Kind::ALL {
+            for rules in [1, 10, 57] {
+                let json = policy_json(rules, kind);
+                let config = Config::from_json(json.as_bytes()).unwrap();
+                let policy = Policy::compile(&config).unwrap();
+                assert_eq!(policy.rule_count(), rules);
+                let peer = Peer::from_connection(true, Some(PEER_URI), None);
+                let d = policy.authorize(&peer, &request(kind), NOW);
+                assert_eq!((d.verdict, d.rule), (Verdict::Allow, Some("target")));
+                // Another identity is not allowed by any rule.
+                let other =
+                    Peer::from_connection(true, Some("spiffe://cluster.local/ns/x/sa/y"), None);
+                assert_eq!(
+                    policy.authorize(&other, &request(kind), NOW).verdict,
+                    Verdict::Deny
+                );
+            }
+        }
+    }
+}

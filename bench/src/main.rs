@@ -1,0 +1,444 @@
+//! `meshward-bench`: the benchmark harness behind `just bench` / `scripts/bench`.
+//!
+//! Timing loops use `std::time::Instant` here on purpose: this is a
+//! benchmark, never a test. See BENCHMARKS.md (generated) for the figures and
+//! ARCHITECTURE.md for the layout.
+
+mod bound;
+mod cli;
+mod config;
+mod filter_cost;
+mod load;
+mod report;
+mod signer_proc;
+mod stats;
+#[cfg(feature = "wasm")]
+mod wasm_cost;
+mod workload;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing::info;
+
+use crate::cli::{Cli, Command};
+use crate::config::BenchConfig;
+use crate::filter_cost::{Kind, Sampling};
+use crate::load::Backoff;
+use crate::report::{Machine, Results, SignerRow};
+use crate::signer_proc::{ChildSigner, SignerSetup};
+use crate::workload::{KeyType, Workload};
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshward-bench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    let config = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            BenchConfig::defaults_overridden_by(&text, &path.display().to_string())?
+        }
+        None => BenchConfig::defaults()?,
+    };
+    match cli.command {
+        Command::Config => {
+            print!("{}", toml::to_string(&config)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(args) => run(config, args),
+        Command::Load(args) => {
+            let mut config = config;
+            if let Some(w) = args.window {
+                config.signer.window = w;
+            }
+            let rt = runtime()?;
+            let rows = rt.block_on(signer_throughput(
+                &config,
+                args.key,
+                &args.concurrency,
+                !args.no_ledger,
+            ))?;
+            let bound = bound::measure(config.openssl.seconds).ok();
+            for row in &rows {
+                let ratio = bound.as_ref().map(|o| report::ratio_per_used_core(o, row));
+                println!(
+                    "{}",
+                    serde_json::json!({"key": row.key, "ledger": row.ledger, "run": row.run, "ratio_per_used_core": ratio})
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restart(args) => {
+            let mut config = config;
+            if let Some(n) = args.clients {
+                config.restart.clients = n;
+            }
+            let rt = runtime()?;
+            let r = rt.block_on(mass_restart(&config))?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Filter(args) => {
+            let mut config = config;
+            if !args.rules.is_empty() {
+                config.filter.rules = args.rules;
+            }
+            let (native, wasm, size, skipped) = filter_costs(&config, !args.native_only);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "native": native?, "wasm": wasm, "wasm_size": size, "skipped": skipped
+                }))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+fn work_dir(config: &BenchConfig) -> PathBuf {
+    config
+        .signer
+        .work_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+fn signer_binary(config: &BenchConfig) -> anyhow::Result<PathBuf> {
+    match &config.signer.binary {
+        Some(p) => Ok(p.clone()),
+        None => signer_proc::sibling_binary("meshward-signer").context(
+            "no meshward-signer next to meshward-bench: build it in the same target dir \
+             (`cargo build --release -p meshward-signer -p meshward-bench`) or set signer.binary",
+        ),
+    }
+}
+
+fn prepare(kind: KeyType, count: usize, config: &BenchConfig) -> anyhow::Result<Vec<Workload>> {
+    let t = std::time::Instant::now();
+    let w = workload::generate(kind, count, config.signer.rsa_keys)?;
+    info!(key = kind.label(), count, took = ?t.elapsed(), "prepared keys and CSRs");
+    Ok(w)
+}
+
+async fn signer_throughput(
+    config: &BenchConfig,
+    key: KeyType,
+    concurrency: &[usize],
+    ledger: bool,
+) -> anyhow::Result<Vec<SignerRow>> {
+    let max = concurrency.iter().copied().max().unwrap_or(1);
+    let workloads = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || prepare(key, max, &config)).await??
+    };
+    let setup = SignerSetup {
+        binary: signer_binary(config)?,
+        ca_key: key.ca_key(),
+        max_concurrent_requests: config.signer.max_concurrent_requests.max(max),
+        ledger,
+        work_dir: work_dir(config),
+    };
+    let signer = tokio::task::spawn_blocking(move || ChildSigner::start(&setup)).await??;
+    info!(pid = signer.pid(), addr = %signer.grpc_addr, key = key.label(), ledger, "signer started");
+    let mut rows = Vec::new();
+    for &c in concurrency {
+        let run = load::throughput(
+            &signer,
+            &workloads,
+            c,
+            config.signer.warmup,
+            config.signer.window,
+        )
+        .await
+        .with_context(|| format!("{} at {c} clients", key.label()))?;
+        info!(
+            key = key.label(),
+            clients = c,
+            certs_per_s = format!("{:.0}", run.certs_per_s),
+            p50_ms = run.latency_ms.map(|s| format!("{:.2}", s.p50)),
+            p99_ms = run.latency_ms.map(|s| format!("{:.2}", s.p99)),
+            signer_cores = format!("{:.2}", run.signer_cores),
+            errors = run.errors,
+            "throughput"
+        );
+        rows.push(SignerRow { key, ledger, run });
+    }
+    Ok(rows)
+}
+
+async fn mass_restart(config: &BenchConfig) -> anyhow::Result<load::Restart> {
+    let r = &config.restart;
+    let workloads = {
+        let config = config.clone();
+        let (kind, n) = (r.key_type, r.clients);
+        tokio::task::spawn_blocking(move || prepare(kind, n, &config)).await??
+    };
+    let setup = SignerSetup {
+        binary: signer_binary(config)?,
+        ca_key: r.key_type.ca_key(),
+        max_concurrent_requests: r.max_concurrent_requests,
+        ledger: config.signer.ledger,
+        work_dir: work_dir(config),
+    };
+    let signer = tokio::task::spawn_blocking(move || ChildSigner::start(&setup)).await??;
+    let backoff = Backoff {
+        initial: r.backoff_initial,
+        max: r.backoff_max,
+        multiplier: r.backoff_multiplier,
+    };
+    let result = load::mass_restart(
+        &signer,
+        &workloads,
+        r.max_concurrent_requests,
+        backoff,
+        r.deadline,
+    )
+    .await?;
+    info!(
+        clients = result.clients,
+        succeeded = result.succeeded,
+        all_done_s = ?result.all_done_s,
+        exhausted = result.exhausted_responses,
+        "mass restart"
+    );
+    Ok(result)
+}
+
+fn wasm_path(config: &BenchConfig) -> PathBuf {
+    config
+        .filter
+        .wasm
+        .clone()
+        .unwrap_or_else(|| match std::env::var_os("MESHWARD_FILTER_WASM") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+                .join("meshward_filter.wasm"),
+        })
+}
+
+type FilterCosts = (
+    anyhow::Result<Vec<filter_cost::NativeCost>>,
+    Vec<filter_cost::WasmCost>,
+    Option<u64>,
+    Vec<String>,
+);
+
+fn filter_costs(config: &BenchConfig, with_wasm: bool) -> FilterCosts {
+    let sampling = Sampling {
+        samples: config.filter.samples,
+        batch: config.filter.batch,
+    };
+    let mut skipped = Vec::new();
+    let mut native = Vec::new();
+    for kind in Kind::ALL {
+        for &rules in &config.filter.rules {
+            match filter_cost::native(rules, kind, sampling) {
+                Ok(n) => {
+                    info!(
+                        ?kind,
+                        rules,
+                        p50_ns = format!("{:.0}", n.compiled_ns.p50),
+                        linear_p50_ns = format!("{:.0}", n.linear_ns.p50),
+                        "native decision"
+                    );
+                    native.push(n);
+                }
+                Err(e) => {
+                    return (
+                        Err(e.context(format!("native {kind:?} at {rules} rules"))),
+                        Vec::new(),
+                        None,
+                        skipped,
+                    );
+                }
+            }
+        }
+    }
+    let path = wasm_path(config);
+    let size = match filter_cost::wasm_size(&path) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            skipped.push(format!("wasm: {e:#}"));
+            None
+        }
+    };
+    let wasm = if with_wasm && size.is_some() {
+        wasm_costs(config, &path, sampling, &mut skipped)
+    } else {
+        Vec::new()
+    };
+    (Ok(native), wasm, size, skipped)
+}
+
+#[cfg(feature = "wasm")]
+fn wasm_costs(
+    config: &BenchConfig,
+    path: &Path,
+    sampling: Sampling,
+    skipped: &mut Vec<String>,
+) -> Vec<filter_cost::WasmCost> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => {
+            skipped.push(format!("wasm: reading {}: {e}", path.display()));
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for kind in Kind::ALL {
+        for &rules in &config.filter.rules {
+            match wasm_cost::measure(&bytes, rules, kind, sampling) {
+                Ok(w) => {
+                    info!(
+                        ?kind,
+                        rules,
+                        p50_ns = format!("{:.0}", w.stream_ns.p50),
+                        memory = w.memory_after_configure,
+                        "wasm decision"
+                    );
+                    out.push(w);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "wasm measurement failed");
+                    skipped.push(format!("wasm {kind:?} at {rules} rules: {e:#}"));
+                    return out;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(not(feature = "wasm"))]
+fn wasm_costs(
+    _config: &BenchConfig,
+    _path: &Path,
+    _sampling: Sampling,
+    skipped: &mut Vec<String>,
+) -> Vec<filter_cost::WasmCost> {
+    skipped.push("wasm: meshward-bench was built without its `wasm` feature".to_string());
+    Vec::new()
+}
+
+fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
+    let config = if args.check { config.quick() } else { config };
+    let machine = Machine::describe(signer_proc::filesystem_type(&work_dir(&config)));
+    info!(cores = machine.cores, cpu = %machine.cpu_model, loadavg = %machine.loadavg_start, "starting");
+    let mut skipped = Vec::new();
+
+    info!("openssl speed");
+    let openssl = match bound::measure(config.openssl.seconds) {
+        Ok(o) => Some(o),
+        Err(e) => {
+            skipped.push(format!("openssl speed: {e:#}"));
+            None
+        }
+    };
+
+    info!("filter decision cost");
+    let (native, wasm, wasm_size, filter_skipped) = filter_costs(&config, true);
+    let native = native?;
+    skipped.extend(filter_skipped);
+
+    let rt = runtime()?;
+    let mut signer = Vec::new();
+    for &key in &config.signer.key_types {
+        info!(key = key.label(), "signer throughput");
+        signer.extend(rt.block_on(signer_throughput(
+            &config,
+            key,
+            &config.signer.concurrency,
+            config.signer.ledger,
+        ))?);
+    }
+    if config.signer.no_ledger_concurrency > 0 && config.signer.ledger {
+        info!("signer throughput without the ledger");
+        signer.extend(rt.block_on(signer_throughput(
+            &config,
+            KeyType::P256,
+            &[config.signer.no_ledger_concurrency],
+            false,
+        ))?);
+    }
+    let restart = if config.restart.enabled {
+        info!(clients = config.restart.clients, "mass restart");
+        Some(rt.block_on(mass_restart(&config))?)
+    } else {
+        None
+    };
+    drop(rt);
+
+    let mut machine = machine;
+    machine.loadavg_end = report::loadavg();
+    let results = Results {
+        mode: if args.check { "check" } else { "full" },
+        machine,
+        openssl,
+        signer,
+        signer_max_concurrent_requests: config.signer.max_concurrent_requests,
+        restart,
+        native,
+        wasm,
+        wasm_size,
+        skipped,
+    };
+    let checks = report::checks(&results, &config.targets);
+    let output = match (&args.output, args.check) {
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => Some(PathBuf::from("BENCHMARKS.md")),
+        (None, true) => None,
+    };
+    if let Some(path) = output {
+        std::fs::write(&path, report::markdown(&results, &config, &checks))
+            .with_context(|| format!("writing {}", path.display()))?;
+        info!(path = %path.display(), "report written");
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({"results": results, "checks": checks});
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut failed = 0;
+    for c in &checks {
+        let mark = if c.ok { "ok  " } else { "MISS" };
+        println!("{mark} {}: {} (target {})", c.name, c.value, c.target);
+        if !c.ok {
+            failed += 1;
+        }
+    }
+    for s in &results.skipped {
+        println!("note: not measured: {s}");
+    }
+    if args.check && failed > 0 {
+        println!("{failed} target(s) missed");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}

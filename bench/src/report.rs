@@ -1,0 +1,707 @@
+//! Everything one run measured, the target checks, and BENCHMARKS.md.
+
+use std::fmt::Write as _;
+use std::process::Command;
+
+use serde::Serialize;
+
+use crate::bound::{OpensslSpeed, Rates};
+use crate::config::{BenchConfig, Targets};
+use crate::filter_cost::{Kind, NativeCost, WasmCost};
+use crate::load::{Restart, Throughput};
+use crate::stats::Summary;
+use crate::workload::KeyType;
+
+/// The machine and the source the figures come from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// Logical cores this process may use.
+    pub cores: usize,
+    /// `model name` from /proc/cpuinfo.
+    pub cpu_model: String,
+    /// `uname -sr`.
+    pub kernel: String,
+    /// `rustc -V`.
+    pub rustc: String,
+    /// UTC, RFC 3339.
+    pub date: String,
+    /// `git rev-parse HEAD` (+ note when the tree has uncommitted changes).
+    pub commit: String,
+    /// /proc/loadavg when the run started.
+    pub loadavg_start: String,
+    /// /proc/loadavg when it ended.
+    pub loadavg_end: String,
+    /// File system of the signer's data dir (the ledger fsyncs there).
+    pub data_fs: String,
+}
+
+fn cmd(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// /proc/loadavg's first three fields.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+impl Machine {
+    /// Describe this machine now.
+    pub fn describe(data_fs: String) -> Self {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".to_string());
+        let commit = match cmd("git", &["rev-parse", "--short=12", "HEAD"]) {
+            Some(c) => {
+                let dirty = cmd("git", &["status", "--porcelain", "--untracked-files=no"])
+                    .is_some_and(|s| !s.is_empty());
+                if dirty {
+                    format!("{c} (with uncommitted changes in the working tree)")
+                } else {
+                    c
+                }
+            }
+            None => "unknown".to_string(),
+        };
+        let date = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| "unknown".to_string());
+        Self {
+            cores,
+            cpu_model,
+            kernel: cmd("uname", &["-sr"]).unwrap_or_else(|| "unknown".to_string()),
+            rustc: cmd("rustc", &["-V"]).unwrap_or_else(|| "unknown".to_string()),
+            date,
+            commit,
+            loadavg_start: loadavg(),
+            loadavg_end: String::new(),
+            data_fs,
+        }
+    }
+}
+
+/// One signer throughput row.
+#[derive(Debug, Clone, Serialize)]
+pub struct SignerRow {
+    /// CSR and CA key type.
+    pub key: KeyType,
+    /// Ledger on?
+    pub ledger: bool,
+    /// The measurement.
+    pub run: Throughput,
+}
+
+/// All results of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    /// `full` or `check`.
+    pub mode: &'static str,
+    /// Where and when.
+    pub machine: Machine,
+    /// `openssl speed`.
+    pub openssl: Option<OpensslSpeed>,
+    /// Throughput rows.
+    pub signer: Vec<SignerRow>,
+    /// Throughput runs' `max_concurrent_requests`.
+    pub signer_max_concurrent_requests: usize,
+    /// Mass restart.
+    pub restart: Option<Restart>,
+    /// Native filter cost.
+    pub native: Vec<NativeCost>,
+    /// Wasm filter cost.
+    pub wasm: Vec<WasmCost>,
+    /// Size of the `.wasm` (bytes).
+    pub wasm_size: Option<u64>,
+    /// Why a part did not run, if one did not.
+    pub skipped: Vec<String>,
+}
+
+/// One target check.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// What is checked.
+    pub name: String,
+    /// Measured value, formatted.
+    pub value: String,
+    /// The target, formatted.
+    pub target: String,
+    /// Met?
+    pub ok: bool,
+}
+
+/// Bound per core for issuing one certificate of `key`: one CSR-signature
+/// verify + one certificate signature.
+pub fn bound_per_core(openssl: &OpensslSpeed, key: KeyType) -> f64 {
+    rates(openssl, key).verify_and_sign_per_s()
+}
+
+/// The same bound plus the ES256 service-account token verify the signer
+/// also does per request.
+pub fn bound_per_core_with_jwt(openssl: &OpensslSpeed, key: KeyType) -> f64 {
+    let r = rates(openssl, key);
+    1.0 / (1.0 / r.sign_per_s + 1.0 / r.verify_per_s + 1.0 / openssl.p256.verify_per_s)
+}
+
+fn rates(openssl: &OpensslSpeed, key: KeyType) -> Rates {
+    match key {
+        KeyType::P256 => openssl.p256,
+        KeyType::Rsa2048 => openssl.rsa2048,
+    }
+}
+
+/// Signer certs per signer-CPU-second over the bound per core: the bound
+/// scaled by the cores the signer actually used in the window.
+pub fn ratio_per_used_core(openssl: &OpensslSpeed, row: &SignerRow) -> f64 {
+    row.run.certs_per_signer_cpu_s / bound_per_core(openssl, row.key)
+}
+
+/// Signer certs/s over the bound times every core of the machine.
+pub fn ratio_machine(openssl: &OpensslSpeed, row: &SignerRow, cores: usize) -> f64 {
+    row.run.certs_per_s / (bound_per_core(openssl, row.key) * cores as f64)
+}
+
+fn find_native(r: &Results, kind: Kind, rules: usize) -> Option<&NativeCost> {
+    r.native.iter().find(|n| n.kind == kind && n.rules == rules)
+}
+
+fn find_wasm(r: &Results, kind: Kind, rules: usize) -> Option<&WasmCost> {
+    r.wasm.iter().find(|n| n.kind == kind && n.rules == rules)
+}
+
+/// The issue's targets, on what was measured. A target whose inputs were not
+/// measured is a failed check (the check says so).
+pub fn checks(r: &Results, t: &Targets) -> Vec<Check> {
+    let mut out = Vec::new();
+    let missing = |name: String, target: String| Check {
+        name,
+        value: "not measured".to_string(),
+        target,
+        ok: false,
+    };
+
+    // Signer / bound, P-256, ledger on (the shipped configuration).
+    let name = "signer / bound, P-256 (best concurrency, per core used)".to_string();
+    let target = format!("≥ {:.2}", t.p256_ratio);
+    match &r.openssl {
+        Some(o) => {
+            let best = r
+                .signer
+                .iter()
+                .filter(|row| row.key == KeyType::P256 && row.ledger)
+                .map(|row| (ratio_per_used_core(o, row), row.run.concurrency))
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            match best {
+                Some((ratio, c)) => out.push(Check {
+                    name,
+                    value: format!("{ratio:.3} (at {c} clients)"),
+                    target,
+                    ok: ratio >= t.p256_ratio,
+                }),
+                None => out.push(missing(name, target)),
+            }
+        }
+        None => out.push(missing(name, target)),
+    }
+
+    for kind in Kind::ALL {
+        let tag = match kind {
+            Kind::Http => "HTTP",
+            Kind::Network => "network",
+        };
+        let name = format!("wasm median at {} rules, {tag}", t.flat_from);
+        let target = format!("< {:.2} µs", t.wasm_median_us);
+        match find_wasm(r, kind, t.flat_from) {
+            Some(w) => out.push(Check {
+                name,
+                value: format!("{:.3} µs", w.stream_ns.p50 / 1e3),
+                target,
+                ok: w.stream_ns.p50 / 1e3 < t.wasm_median_us,
+            }),
+            None => out.push(missing(name, target)),
+        }
+
+        let name = format!("wasm / native at {} rules, {tag}", t.flat_from);
+        let target = format!("≤ {:.1}×", t.wasm_over_native);
+        match (
+            find_wasm(r, kind, t.flat_from),
+            find_native(r, kind, t.flat_from),
+        ) {
+            (Some(w), Some(n)) => {
+                let ratio = w.stream_ns.p50 / n.compiled_ns.p50;
+                out.push(Check {
+                    name,
+                    value: format!("{ratio:.1}×"),
+                    target,
+                    ok: ratio <= t.wasm_over_native,
+                })
+            }
+            _ => out.push(missing(name, target)),
+        }
+
+        for (what, lo, hi) in [
+            (
+                "native",
+                find_native(r, kind, t.flat_from).map(|n| n.compiled_ns.p50),
+                find_native(r, kind, t.flat_to).map(|n| n.compiled_ns.p50),
+            ),
+            (
+                "wasm",
+                find_wasm(r, kind, t.flat_from).map(|w| w.stream_ns.p50),
+                find_wasm(r, kind, t.flat_to).map(|w| w.stream_ns.p50),
+            ),
+        ] {
+            let name = format!(
+                "{what} flat {}→{} rules, {tag} (median ratio)",
+                t.flat_from, t.flat_to
+            );
+            let target = format!("≤ {:.2}×", t.flat_ratio);
+            match (lo, hi) {
+                (Some(lo), Some(hi)) => out.push(Check {
+                    name,
+                    value: format!("{:.2}×", hi / lo),
+                    target,
+                    ok: hi / lo <= t.flat_ratio,
+                }),
+                _ => out.push(missing(name, target)),
+            }
+        }
+    }
+
+    let name = ".wasm size".to_string();
+    let target = format!("≤ {} KiB", t.wasm_kib);
+    match r.wasm_size {
+        Some(size) => out.push(Check {
+            name,
+            value: format!("{:.1} KiB", size as f64 / 1024.0),
+            target,
+            ok: size <= t.wasm_kib * 1024,
+        }),
+        None => out.push(missing(name, target)),
+    }
+    out
+}
+
+fn ms(s: &Option<Summary>, f: impl Fn(&Summary) -> f64) -> String {
+    s.as_ref()
+        .map_or("–".to_string(), |s| format!("{:.2}", f(s)))
+}
+
+fn ns(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.1} µs", v / 1e3)
+    } else {
+        format!("{v:.0} ns")
+    }
+}
+
+/// BENCHMARKS.md.
+pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
+    let mut s = String::new();
+    let m = &r.machine;
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ = writeln!(
+        s,
+        "Generated by `scripts/bench` (`meshward-bench run`); do not edit by hand — run `just bench` again.\n"
+    );
+    let _ = writeln!(s, "| | |\n| --- | --- |");
+    let _ = writeln!(s, "| date (UTC) | {} |", m.date);
+    let _ = writeln!(s, "| commit | {} |", m.commit);
+    let _ = writeln!(s, "| cores | {} |", m.cores);
+    let _ = writeln!(s, "| CPU | {} |", m.cpu_model);
+    let _ = writeln!(s, "| kernel | {} |", m.kernel);
+    let _ = writeln!(s, "| rustc | {} (release profile, thin LTO) |", m.rustc);
+    let _ = writeln!(
+        s,
+        "| load average (1/5/15 min) | {} at start, {} at end |",
+        m.loadavg_start, m.loadavg_end
+    );
+    let _ = writeln!(s, "| signer data dir file system | {} |", m.data_fs);
+    if let Some(o) = &r.openssl {
+        let _ = writeln!(s, "| openssl | {} |", o.version);
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "The machine is shared (other processes were running: see the load average), so \
+         wall-clock rates are lower bounds. CPU-time figures (`openssl speed` rates, \
+         certificates per signer CPU-second) are much less affected.\n"
+    );
+
+    let _ = writeln!(s, "## Targets\n");
+    let _ = writeln!(
+        s,
+        "| target | measured | wanted | met |\n| --- | --- | --- | --- |"
+    );
+    for c in checks {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            c.name,
+            c.value,
+            c.target,
+            if c.ok { "yes" } else { "**no**" }
+        );
+    }
+    let _ = writeln!(s);
+    for k in &r.skipped {
+        let _ = writeln!(s, "- not measured: {k}");
+    }
+    if !r.skipped.is_empty() {
+        let _ = writeln!(s);
+    }
+
+    // 1. Signer.
+    let _ = writeln!(s, "## 1. Signer throughput\n");
+    let _ = writeln!(
+        s,
+        "The release `meshward-signer` binary runs as a **child process** (its own tokio \
+         runtime and CPU accounting, read from `/proc/<pid>/stat`) on 127.0.0.1 with a \
+         fresh built-in CA whose key type is the CSRs' key type, JSON logs at `info`, \
+         and `server.max_concurrent_requests = {}` so no request is refused. \
+         The load generator (`meshward-bench load`, same machine, same {} cores) opens one TLS \
+         connection per client, like one istio-agent each, and sends `CreateCertificate` in a \
+         closed loop with a service-account JWT (ES256) and a CSR made before the clock \
+         starts. Each figure covers a {} window after a {} warm-up; latency is per request, \
+         as the client sees it. Per request the signer verifies the JWT and the CSR \
+         signature, checks the CSR, signs the leaf, records it in the SQLite ledger \
+         (`synchronous=FULL`, one commit per certificate, when the ledger is on) and logs it.\n",
+        r.signer_max_concurrent_requests,
+        m.cores,
+        humantime::format_duration(config.signer.window),
+        humantime::format_duration(config.signer.warmup),
+    );
+    if let Some(o) = &r.openssl {
+        let _ = writeln!(
+            s,
+            "**Bound** (`openssl speed -seconds {}`, per core, CPU time): P-256 sign {:.0}/s, \
+             verify {:.0}/s → one CSR verify + one certificate sign = **{:.0}/s per core**; \
+             RSA-2048 sign {:.0}/s, verify {:.0}/s → **{:.0}/s per core**. Adding the ES256 \
+             token verify the signer also does: P-256 {:.0}/s, RSA-2048 {:.0}/s per core.\n",
+            o.seconds,
+            o.p256.sign_per_s,
+            o.p256.verify_per_s,
+            bound_per_core(o, KeyType::P256),
+            o.rsa2048.sign_per_s,
+            o.rsa2048.verify_per_s,
+            bound_per_core(o, KeyType::Rsa2048),
+            bound_per_core_with_jwt(o, KeyType::P256),
+            bound_per_core_with_jwt(o, KeyType::Rsa2048),
+        );
+        let _ = writeln!(
+            s,
+            "**Ratio.** The signer and the load generator share {} cores (and the machine \
+             with other work), so the bound is scaled by the cores the signer *actually \
+             used* during the window (its CPU-seconds per second): ratio = certificates per \
+             signer CPU-second ÷ bound per core. This is the issuance efficiency against \
+             raw crypto; 1.0 would mean TLS, HTTP/2, protobuf, JWT, CSR parsing, X.509 \
+             building, the ledger and logging cost nothing. The machine ratio divides \
+             wall-clock certs/s by the bound × all {} cores.\n",
+            m.cores, m.cores
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| key | ledger | clients | certs/s | p50 ms | p99 ms | signer cores | loadgen cores | certs / signer CPU-s | ratio (per used core) | ratio (whole machine) | RESOURCE_EXHAUSTED | errors |"
+    );
+    let _ = writeln!(
+        s,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for row in &r.signer {
+        let t = &row.run;
+        let (rc, rm) = match &r.openssl {
+            Some(o) => (
+                format!("{:.3}", ratio_per_used_core(o, row)),
+                format!("{:.3}", ratio_machine(o, row, m.cores)),
+            ),
+            None => ("–".to_string(), "–".to_string()),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} |",
+            row.key.label(),
+            if row.ledger { "on" } else { "off" },
+            t.concurrency,
+            t.certs_per_s,
+            ms(&t.latency_ms, |s| s.p50),
+            ms(&t.latency_ms, |s| s.p99),
+            t.signer_cores,
+            t.loadgen_cores,
+            t.certs_per_signer_cpu_s,
+            rc,
+            rm,
+            t.resource_exhausted,
+            t.errors,
+        );
+    }
+    for row in &r.signer {
+        if let Some(e) = &row.run.first_error {
+            let _ = writeln!(
+                s,
+                "\nFirst error ({} at {} clients): `{e}`",
+                row.key.label(),
+                row.run.concurrency
+            );
+        }
+    }
+    let _ = writeln!(s);
+
+    // 2. Restart.
+    let _ = writeln!(s, "## 2. Mass restart\n");
+    match &r.restart {
+        Some(x) => {
+            let _ = writeln!(
+                s,
+                "{} clients ({} CSRs, one TLS connection each, made at the start like a \
+                 restarted agent) start at the same instant against a fresh signer with the \
+                 default `server.max_concurrent_requests = {}`. A client answered \
+                 `RESOURCE_EXHAUSTED` (or failing to connect) waits an exponential backoff \
+                 with jitter — attempt k waits uniformly in [d/2, d], d = min({:.0} ms · {}^k, {:.0} ms), \
+                 in the spirit of istio-agent's jittered exponential backoff — and tries again.\n",
+                x.clients,
+                config.restart.key_type.label(),
+                x.max_concurrent_requests,
+                x.backoff.initial.as_secs_f64() * 1e3,
+                x.backoff.multiplier,
+                x.backoff.max.as_secs_f64() * 1e3,
+            );
+            let _ = writeln!(s, "| | |\n| --- | ---: |");
+            let _ = writeln!(
+                s,
+                "| clients holding a certificate | {} / {} |",
+                x.succeeded, x.clients
+            );
+            let _ = writeln!(
+                s,
+                "| time until all hold one | {} |",
+                x.all_done_s
+                    .map_or("not all did".to_string(), |v| format!("{v:.2} s"))
+            );
+            let _ = writeln!(
+                s,
+                "| time to certificate p50 | {} ms |",
+                ms(&x.time_to_cert_ms, |s| s.p50)
+            );
+            let _ = writeln!(
+                s,
+                "| time to certificate p99 | {} ms |",
+                ms(&x.time_to_cert_ms, |s| s.p99)
+            );
+            let _ = writeln!(
+                s,
+                "| clients answered RESOURCE_EXHAUSTED at least once (and retried) | {} |",
+                x.clients_exhausted
+            );
+            let _ = writeln!(
+                s,
+                "| RESOURCE_EXHAUSTED answers in total | {} |",
+                x.exhausted_responses
+            );
+            let _ = writeln!(
+                s,
+                "| failed connection attempts (retried) | {} |",
+                x.connect_failures
+            );
+            let _ = writeln!(
+                s,
+                "| other failed requests (retried) | {} |",
+                x.other_failures
+            );
+            let _ = writeln!(
+                s,
+                "| signer CPU during the restart | {:.2} cores |",
+                x.signer_cores
+            );
+            if let Some(e) = &x.first_error {
+                let _ = writeln!(s, "\nFirst error: `{e}`");
+            }
+            let _ = writeln!(s);
+        }
+        None => {
+            let _ = writeln!(s, "Not run.\n");
+        }
+    }
+
+    // 3. Filter.
+    let _ = writeln!(s, "## 3. Filter decision cost\n");
+    let _ = writeln!(
+        s,
+        "Policies of N rules mixing exact / prefix / suffix principals, namespaces, DENY and \
+         AUDIT rules, paths and methods (HTTP) or ports (network) and `maxCertAge` \
+         conditions; the peer `{}` is allowed only by the **last** rule (worst case for a \
+         scan). Each figure is the median (and p99) over {} batches of ~{} each of the mean \
+         time per decision (`std::time::Instant` around the batch).\n\n\
+         - **native compiled**: per iteration, what the shim does per request natively — \
+         build the peer from the URI SAN (SPIFFE parsing) and the request view, then \
+         `Policy::authorize`.\n\
+         - **native linear**: the same with `meshward_filter::reference::authorize`, the \
+         naive scan of every rule and every principal (how Envoy's RBAC filter matches \
+         principals) — the baseline.\n\
+         - **wasm**: the release `.wasm` in the e2e proxy-wasm host (wasmtime, Cranelift): \
+         a whole stream per iteration — context create, `proxy_on_request_headers` (or \
+         `proxy_on_new_connection`) with the plugin's property and header reads through the \
+         ABI, metrics, then `proxy_on_done` / `proxy_on_log` / `proxy_on_delete`. It \
+         includes the host's own bookkeeping (copying headers and properties into the \
+         context), which a real proxy pays differently.\n",
+        crate::filter_cost::PEER_URI,
+        config.filter.samples,
+        humantime::format_duration(config.filter.batch),
+    );
+    let _ = writeln!(
+        s,
+        "| decision | rules | native compiled p50 | p99 | native linear p50 | linear / compiled | wasm p50 | wasm p99 | wasm / native |"
+    );
+    let _ = writeln!(
+        s,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for kind in Kind::ALL {
+        for n in r.native.iter().filter(|n| n.kind == kind) {
+            let w = find_wasm(r, kind, n.rules);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {:.1}× | {} | {} | {} |",
+                kind.label(),
+                n.rules,
+                ns(n.compiled_ns.p50),
+                ns(n.compiled_ns.p99),
+                ns(n.linear_ns.p50),
+                n.linear_ns.p50 / n.compiled_ns.p50,
+                w.map_or("–".to_string(), |w| ns(w.stream_ns.p50)),
+                w.map_or("–".to_string(), |w| ns(w.stream_ns.p99)),
+                w.map_or("–".to_string(), |w| format!(
+                    "{:.1}×",
+                    w.stream_ns.p50 / n.compiled_ns.p50
+                )),
+            );
+        }
+    }
+    let _ = writeln!(s);
+
+    // 4. Size and memory.
+    let _ = writeln!(s, "## 4. Plugin size and memory\n");
+    match r.wasm_size {
+        Some(b) => {
+            let _ = writeln!(
+                s,
+                "`target/meshward_filter.wasm` (`scripts/wasm`: `--profile wasm`, wasm-opt when installed): **{b} bytes ({:.1} KiB)**.\n",
+                b as f64 / 1024.0
+            );
+        }
+        None => {
+            let _ = writeln!(s, "The `.wasm` was not found.\n");
+        }
+    }
+    if !r.wasm.is_empty() {
+        let _ = writeln!(
+            s,
+            "| filter | rules | guest linear memory after configure | instantiate + configure | native compile |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: |");
+        for w in &r.wasm {
+            let compile = find_native(r, w.kind, w.rules)
+                .map_or("–".to_string(), |n| format!("{:.2} ms", n.compile_ms));
+            let _ = writeln!(
+                s,
+                "| {:?} | {} | {:.1} MiB ({} pages) | {:.1} ms | {} |",
+                w.kind,
+                w.rules,
+                w.memory_after_configure as f64 / (1024.0 * 1024.0),
+                w.memory_after_configure / 65_536,
+                w.configure_ms,
+                compile,
+            );
+        }
+        let _ = writeln!(s);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::Throughput;
+
+    fn openssl() -> OpensslSpeed {
+        OpensslSpeed {
+            version: "test".to_string(),
+            seconds: 1,
+            p256: Rates {
+                sign_per_s: 30_000.0,
+                verify_per_s: 15_000.0,
+            },
+            rsa2048: Rates {
+                sign_per_s: 2_000.0,
+                verify_per_s: 60_000.0,
+            },
+        }
+    }
+
+    fn row(certs_per_s: f64, signer_cores: f64) -> SignerRow {
+        SignerRow {
+            key: KeyType::P256,
+            ledger: true,
+            run: Throughput {
+                concurrency: 64,
+                issued: 0,
+                window_s: 1.0,
+                certs_per_s,
+                latency_ms: None,
+                signer_cores,
+                loadgen_cores: 0.0,
+                certs_per_signer_cpu_s: certs_per_s / signer_cores,
+                resource_exhausted: 0,
+                errors: 0,
+                first_error: None,
+            },
+        }
+    }
+
+    #[test]
+    fn ratio_scales_the_bound_by_the_cores_the_signer_used() {
+        // Bound: 1/(1/30000 + 1/15000) = 10 000 per core.
+        let o = openssl();
+        assert!((bound_per_core(&o, KeyType::P256) - 10_000.0).abs() < 1e-6);
+        // 8 000 certs/s on 1.0 core = 0.8; on 2 cores (of 2) = 0.4 either way.
+        assert!((ratio_per_used_core(&o, &row(8_000.0, 1.0)) - 0.8).abs() < 1e-9);
+        assert!((ratio_per_used_core(&o, &row(8_000.0, 2.0)) - 0.4).abs() < 1e-9);
+        assert!((ratio_machine(&o, &row(8_000.0, 1.0), 2) - 0.4).abs() < 1e-9);
+    }
+
+    #[test]
+    fn unmeasured_targets_fail_their_check() {
+        let results = Results {
+            mode: "check",
+            machine: Machine::describe("ext4".to_string()),
+            openssl: Some(openssl()),
+            signer: vec![row(9_000.0, 1.0)],
+            signer_max_concurrent_requests: 1024,
+            restart: None,
+            native: Vec::new(),
+            wasm: Vec::new(),
+            wasm_size: Some(300 * 1024),
+            skipped: Vec::new(),
+        };
+        let targets = BenchConfig::defaults().unwrap().targets;
+        let checks = checks(&results, &targets);
+        let by = |prefix: &str| checks.iter().find(|c| c.name.starts_with(prefix)).unwrap();
+        assert!(by("signer / bound").ok);
+        assert!(by(".wasm size").ok);
+        let wasm = by("wasm median");
+        assert!(!wasm.ok);
+        assert_eq!(wasm.value, "not measured");
+    }
+}

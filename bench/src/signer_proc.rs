@@ -1,0 +1,283 @@
+//! The signer under test: the release `meshward-signer` binary started as a
+//! child process (its own tokio runtime, its own CPU accounting), on
+//! 127.0.0.1 with a fresh built-in CA and a service-account token issuer
+//! whose public key it trusts.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use meshward_signer::authn::keys::JwtAlgorithm;
+use meshward_signer::client::token::TokenIssuer;
+use meshward_signer::config::Config;
+use meshward_signer::issuer::builtin::CaKeyAlgorithm;
+
+/// The `iss` of the bench's service-account tokens.
+pub const TOKEN_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// How to start the signer.
+#[derive(Debug, Clone)]
+pub struct SignerSetup {
+    /// The `meshward-signer` executable.
+    pub binary: PathBuf,
+    /// The CA's key type (matches the CSR key type under test).
+    pub ca_key: CaKeyAlgorithm,
+    /// `server.max_concurrent_requests`.
+    pub max_concurrent_requests: usize,
+    /// `ledger.enabled`.
+    pub ledger: bool,
+    /// Where the CA data dir, ledger and config go (a fresh temp dir inside).
+    pub work_dir: PathBuf,
+}
+
+/// A running child signer; killed (by its PID) when dropped.
+pub struct ChildSigner {
+    child: Child,
+    /// The CA API address.
+    pub grpc_addr: SocketAddr,
+    /// The CA's roots, to verify the serving certificate.
+    pub roots_pem: String,
+    /// Mints tokens the signer accepts.
+    pub tokens: TokenIssuer,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for ChildSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChildSigner")
+            .field("pid", &self.child.id())
+            .field("grpc_addr", &self.grpc_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChildSigner {
+    /// Write the config, start the binary, wait until it serves.
+    pub fn start(setup: &SignerSetup) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&setup.work_dir)
+            .with_context(|| format!("creating {}", setup.work_dir.display()))?;
+        let dir = tempfile::Builder::new()
+            .prefix("signer-")
+            .tempdir_in(&setup.work_dir)
+            .context("creating the signer's temp dir")?;
+        let tokens = TokenIssuer::generate(TOKEN_ISSUER, JwtAlgorithm::Es256)
+            .map_err(|e| anyhow::anyhow!("token issuer: {e}"))?;
+        let key_file = dir.path().join("sa-signing-key.pub");
+        tokens
+            .write_public_key_pem(&key_file)
+            .context("writing the token public key")?;
+
+        let mut config = Config::default();
+        config.server.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.server.admin_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.server.max_concurrent_requests = setup.max_concurrent_requests;
+        config.ca.data_dir = dir.path().join("ca");
+        config.ca.key_algorithm = setup.ca_key;
+        config.ledger.enabled = setup.ledger;
+        for j in &mut config.authn.jwt {
+            j.jwks_file = None;
+            j.public_key_file = Some(key_file.clone());
+        }
+        let config_file = dir.path().join("signer.toml");
+        std::fs::write(&config_file, config.to_toml()?).context("writing the signer config")?;
+
+        let mut child = Command::new(&setup.binary)
+            .args(["--log-format", "json", "serve", "--config"])
+            .arg(&config_file)
+            .env_remove("MESHWARD_GRPC_ADDR")
+            .env_remove("MESHWARD_ADMIN_ADDR")
+            .env_remove("MESHWARD_DATA_DIR")
+            .env_remove("MESHWARD_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", setup.binary.display()))?;
+        let (tx, rx) = mpsc::channel();
+        if let Some(out) = child.stdout.take() {
+            drain(out, tx.clone());
+        }
+        if let Some(err) = child.stderr.take() {
+            drain(err, tx);
+        }
+        let grpc_addr = match wait_for_serving(&rx, Duration::from_secs(120)) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
+        let roots_pem = std::fs::read_to_string(dir.path().join("ca").join("root-cert.pem"))
+            .context("reading the signer's root-cert.pem")?;
+        Ok(Self {
+            child,
+            grpc_addr,
+            roots_pem,
+            tokens,
+            _dir: dir,
+        })
+    }
+
+    /// The child's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time (user + system, all threads) the signer has used so far.
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        process_cpu_time(&format!("/proc/{}/stat", self.child.id()))
+    }
+}
+
+impl Drop for ChildSigner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Forward the child's output lines (stdout: JSON logs) to `tx` and keep the
+/// pipe drained so the child never blocks on a full pipe.
+fn drain(stream: impl std::io::Read + Send + 'static, tx: mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        let reader = BufReader::new(stream);
+        let mut forward = true;
+        for line in reader.lines() {
+            let Ok(line) = line else { break };
+            if forward && tx.send(line).is_err() {
+                forward = false;
+            }
+        }
+    });
+}
+
+fn wait_for_serving(rx: &mpsc::Receiver<String>, timeout: Duration) -> anyhow::Result<SocketAddr> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = match rx.recv_timeout(left) {
+            Ok(l) => l,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                bail!(
+                    "the signer did not report serving within {timeout:?}; last output:\n{}",
+                    last.join("\n")
+                )
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                bail!(
+                    "the signer exited before serving; output:\n{}",
+                    last.join("\n")
+                )
+            }
+        };
+        if let Some(addr) = serving_addr(&line) {
+            return Ok(addr);
+        }
+        last.push(line);
+        if last.len() > 20 {
+            last.remove(0);
+        }
+    }
+}
+
+/// The gRPC address from the signer's JSON "meshward-signer serving" log line.
+pub fn serving_addr(line: &str) -> Option<SocketAddr> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = v.get("fields")?;
+    if fields.get("message")?.as_str()? != "meshward-signer serving" {
+        return None;
+    }
+    fields.get("grpc_addr")?.as_str()?.parse().ok()
+}
+
+/// Kernel clock ticks per second (`getconf CLK_TCK`; 100 on Linux when unknown).
+pub fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of a process from its `/proc/<pid>/stat`.
+pub fn process_cpu_time(stat_path: &str) -> anyhow::Result<Duration> {
+    let text =
+        std::fs::read_to_string(stat_path).with_context(|| format!("reading {stat_path}"))?;
+    let ticks = parse_stat_ticks(&text).with_context(|| format!("parsing {stat_path}"))?;
+    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks()))
+}
+
+/// utime + stime (clock ticks) from the text of `/proc/<pid>/stat`. The
+/// command name may hold spaces and parentheses, so fields are counted from
+/// the last `)`.
+pub fn parse_stat_ticks(text: &str) -> anyhow::Result<u64> {
+    let after = text
+        .rfind(')')
+        .and_then(|i| text.get(i + 1..))
+        .context("no `)` after the command name")?;
+    // After the name: state(3) ppid(4) … utime(14) stime(15); index 0 = field 3.
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+/// The `meshward-signer` binary next to this one (same target dir).
+pub fn sibling_binary(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let p = exe.parent()?.join(name);
+    p.is_file().then_some(p)
+}
+
+/// The file system type of `path` (from `df -T`), for the report.
+pub fn filesystem_type(path: &Path) -> String {
+    Command::new("df")
+        .arg("-T")
+        .arg(path)
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .nth(1)
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_ticks_survive_a_command_name_with_spaces_and_parens() {
+        let text =
+            "1234 (tokio (rt) w) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 37 0 0 20 0 9 0 1 0 0";
+        assert_eq!(parse_stat_ticks(text).unwrap(), 287);
+        assert!(parse_stat_ticks("1234 (x) S 1").is_err());
+        assert!(parse_stat_ticks("no paren").is_err());
+    }
+
+    #[test]
+    fn serving_line_is_found_only_in_the_serving_message() {
+        let line = r#"{"timestamp":"t","level":"INFO","fields":{"message":"meshward-signer serving","grpc_addr":"127.0.0.1:4321","admin_addr":"127.0.0.1:1"}}"#;
+        assert_eq!(serving_addr(line), Some("127.0.0.1:4321".parse().unwrap()));
+        let other =
+            r#"{"fields":{"message":"created a new built-in CA","grpc_addr":"127.0.0.1:1"}}"#;
+        assert_eq!(serving_addr(other), None);
+        assert_eq!(serving_addr("not json"), None);
+    }
+}

@@ -1,0 +1,126 @@
+//! Filter decision cost inside wasm: the real `meshward_filter.wasm` in the
+//! e2e crate's proxy-wasm host on wasmtime (Cranelift). One iteration is a
+//! whole stream as a proxy drives it: context create → request headers (or
+//! new connection) → done / log / delete, with the host's property and
+//! header calls — everything the plugin costs per request or connection.
+
+use std::time::Instant;
+
+use anyhow::ensure;
+use meshward_e2e::host::{ConnOutcome, HttpOutcome, Plugin, Properties};
+
+use crate::filter_cost::{
+    AUTHORITY, Kind, METHOD, PATH, PEER_URI, PORT, Sampling, WasmCost, policy_json,
+    time_per_iteration,
+};
+
+fn properties() -> Properties {
+    let mut p = Properties::new();
+    p.set_int("connection.id", 1)
+        .set_str("source.address", "10.0.0.1:40000")
+        .set_int("source.port", 40_000)
+        .set_str("destination.address", format!("10.0.0.2:{PORT}"))
+        .set_int("destination.port", i64::from(PORT))
+        .set_bool("connection.mtls", true)
+        .set_str("connection.tls_version", "TLSv1.3")
+        .set_str("connection.uri_san_peer_certificate", PEER_URI);
+    p
+}
+
+fn headers() -> Vec<(String, String)> {
+    [
+        (":method", METHOD),
+        (":path", PATH),
+        (":authority", AUTHORITY),
+        (":scheme", "https"),
+        ("user-agent", "meshward-bench"),
+        ("accept", "*/*"),
+        ("x-request-id", "6f1f3bc2-1d5a-4a3e-9a53-0c1b8e2b7a11"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// Load the plugin with a policy of `rules` rules of `kind` and time streams.
+pub fn measure(
+    wasm: &[u8],
+    rules: usize,
+    kind: Kind,
+    sampling: Sampling,
+) -> anyhow::Result<WasmCost> {
+    let json = policy_json(rules, kind);
+    let t = Instant::now();
+    let mut plugin =
+        Plugin::load(wasm, &json).map_err(|e| anyhow::anyhow!("loading the plugin: {e}"))?;
+    let configure_ms = t.elapsed().as_secs_f64() * 1e3;
+    let memory_after_configure = plugin.memory_size();
+    let props = properties();
+    let headers = headers();
+
+    // The peer must be allowed (through the last rule): a deny would time
+    // the local-reply path instead.
+    let mut first_error: Option<String> = None;
+    match kind {
+        Kind::Http => {
+            let (ctx, outcome) = plugin
+                .new_http_request(&props, &headers, b"")
+                .map_err(|e| anyhow::anyhow!("first request: {e}"))?;
+            ensure!(
+                matches!(outcome, HttpOutcome::Continue { .. }),
+                "the plugin did not allow the bench request: {outcome:?}"
+            );
+            plugin.finish(ctx).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        Kind::Network => {
+            let (ctx, outcome) = plugin
+                .new_connection(&props)
+                .map_err(|e| anyhow::anyhow!("first connection: {e}"))?;
+            ensure!(
+                outcome == ConnOutcome::Continue,
+                "the plugin did not allow the bench connection: {outcome:?}"
+            );
+            plugin
+                .finish_connection(ctx)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    let stream_ns = time_per_iteration(sampling, || {
+        let ok = match kind {
+            Kind::Http => plugin
+                .new_http_request(&props, &headers, b"")
+                .and_then(|(ctx, o)| {
+                    plugin
+                        .finish(ctx)
+                        .map(|()| matches!(o, HttpOutcome::Continue { .. }))
+                }),
+            Kind::Network => plugin.new_connection(&props).and_then(|(ctx, o)| {
+                plugin
+                    .finish_connection(ctx)
+                    .map(|()| o == ConnOutcome::Continue)
+            }),
+        };
+        match ok {
+            Ok(allowed) => allowed,
+            Err(e) => {
+                first_error.get_or_insert_with(|| e.to_string());
+                false
+            }
+        }
+    })?;
+    if let Some(e) = first_error {
+        anyhow::bail!("the plugin failed while being timed: {e}");
+    }
+    ensure!(
+        plugin.open_contexts() <= 1,
+        "{} contexts left open",
+        plugin.open_contexts()
+    );
+    Ok(WasmCost {
+        rules,
+        kind,
+        stream_ns,
+        memory_after_configure,
+        configure_ms,
+    })
+}
