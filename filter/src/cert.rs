@@ -19,9 +19,7 @@ pub struct CertValidity {
     pub not_after: UnixTime,
 }
 
-/// Where the plugin learned the peer certificate's validity. New sources (the
-/// signer's ledger, looked up by `connection.sha256_peer_certificate_digest`)
-/// add a variant here.
+/// Where the plugin learned the peer certificate's validity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CertSource {
     /// The `connection.peer_certificate` property (URL-encoded PEM).
@@ -29,6 +27,9 @@ pub enum CertSource {
     /// The `Cert=` field of the `x-forwarded-client-cert` element whose
     /// certificate digest equals `connection.sha256_peer_certificate_digest`.
     XfccCert,
+    /// The signer's issuance ledger, looked up by
+    /// `connection.sha256_peer_certificate_digest` (see [`crate::ledger`]).
+    Ledger,
 }
 
 impl CertSource {
@@ -37,6 +38,7 @@ impl CertSource {
         match self {
             Self::PeerCertificateProperty => "peer_certificate",
             Self::XfccCert => "xfcc",
+            Self::Ledger => "ledger",
         }
     }
 }

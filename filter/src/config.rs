@@ -38,6 +38,10 @@ pub struct Config {
     pub unknown_cert_age: UnknownCertAge,
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Where to look up peer certificates the proxy did not show (the
+    /// signer's issuance ledger). Absent: no lookups.
+    #[serde(default)]
+    pub ledger: Option<crate::ledger::LedgerConfig>,
 }
 
 fn default_trust_domain() -> String {
@@ -257,6 +261,9 @@ fn require_objects(top: &serde_json::Value) -> Result<(), ConfigError> {
         if let Some(when) = rule.get("when").filter(|w| !w.is_null()) {
             object(when, &format!("rules[{i}].when"))?;
         }
+    }
+    if let Some(ledger) = top.get("ledger").filter(|l| !l.is_null()) {
+        object(ledger, "ledger")?;
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod cert;
 pub mod config;
 pub mod decision;
 pub mod duration;
+pub mod ledger;
 pub mod pattern;
 pub mod peer;
 pub mod policy;

@@ -16,6 +16,7 @@ use crate::config::{
 };
 use crate::decision::{Decision, Reason, Verdict};
 use crate::duration::parse_duration;
+use crate::ledger::LedgerSettings;
 use crate::pattern::{FixedState, Pattern, PatternMap, PatternSet};
 use crate::peer::{Peer, PeerIdentity, SpiffeIdentity};
 use crate::request::{Protocol, Request, host_without_port, path_is_ambiguous, path_without_query};
@@ -38,6 +39,8 @@ pub struct Policy {
     deny: RuleSet,
     allow: RuleSet,
     audit: RuleSet,
+    ledger: Option<LedgerSettings>,
+    has_cert_conditions: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -123,6 +126,12 @@ impl Policy {
             deny: RuleSet::default(),
             allow: RuleSet::default(),
             audit: RuleSet::default(),
+            ledger: config
+                .ledger
+                .as_ref()
+                .map(LedgerSettings::compile)
+                .transpose()?,
+            has_cert_conditions: config.rules.iter().any(|r| r.when.is_some()),
         };
         let mut names: HashSet<&str, FixedState> =
             HashSet::with_capacity_and_hasher(config.rules.len(), FixedState::default());
@@ -160,6 +169,16 @@ impl Policy {
     /// The configured trust domain.
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// The `ledger` settings, when lookups are configured.
+    pub fn ledger(&self) -> Option<&LedgerSettings> {
+        self.ledger.as_ref()
+    }
+
+    /// True when some rule has a `when` (certificate) condition.
+    pub fn has_cert_conditions(&self) -> bool {
+        self.has_cert_conditions
     }
 
     /// Number of rules (all actions).

@@ -4,6 +4,7 @@
 
 mod host;
 mod http;
+mod ledger;
 mod metrics;
 mod root;
 mod stream;

@@ -21,6 +21,14 @@ pub const CERT_REMAINING: &str = "meshward_peer_cert_remaining_validity_seconds"
 /// Counter: mTLS peers whose certificate validity no source knew.
 pub const CERT_UNKNOWN: &str = "meshward_peer_cert_validity_unknown_total";
 
+/// Counter: ledger lookups by `result` (`cache_hit`, `issued`, `not_issued`, `unknown`).
+pub const LEDGER_LOOKUPS: &str = "meshward_ledger_lookups_total";
+
+/// The stat name of one `meshward_ledger_lookups_total` series.
+pub fn ledger_stat(result: &str) -> String {
+    format!("result=.={result};.;{LEDGER_LOOKUPS}")
+}
+
 /// The stat name of one `meshward_decisions_total` series.
 pub fn decision_stat(action: &str, rule: &str, mode: Mode) -> String {
     format!(

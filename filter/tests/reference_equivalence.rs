@@ -133,6 +133,7 @@ fn config() -> impl Strategy<Value = Config> {
             filter_type: FilterType::Http,
             require_mtls,
             unknown_cert_age,
+            ledger: None,
             rules: rules
                 .into_iter()
                 .enumerate()

@@ -1,7 +1,9 @@
 //! HTTP context: one decision per request, in `on_http_request_headers`.
 
 use super::host::{self, Connection, HostError, log};
+use super::ledger::{self, Lookup};
 use super::metrics::Metrics;
+use crate::cert::PeerCert;
 use crate::config::Mode;
 use crate::decision::{Decision, Verdict};
 use crate::peer::Peer;
@@ -19,11 +21,17 @@ const DENY_BODY: &[u8] = b"RBAC: access denied by meshward\n";
 pub struct HttpFilter {
     policy: Option<Rc<Policy>>,
     metrics: Rc<Metrics>,
+    /// Set while the request is paused for a ledger lookup.
+    waiting: Option<Inputs>,
 }
 
 impl HttpFilter {
     pub fn new(policy: Option<Rc<Policy>>, metrics: Rc<Metrics>) -> Self {
-        Self { policy, metrics }
+        Self {
+            policy,
+            metrics,
+            waiting: None,
+        }
     }
 
     fn act(&self, decision: &Decision<'_>, mode: Mode, who: &str, what: &str) -> Action {
@@ -66,28 +74,50 @@ impl HttpFilter {
         Action::Continue
     }
 
-    fn decide(&self) -> Result<Action, HostError> {
+    fn decide(&mut self) -> Result<Action, HostError> {
         // A client must not be able to forge our header towards the upstream.
         hostcalls::remove_map_value(MapType::HttpRequestHeaders, DENY_REASON_HEADER)
             .map_err(|s| HostError(format!("remove header: {s:?}")))?;
-        let Some(policy) = self.policy.as_deref() else {
+        let Some(policy) = self.policy.clone() else {
             return Err(HostError("no valid pluginConfig loaded".into()));
         };
-        let conn = Connection::read()?;
-        let authority = host::request_header(":authority")?;
-        let method = host::request_header(":method")?;
-        let path = host::request_header(":path")?;
-        let xfcc = host::request_header("x-forwarded-client-cert")?;
+        let request = Inputs {
+            conn: Connection::read()?,
+            authority: host::request_header(":authority")?,
+            method: host::request_header(":method")?,
+            path: host::request_header(":path")?,
+            xfcc: host::request_header("x-forwarded-client-cert")?,
+        };
         let now = host::now()?;
-        let peer = Peer::from_connection(
-            conn.mtls,
-            conn.uri_san.as_deref(),
-            conn.peer_cert(xfcc.as_deref()),
-        );
+        let mut cert = request.conn.peer_cert(request.xfcc.as_deref());
+        if let Some(settings) = policy.ledger()
+            && let Some(digest) = ledger::wanted(&policy, &request.conn, cert.as_ref())
+        {
+            match ledger::start(settings, digest, now, &self.metrics) {
+                Lookup::Ready(found) => cert = found,
+                Lookup::Dispatched => {
+                    self.waiting = Some(request);
+                    return Ok(Action::Pause);
+                }
+            }
+        }
+        Ok(self.finish(&policy, &request, cert, now))
+    }
+
+    /// Decides with the peer certificate's validity known (or known to be unknown).
+    fn finish(
+        &self,
+        policy: &Policy,
+        r: &Inputs,
+        cert: Option<PeerCert>,
+        now: crate::UnixTime,
+    ) -> Action {
+        let conn = &r.conn;
+        let peer = Peer::from_connection(conn.mtls, conn.uri_san.as_deref(), cert);
         let request = Request::http(
-            authority.as_deref(),
-            method.as_deref(),
-            path.as_deref(),
+            r.authority.as_deref(),
+            r.method.as_deref(),
+            r.path.as_deref(),
             conn.port,
         );
         let decision = policy.authorize(&peer, &request, now);
@@ -95,28 +125,79 @@ impl HttpFilter {
         let who = conn.uri_san.as_deref().unwrap_or("(no peer identity)");
         let what = format!(
             "{} {}",
-            method.as_deref().unwrap_or("-"),
-            path.as_deref().unwrap_or("-")
+            r.method.as_deref().unwrap_or("-"),
+            r.path.as_deref().unwrap_or("-")
         );
-        Ok(self.act(&decision, policy.mode(), who, &what))
+        self.act(&decision, policy.mode(), who, &what)
+    }
+
+    fn fail_closed(&self, why: String) -> Action {
+        log(
+            LogLevel::Error,
+            &format!("meshward: cannot decide, failing closed: {why}"),
+        );
+        let decision = Decision::internal_error(why);
+        self.metrics.decision(&decision, Mode::Enforce, false);
+        self.act(&decision, Mode::Enforce, "-", "-")
+    }
+
+    /// The ledger answered (or the callout failed / timed out): decide now.
+    fn resume(&mut self, body_size: usize) -> Result<Action, HostError> {
+        let request = self
+            .waiting
+            .take()
+            .ok_or_else(|| HostError("ledger answer for a request not waiting for one".into()))?;
+        let policy = self
+            .policy
+            .clone()
+            .ok_or_else(|| HostError("no valid pluginConfig loaded".into()))?;
+        let settings = policy
+            .ledger()
+            .ok_or_else(|| HostError("ledger answer without ledger config".into()))?;
+        let now = host::now()?;
+        let cert = ledger::finish(settings, &request.conn, body_size, now, &self.metrics);
+        Ok(self.finish(&policy, &request, cert, now))
     }
 }
 
-impl Context for HttpFilter {}
+/// What a request's decision needs, kept while the ledger is asked.
+struct Inputs {
+    conn: Connection,
+    authority: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+    xfcc: Option<String>,
+}
+
+impl Context for HttpFilter {
+    fn on_http_call_response(
+        &mut self,
+        _token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let action = match self.resume(body_size) {
+            Ok(action) => action,
+            Err(HostError(why)) => self.fail_closed(why),
+        };
+        // A deny has sent its local reply; an allow (or a shadow deny) goes on.
+        if action == Action::Continue
+            && let Err(status) = hostcalls::resume_http_request()
+        {
+            log(
+                LogLevel::Error,
+                &format!("meshward: resume_http_request failed: {status:?}"),
+            );
+        }
+    }
+}
 
 impl HttpContext for HttpFilter {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         match self.decide() {
             Ok(action) => action,
-            Err(HostError(why)) => {
-                log(
-                    LogLevel::Error,
-                    &format!("meshward: cannot decide, failing closed: {why}"),
-                );
-                let decision = Decision::internal_error(why);
-                self.metrics.decision(&decision, Mode::Enforce, false);
-                self.act(&decision, Mode::Enforce, "-", "-")
-            }
+            Err(HostError(why)) => self.fail_closed(why),
         }
     }
 }

@@ -48,6 +48,11 @@ impl Metrics {
         }
     }
 
+    /// Counts one ledger lookup by its result.
+    pub fn ledger_lookup(&self, result: &str) {
+        self.increment(&telemetry::ledger_stat(result));
+    }
+
     /// Defines the fixed metrics up front so they exist before traffic.
     pub fn define_fixed(&self) {
         self.id(MetricType::Histogram, CERT_AGE);

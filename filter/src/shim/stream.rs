@@ -5,10 +5,14 @@
 //! accept time (Envoy's own RBAC network filter waits for the first data for
 //! this reason), so a connection that does not look like mTLS yet is decided
 //! on its first downstream or upstream data instead, before any byte passes.
-//! A denied connection is closed.
+//! A denied connection is closed. When the peer certificate's validity must
+//! come from the signer's ledger, the connection is paused (no byte passes)
+//! until the lookup answers or times out.
 
 use super::host::{self, Connection, HostError, log};
+use super::ledger::{self, Lookup};
 use super::metrics::Metrics;
+use crate::cert::PeerCert;
 use crate::config::Mode;
 use crate::decision::Decision;
 use crate::peer::Peer;
@@ -22,6 +26,8 @@ use std::rc::Rc;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
     Undecided,
+    /// Paused until the ledger answers (or the callout fails / times out).
+    Waiting,
     Allowed,
     Closed,
 }
@@ -30,6 +36,15 @@ pub struct TcpFilter {
     policy: Option<Rc<Policy>>,
     metrics: Rc<Metrics>,
     state: State,
+    /// The connection facts kept while the ledger is asked.
+    waiting: Option<Connection>,
+}
+
+/// What to do with the connection.
+enum Outcome {
+    Close(String),
+    Allow,
+    Wait,
 }
 
 impl TcpFilter {
@@ -38,64 +53,139 @@ impl TcpFilter {
             policy,
             metrics,
             state: State::Undecided,
+            waiting: None,
         }
     }
 
-    fn evaluate(&self, conn: &Connection) -> Result<(bool, String), HostError> {
-        let Some(policy) = self.policy.as_deref() else {
-            return Err(HostError("no valid pluginConfig loaded".into()));
-        };
+    fn policy(&self) -> Result<Rc<Policy>, HostError> {
+        self.policy
+            .clone()
+            .ok_or_else(|| HostError("no valid pluginConfig loaded".into()))
+    }
+
+    /// First look: decide, or start a ledger lookup and wait.
+    fn evaluate(&mut self, conn: Connection) -> Result<Outcome, HostError> {
+        let policy = self.policy()?;
         let now = host::now()?;
-        let peer = Peer::from_connection(conn.mtls, conn.uri_san.as_deref(), conn.peer_cert(None));
+        let mut cert = conn.peer_cert(None);
+        if let Some(settings) = policy.ledger()
+            && let Some(digest) = ledger::wanted(&policy, &conn, cert.as_ref())
+        {
+            match ledger::start(settings, digest, now, &self.metrics) {
+                Lookup::Ready(found) => cert = found,
+                Lookup::Dispatched => {
+                    self.waiting = Some(conn);
+                    return Ok(Outcome::Wait);
+                }
+            }
+        }
+        Ok(self.judge(&policy, &conn, cert, now))
+    }
+
+    fn judge(
+        &self,
+        policy: &Policy,
+        conn: &Connection,
+        cert: Option<PeerCert>,
+        now: crate::UnixTime,
+    ) -> Outcome {
+        let peer = Peer::from_connection(conn.mtls, conn.uri_san.as_deref(), cert);
         let decision = policy.authorize(&peer, &Request::tcp(conn.port), now);
         self.metrics.decision(&decision, policy.mode(), conn.mtls);
         let who = conn.uri_san.as_deref().unwrap_or("(no peer identity)");
         let port = conn.port.map_or_else(|| "-".to_string(), |p| p.to_string());
         let text = format!("{who} -> port {port}: {decision}");
-        if !decision.blocks() && decision.verdict == crate::Verdict::Deny {
+        if decision.blocks() {
+            return Outcome::Close(text);
+        }
+        if decision.verdict == crate::Verdict::Deny {
             log(LogLevel::Warn, &format!("meshward: shadow deny {text}"));
         }
-        Ok((decision.blocks(), text))
+        Outcome::Allow
     }
 
-    fn decide(&mut self) -> Action {
-        let outcome = Connection::read().and_then(|conn| self.evaluate(&conn));
-        let (close, text) = match outcome {
-            Ok(result) => result,
+    /// Acts on an outcome; an error closes the connection.
+    fn apply(&mut self, outcome: Result<Outcome, HostError>) -> Action {
+        let text = match outcome {
+            Ok(Outcome::Allow) => {
+                self.state = State::Allowed;
+                return Action::Continue;
+            }
+            Ok(Outcome::Wait) => {
+                self.state = State::Waiting;
+                return Action::Pause;
+            }
+            Ok(Outcome::Close(text)) => text,
             Err(HostError(why)) => {
                 let decision = Decision::internal_error(why.clone());
                 self.metrics.decision(&decision, Mode::Enforce, false);
-                (true, format!("cannot decide, failing closed: {why}"))
+                format!("cannot decide, failing closed: {why}")
             }
         };
-        if close {
+        log(
+            LogLevel::Info,
+            &format!("meshward: close connection {text}"),
+        );
+        self.state = State::Closed;
+        if let Err(status) = hostcalls::close_downstream() {
             log(
-                LogLevel::Info,
-                &format!("meshward: close connection {text}"),
+                LogLevel::Error,
+                &format!("meshward: close_downstream failed: {status:?}"),
             );
-            self.state = State::Closed;
-            if let Err(status) = hostcalls::close_downstream() {
-                log(
-                    LogLevel::Error,
-                    &format!("meshward: close_downstream failed: {status:?}"),
-                );
-            }
-            return Action::Pause;
         }
-        self.state = State::Allowed;
-        Action::Continue
+        Action::Pause
+    }
+
+    fn decide(&mut self) -> Action {
+        let outcome = Connection::read().and_then(|conn| self.evaluate(conn));
+        self.apply(outcome)
+    }
+
+    /// The ledger answered (or the callout failed / timed out).
+    fn resume(&mut self, body_size: usize) -> Result<Outcome, HostError> {
+        let conn = self.waiting.take().ok_or_else(|| {
+            HostError("ledger answer for a connection not waiting for one".into())
+        })?;
+        let policy = self.policy()?;
+        let settings = policy
+            .ledger()
+            .ok_or_else(|| HostError("ledger answer without ledger config".into()))?;
+        let now = host::now()?;
+        let cert = ledger::finish(settings, &conn, body_size, now, &self.metrics);
+        Ok(self.judge(&policy, &conn, cert, now))
     }
 
     fn on_data(&mut self) -> Action {
         match self.state {
             State::Allowed => Action::Continue,
-            State::Closed => Action::Pause,
+            State::Closed | State::Waiting => Action::Pause,
             State::Undecided => self.decide(),
         }
     }
 }
 
-impl Context for TcpFilter {}
+impl Context for TcpFilter {
+    fn on_http_call_response(
+        &mut self,
+        _token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        if self.state != State::Waiting {
+            return;
+        }
+        let outcome = self.resume(body_size);
+        if self.apply(outcome) == Action::Continue
+            && let Err(status) = hostcalls::resume_downstream()
+        {
+            log(
+                LogLevel::Error,
+                &format!("meshward: resume_downstream failed: {status:?}"),
+            );
+        }
+    }
+}
 
 impl StreamContext for TcpFilter {
     fn on_new_connection(&mut self) -> Action {
