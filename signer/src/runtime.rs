@@ -176,7 +176,7 @@ impl Signer {
         };
         let authenticator: Arc<dyn Authenticator> = Arc::new(CertificateOrToken {
             client_cert: config.authn.mtls_renewal.then(|| {
-                ClientCertAuthenticator::new(trust_domain.clone(), issuer.trust_anchors())
+                ClientCertAuthenticator::new(trust_domain.clone(), issuer.clone())
             }),
             token: token_authenticator,
         });
@@ -207,12 +207,8 @@ impl Signer {
             OffsetDateTime::now_utc(),
         )
         .await?;
-        let tls = server_config(
-            &serving.chain_pem,
-            &serving.key_pem,
-            &issuer.trust_anchors(),
-        )
-        .map_err(|e| StartError::Tls(e.to_string()))?;
+        let tls = server_config(&serving.chain_pem, &serving.key_pem)
+            .map_err(|e| StartError::Tls(e.to_string()))?;
 
         let policy = config.issuance_policy()?;
         let namespace_labels: Option<Arc<dyn NamespaceLabels>> = match &config.policy.kubernetes {

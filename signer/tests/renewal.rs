@@ -15,8 +15,14 @@ use meshward_signer::client::{
     CaClient, CallOptions, IssuedCertificate, WorkloadKey, WorkloadKeyType,
 };
 use meshward_signer::issuer::builtin::{BuiltinIssuer, BuiltinOptions, CaKeyAlgorithm};
-use meshward_signer::issuer::{IssueRequest, KeyKind};
+use std::sync::Arc;
+
+use meshward_signer::Signer;
+use meshward_signer::authn::keys::JwtAlgorithm;
+use meshward_signer::client::token::TokenIssuer;
+use meshward_signer::issuer::{IssueFuture, IssueRequest, Issuer, KeyKind, SigningValidity};
 use meshward_signer::server::ca_service::to_pem;
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::UnixTime;
 use tonic::Code;
 
@@ -173,26 +179,16 @@ async fn renewal_with_a_cert_from_another_ca_is_refused() {
     let other_ca = tempfile::tempdir().unwrap();
     let key = p256();
     let foreign = sign_directly(other_ca.path(), &key, "default", "sleep", -60, 3600);
-    // The handshake itself fails (unknown issuer), or the call does: either
-    // way nothing is issued.
-    let result = match CaClient::connect_with_client_cert(
-        h.signer.grpc_addr(),
-        h.signer.roots_pem(),
-        "localhost",
-        &foreign.chain_pem(),
-        &key.private_key_pem(),
-    )
-    .await
-    {
-        Err(e) => Err(e),
-        Ok(c) => {
-            c.request_certificate(&p256(), &id("default", "sleep"), &CallOptions::default())
-                .await
-        }
-    };
-    assert!(
-        result.is_err(),
-        "a foreign certificate must not authenticate: {result:?}"
+    // The handshake succeeds (the key is proven), the chain is judged per
+    // request: refused, with the reason.
+    let renewer = connect_as(&h, &foreign, &key).await;
+    let r = renewer
+        .request_certificate(&p256(), &id("default", "sleep"), &CallOptions::default())
+        .await;
+    assert_refused(
+        r,
+        Code::Unauthenticated,
+        "does not chain to this CA's roots",
     );
     h.signer.shutdown().await.unwrap();
 }
@@ -210,4 +206,91 @@ async fn client_certificate_is_ignored_when_mtls_renewal_is_off() {
         .await;
     assert_refused(r, Code::Unauthenticated, "no credentials");
     h.signer.shutdown().await.unwrap();
+}
+
+/// An issuer whose published roots can grow at run time, as during a root
+/// rotation: it signs with CA `a` and trusts `a` — plus `b` once published.
+struct GrowingRoots {
+    a: BuiltinIssuer,
+    b_root: CertificateDer<'static>,
+    published: std::sync::atomic::AtomicBool,
+}
+
+impl Issuer for GrowingRoots {
+    fn name(&self) -> &'static str {
+        "growing-roots"
+    }
+    fn sign<'a>(&'a self, req: &'a IssueRequest) -> IssueFuture<'a> {
+        self.a.sign(req)
+    }
+    fn trust_anchors(&self) -> Vec<CertificateDer<'static>> {
+        let mut roots = self.a.trust_anchors();
+        if self.published.load(std::sync::atomic::Ordering::SeqCst) {
+            roots.push(self.b_root.clone());
+        }
+        roots
+    }
+    fn signing_validity(&self) -> SigningValidity {
+        self.a.signing_validity()
+    }
+}
+
+#[tokio::test]
+async fn renewal_with_a_cert_under_a_newly_published_root_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = TokenIssuer::generate(harness::K8S_ISSUER, JwtAlgorithm::Es256).unwrap();
+    let config = harness::test_config(dir.path(), &tokens);
+    let opts = |d: &std::path::Path| BuiltinOptions {
+        data_dir: d.to_path_buf(),
+        key_algorithm: CaKeyAlgorithm::EcdsaP256,
+        organization: "cluster.local".into(),
+        root_ttl: std::time::Duration::from_secs(86400 * 365),
+        intermediate_ttl: std::time::Duration::from_secs(86400 * 30),
+    };
+    let a =
+        BuiltinIssuer::load_or_create(&opts(&config.ca.data_dir), time::OffsetDateTime::now_utc())
+            .unwrap();
+    let b_dir = dir.path().join("b");
+    let b = BuiltinIssuer::load_or_create(
+        &opts(&b_dir),
+        time::OffsetDateTime::now_utc() - time::Duration::days(1),
+    )
+    .unwrap();
+    let issuer = Arc::new(GrowingRoots {
+        a,
+        b_root: b.root().clone(),
+        published: std::sync::atomic::AtomicBool::new(false),
+    });
+    let signer = Signer::builder(config)
+        .issuer(issuer.clone())
+        .serve()
+        .await
+        .unwrap();
+    let key = p256();
+    let under_b = sign_directly(&b_dir, &key, "default", "sleep", -60, 3600);
+    let renewer = CaClient::connect_with_client_cert(
+        signer.grpc_addr(),
+        signer.roots_pem(),
+        "localhost",
+        &under_b.chain_pem(),
+        &key.private_key_pem(),
+    )
+    .await
+    .unwrap();
+    let r = renewer
+        .request_certificate(&p256(), &id("default", "sleep"), &CallOptions::default())
+        .await;
+    assert_refused(
+        r,
+        Code::Unauthenticated,
+        "does not chain to this CA's roots",
+    );
+    issuer
+        .published
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    renewer
+        .request_certificate(&p256(), &id("default", "sleep"), &CallOptions::default())
+        .await
+        .unwrap();
+    signer.shutdown().await.unwrap();
 }

@@ -1,8 +1,11 @@
 //! mTLS renewal: a caller presenting a client certificate from this CA is
 //! authenticated as the SPIFFE ID in it, with no token. The chain is
-//! verified on every request (webpki, clientAuth EKU, validity at `now`),
-//! not only at handshake, so a long-lived connection cannot outlive its
-//! certificate.
+//! verified on every request (webpki, clientAuth EKU, validity at `now`)
+//! against the issuer's trust anchors *at that moment* — so a long-lived
+//! connection cannot outlive its certificate, and certificates under a new
+//! root are accepted as soon as a rotation publishes it.
+
+use std::sync::Arc;
 
 use rustls_pki_types::{CertificateDer, UnixTime};
 use spiffe::TrustDomain;
@@ -10,20 +13,31 @@ use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
 
 use super::{AuthMethod, AuthnError, CallerIdentity};
+use crate::issuer::Issuer;
 
 /// Verifies client certificate chains against the signer's roots.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientCertAuthenticator {
     trust_domain: TrustDomain,
-    anchors: Vec<CertificateDer<'static>>,
+    issuer: Arc<dyn Issuer>,
+}
+
+impl std::fmt::Debug for ClientCertAuthenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCertAuthenticator")
+            .field("trust_domain", &self.trust_domain)
+            .field("issuer", &self.issuer.name())
+            .finish()
+    }
 }
 
 impl ClientCertAuthenticator {
-    /// Trust chains ending at `anchors` for identities in `trust_domain`.
-    pub fn new(trust_domain: TrustDomain, anchors: Vec<CertificateDer<'static>>) -> Self {
+    /// Trust chains ending at `issuer`'s current trust anchors for
+    /// identities in `trust_domain`.
+    pub fn new(trust_domain: TrustDomain, issuer: Arc<dyn Issuer>) -> Self {
         Self {
             trust_domain,
-            anchors,
+            issuer,
         }
     }
 
@@ -37,8 +51,8 @@ impl ClientCertAuthenticator {
         let (leaf_der, intermediates) = chain
             .split_first()
             .ok_or_else(|| bad("no certificate".to_string()))?;
-        let anchors: Vec<_> = self
-            .anchors
+        let roots = self.issuer.trust_anchors();
+        let anchors: Vec<_> = roots
             .iter()
             .filter_map(|a| webpki::anchor_from_trusted_cert(a).ok())
             .collect();

@@ -2,11 +2,13 @@
 //! certificates (mTLS renewal) are handled the signer's way:
 //!
 //! - client certificates are optional (JWT callers send none);
-//! - a presented chain must verify against the signer's roots at handshake
-//!   time — except that an expired or not-yet-valid certificate is let
-//!   through the handshake, so the request can be refused with an
-//!   UNAUTHENTICATED status that says so (the authenticator re-verifies
-//!   every chain, time included, on every request);
+//! - at the TLS level a client certificate only has to parse and its holder
+//!   has to prove possession of the key (rustls checks the
+//!   CertificateVerify signature); whether the chain leads to one of the
+//!   signer's *current* roots (they change during a root rotation), is
+//!   unexpired and carries a workload identity is decided per request by
+//!   [`crate::authn::client_cert::ClientCertAuthenticator`], which refuses
+//!   with an UNAUTHENTICATED status that says why;
 //! - handshakes run concurrently, each with a timeout, so a slow client
 //!   cannot stall the accept loop.
 
@@ -14,12 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::server::WebPkiClientVerifier;
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
-    SignatureScheme,
-};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -42,11 +41,12 @@ pub enum TlsError {
     Rustls(String),
 }
 
-/// Client-certificate verifier: the webpki verifier, optional client auth,
-/// validity-period failures deferred to the request.
+/// Client-certificate verifier: optional client auth; the certificate must
+/// parse and its key must sign the handshake; the chain is judged per
+/// request.
 #[derive(Debug)]
 struct RenewalVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl ClientCertVerifier for RenewalVerifier {
@@ -59,27 +59,18 @@ impl ClientCertVerifier for RenewalVerifier {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &[]
     }
 
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        match self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)
-        {
-            Err(Error::InvalidCertificate(
-                CertificateError::Expired
-                | CertificateError::ExpiredContext { .. }
-                | CertificateError::NotValidYet
-                | CertificateError::NotValidYetContext { .. },
-            )) => Ok(ClientCertVerified::assertion()),
-            other => other,
-        }
+        webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -88,7 +79,7 @@ impl ClientCertVerifier for RenewalVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -97,21 +88,17 @@ impl ClientCertVerifier for RenewalVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.algorithms.supported_schemes()
     }
 }
 
 /// The rustls server configuration: serving chain + key, optional client
-/// certificates chaining to `client_roots`, ALPN h2.
-pub fn server_config(
-    chain_pem: &str,
-    key_pem: &str,
-    client_roots: &[CertificateDer<'static>],
-) -> Result<rustls::ServerConfig, TlsError> {
+/// certificates (judged per request), ALPN h2.
+pub fn server_config(chain_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig, TlsError> {
     let chain: Vec<CertificateDer<'static>> = pem::parse_many(chain_pem)
         .map_err(|e| TlsError::Identity(e.to_string()))?
         .into_iter()
@@ -121,20 +108,13 @@ pub fn server_config(
     let key = PrivateKeyDer::try_from(key_der.into_contents())
         .map_err(|e| TlsError::Identity(e.to_string()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    for r in client_roots {
-        roots
-            .add(r.clone())
-            .map_err(|e| TlsError::Rustls(format!("client root: {e}")))?;
-    }
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let verifier = RenewalVerifier {
+        algorithms: provider.signature_verification_algorithms,
+    };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rustls(e.to_string()))?
-        .with_client_cert_verifier(Arc::new(RenewalVerifier { inner }))
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
