@@ -1,7 +1,12 @@
 //! What ships in `istio-manifests/` must match the signer that reads it and
 //! the metrics it exposes: a typo there is an outage at deploy time, or an
 //! alert that can never fire.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 #[path = "support/harness.rs"]
 mod harness;
