@@ -177,6 +177,11 @@ impl CaDir {
         self.opts.data_dir.join(name)
     }
 
+    /// The rotation state file (`rotation.json`).
+    pub fn state_path(&self) -> PathBuf {
+        self.path(STATE_FILE)
+    }
+
     /// The persisted phase (`Stable` when there is no state file).
     pub fn phase(&self) -> Result<Phase, RotationError> {
         let p = self.path(STATE_FILE);
