@@ -1,10 +1,11 @@
 //! The issuance ledger: every certificate the signer hands out, recorded
 //! before it is handed out.
 //!
-//! **Record-then-respond.** The request pipeline signs, then calls
-//! [`record_before_release`], and only a chain that came back from it may be
-//! put in a response. If recording fails the request fails (UNAVAILABLE) and
-//! the signed certificate is dropped: it never left the process, so a crash or
+//! **Record-then-respond.** The request pipeline signs, then runs its
+//! observers — [`LedgerObserver`] calls [`record_before_release`] — and
+//! answers only after they succeed. If recording fails the request fails
+//! (INTERNAL) and the signed certificate is dropped: it never left the
+//! process, so a crash or
 //! a failing database between signing and recording can lose a certificate
 //! nobody holds, but never hand out one the ledger does not know. The SQLite
 //! store commits with `synchronous=FULL`, so a recorded certificate survives a
