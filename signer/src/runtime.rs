@@ -175,9 +175,10 @@ impl Signer {
             None => Arc::new(jwt_authenticator(&config, &trust_domain)?),
         };
         let authenticator: Arc<dyn Authenticator> = Arc::new(CertificateOrToken {
-            client_cert: config.authn.mtls_renewal.then(|| {
-                ClientCertAuthenticator::new(trust_domain.clone(), issuer.clone())
-            }),
+            client_cert: config
+                .authn
+                .mtls_renewal
+                .then(|| ClientCertAuthenticator::new(trust_domain.clone(), issuer.clone())),
             token: token_authenticator,
         });
         let ledger = crate::ledger::LedgerService::open(&config.ledger, &config.ca.data_dir)?;
