@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use meshward_signer::authn::keys::JwtAlgorithm;
+use meshward_signer::bundle::rotation::CaDir;
 use meshward_signer::client::token::TokenIssuer;
 use meshward_signer::config::{Config, JwtIssuerConfig};
+use meshward_signer::issuer::builtin::BuiltinOptions;
 use meshward_signer::runtime::{RunningSigner, Signer};
 
 /// The `iss` of the mesh's service-account tokens.
@@ -20,7 +22,7 @@ pub struct LocalSigner {
     running: Option<RunningSigner>,
     tokens: Arc<TokenIssuer>,
     data_dir: PathBuf,
-    max_ttl: Duration,
+    config: Config,
 }
 
 impl std::fmt::Debug for LocalSigner {
@@ -45,6 +47,17 @@ impl LocalSigner {
         max_ttl: Duration,
         tokens: Arc<TokenIssuer>,
     ) -> anyhow::Result<Self> {
+        Self::start_configured(data_dir, max_ttl, tokens, |_| {}).await
+    }
+
+    /// Like [`Self::start_with`], with `tweak` applied to the signer's
+    /// configuration last (kept across [`Self::restart`]).
+    pub async fn start_configured(
+        data_dir: &Path,
+        max_ttl: Duration,
+        tokens: Arc<TokenIssuer>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)?;
         let key_file = data_dir.join("sa-signing-key.pub");
         tokens.write_public_key_pem(&key_file)?;
@@ -58,17 +71,37 @@ impl LocalSigner {
         let mut issuer = JwtIssuerConfig::new(TOKEN_ISSUER);
         issuer.public_key_file = Some(key_file);
         config.authn.jwt = vec![issuer];
-        let running = Signer::start(config).await.context("starting the signer")?;
+        tweak(&mut config);
+        let running = Signer::start(config.clone())
+            .await
+            .context("starting the signer")?;
         Ok(Self {
             running: Some(running),
             tokens,
             data_dir: data_dir.to_path_buf(),
-            max_ttl,
+            config,
         })
     }
 
     fn running(&self) -> anyhow::Result<&RunningSigner> {
         self.running.as_ref().context("the signer is stopped")
+    }
+
+    /// The running signer (its live trust bundle, issuer, ledger).
+    pub fn signer(&self) -> anyhow::Result<&RunningSigner> {
+        self.running()
+    }
+
+    /// The built-in CA's data directory as rotation sees it (what
+    /// `meshward-signer ca rotate-*` acts on).
+    pub fn ca_dir(&self) -> CaDir {
+        CaDir::new(BuiltinOptions {
+            data_dir: self.config.ca.data_dir.clone(),
+            key_algorithm: self.config.ca.key_algorithm,
+            organization: self.config.trust_domain.clone(),
+            root_ttl: self.config.ca.root_ttl,
+            intermediate_ttl: self.config.ca.intermediate_ttl,
+        })
     }
 
     /// The gRPC (Istio CA API) address.
@@ -107,8 +140,10 @@ impl LocalSigner {
     /// Stops and starts again on the same data directory (same CA, new ports).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.stop().await?;
-        let again = Self::start_with(&self.data_dir, self.max_ttl, self.tokens.clone()).await?;
-        *self = again;
+        let running = Signer::start(self.config.clone())
+            .await
+            .context("restarting the signer")?;
+        self.running = Some(running);
         Ok(())
     }
 }

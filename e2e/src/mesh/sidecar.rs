@@ -5,8 +5,8 @@
 //! mTLS to other sidecars.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -18,7 +18,7 @@ use meshward_signer::client::token::TokenIssuer;
 use meshward_signer::client::{CaClient, CallOptions, WorkloadKey, WorkloadKeyType};
 use rand::Rng;
 use rustls::RootCertStore;
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::sign::CertifiedKey;
 use spiffe::SpiffeId;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -187,13 +187,45 @@ impl MeshResponse {
     }
 }
 
+/// The roots a sidecar trusts and the listener TLS built on them; replaced
+/// when the signer's root set changes.
+#[derive(Clone)]
+struct Trust {
+    der: Vec<CertificateDer<'static>>,
+    roots: Arc<RootCertStore>,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl Trust {
+    fn new(der: Vec<CertificateDer<'static>>, cert: &Arc<CurrentCert>) -> anyhow::Result<Self> {
+        let mut store = RootCertStore::empty();
+        for c in &der {
+            store.add(c.clone())?;
+        }
+        anyhow::ensure!(!store.is_empty(), "no root certificate to trust");
+        let roots = Arc::new(store);
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(
+            roots.clone(),
+            cert.clone(),
+        )?));
+        Ok(Self {
+            der,
+            roots,
+            acceptor,
+        })
+    }
+}
+
 struct Inner {
     config: SidecarConfig,
     spiffe_id: String,
     cert: Arc<CurrentCert>,
     info: watch::Sender<Option<CertInfo>>,
-    roots: Arc<RootCertStore>,
-    acceptor: tokio_rustls::TlsAcceptor,
+    trust: RwLock<Trust>,
+    /// Roots from `MeshContext::roots_pem` the signer does not publish
+    /// (e.g. another mesh's CA): trusted whatever the signer's root set.
+    pinned_roots: Vec<CertificateDer<'static>>,
+    handshake_failures: AtomicU64,
     http: Option<SharedPlugin>,
     network: Option<SharedPlugin>,
     env: HostEnv,
@@ -216,6 +248,46 @@ impl std::fmt::Debug for Sidecar {
     }
 }
 
+impl Inner {
+    fn trust(&self) -> Trust {
+        match self.trust.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The signer's root set (from the last entry of an issued chain, which
+    /// carries every root it publishes, old and new during a rotation)
+    /// plus the pinned roots.
+    fn trust_set(&self, issued_roots: &[CertificateDer<'static>]) -> Vec<CertificateDer<'static>> {
+        let mut set = issued_roots.to_vec();
+        for r in &self.pinned_roots {
+            if !set.contains(r) {
+                set.push(r.clone());
+            }
+        }
+        set
+    }
+
+    /// Follows the signer's root set: rebuilds the verifiers when it changed.
+    fn update_trust(&self, issued_roots: &[CertificateDer<'static>]) -> anyhow::Result<()> {
+        if issued_roots.is_empty() {
+            return Ok(());
+        }
+        let der = self.trust_set(issued_roots);
+        if self.trust().der == der {
+            return Ok(());
+        }
+        let next = Trust::new(der, &self.cert)?;
+        tracing::info!(identity = %self.spiffe_id, roots = next.der.len(), "trust bundle changed");
+        match self.trust.write() {
+            Ok(mut g) => *g = next,
+            Err(p) => *p.into_inner() = next,
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Sidecar {
     fn drop(&mut self) {
         for t in &self.tasks {
@@ -229,7 +301,7 @@ async fn issue(
     tokens: &TokenIssuer,
     config: &SidecarConfig,
     id: &SpiffeId,
-) -> anyhow::Result<(Arc<CertifiedKey>, Vec<u8>)> {
+) -> anyhow::Result<(Arc<CertifiedKey>, Vec<u8>, Vec<CertificateDer<'static>>)> {
     let key = WorkloadKey::generate(WorkloadKeyType::EcdsaP256)?;
     let now = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs())?;
     let token = tokens.token_for(&config.namespace, &config.service_account, now)?;
@@ -247,6 +319,7 @@ async fn issue(
     Ok((
         Arc::new(CertifiedKey::new(chain, signing)),
         issued.leaf.to_vec(),
+        issued.roots,
     ))
 }
 
@@ -277,15 +350,19 @@ impl Sidecar {
         let spiffe_id = config.spiffe_id();
         let id = SpiffeId::new(&spiffe_id).with_context(|| format!("SPIFFE ID {spiffe_id}"))?;
         let ca = CaClient::connect(mesh.signer_grpc, &mesh.roots_pem, "localhost").await?;
-        let (key, leaf) = issue(&ca, &mesh.tokens, &config, &id).await?;
+        let (key, leaf, issued_roots) = issue(&ca, &mesh.tokens, &config, &id).await?;
         let cert = Arc::new(CurrentCert::default());
         cert.set(key);
         let (info_tx, _) = watch::channel(Some(CertInfo::parse(&leaf, 1)?));
-        let roots = Arc::new(tls::root_store(&mesh.roots_pem)?);
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(
-            roots.clone(),
-            cert.clone(),
-        )?));
+        let configured = tls::root_ders(&mesh.roots_pem)?;
+        let pinned_roots: Vec<CertificateDer<'static>> = configured
+            .iter()
+            .filter(|r| !issued_roots.contains(r))
+            .cloned()
+            .collect();
+        let mut initial = issued_roots;
+        initial.extend(pinned_roots.iter().cloned());
+        let trust = Trust::new(initial, &cert)?;
         let env = HostEnv {
             metrics: Arc::new(Metrics::new()),
             shared: Arc::new(SharedData::new()),
@@ -315,8 +392,9 @@ impl Sidecar {
             spiffe_id,
             cert,
             info: info_tx,
-            roots,
-            acceptor,
+            trust: RwLock::new(trust),
+            pinned_roots,
+            handshake_failures: AtomicU64::new(0),
             http,
             network,
             env,
@@ -355,6 +433,26 @@ impl Sidecar {
     /// The certificate held now.
     pub fn cert(&self) -> Option<CertInfo> {
         self.inner.info.borrow().clone()
+    }
+
+    /// The chain presented now (leaf first, then intermediates).
+    pub fn presented_chain(&self) -> Vec<CertificateDer<'static>> {
+        self.inner
+            .cert
+            .get()
+            .map(|k| k.cert.clone())
+            .unwrap_or_default()
+    }
+
+    /// The roots trusted now (the signer's root set as of the last issued
+    /// certificate, plus roots pinned in `MeshContext::roots_pem`).
+    pub fn trusted_roots(&self) -> Vec<CertificateDer<'static>> {
+        self.inner.trust().der
+    }
+
+    /// Inbound TLS handshakes that failed so far.
+    pub fn inbound_handshake_failures(&self) -> u64 {
+        self.inner.handshake_failures.load(Ordering::Relaxed)
     }
 
     /// Waits (at most `limit`) until the certificate generation exceeds `after`.
@@ -398,7 +496,7 @@ impl Sidecar {
         let fixed = Arc::new(CurrentCert::default());
         fixed.set(key);
         let config = tls::client_config(
-            self.inner.roots.clone(),
+            self.inner.trust().roots,
             fixed,
             expected_id.map(str::to_owned),
         )?;
@@ -482,8 +580,13 @@ async fn rotate_loop(inner: Arc<Inner>, ca: CaClient, tokens: Arc<TokenIssuer>, 
         tokio::time::sleep(delay).await;
         loop {
             match issue(&ca, &tokens, &inner.config, &id).await {
-                Ok((key, leaf)) => match CertInfo::parse(&leaf, current.generation + 1) {
+                Ok((key, leaf, roots)) => match CertInfo::parse(&leaf, current.generation + 1) {
                     Ok(info) => {
+                        // Trust first: the new certificate may chain to a root
+                        // this sidecar has not trusted yet.
+                        if let Err(e) = inner.update_trust(&roots) {
+                            tracing::warn!(identity = %inner.spiffe_id, "unusable root set, keeping the old one: {e:#}");
+                        }
                         inner.cert.set(key);
                         tracing::info!(identity = %inner.spiffe_id, generation = info.generation, "certificate rotated");
                         inner.info.send_replace(Some(info));
@@ -527,7 +630,18 @@ async fn handle_connection(
     }
     let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
     if first == [0x16] {
-        let tls = tokio::time::timeout(IO_TIMEOUT, inner.acceptor.accept(tcp)).await??;
+        let acceptor = inner.trust().acceptor;
+        let tls = match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                inner.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(e.into());
+            }
+            Err(e) => {
+                inner.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(e.into());
+            }
+        };
         let (_, conn) = tls.get_ref();
         let peer_cert = conn
             .peer_certificates()

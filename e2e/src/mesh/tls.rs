@@ -59,12 +59,17 @@ impl ResolvesClientCert for CurrentCert {
     }
 }
 
+/// The certificates of a PEM bundle, in order.
+pub fn root_ders(roots_pem: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject;
+    Ok(CertificateDer::pem_slice_iter(roots_pem.as_bytes()).collect::<Result<_, _>>()?)
+}
+
 /// Roots from a PEM bundle.
 pub fn root_store(roots_pem: &str) -> anyhow::Result<RootCertStore> {
-    use rustls::pki_types::pem::PemObject;
     let mut store = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
-        store.add(cert?)?;
+    for cert in root_ders(roots_pem)? {
+        store.add(cert)?;
     }
     anyhow::ensure!(!store.is_empty(), "no root certificate in the trust bundle");
     Ok(store)
