@@ -246,6 +246,9 @@ fn require_objects(top: &serde_json::Value) -> Result<(), ConfigError> {
         }
     };
     object(top, "pluginConfig")?;
+    if let Some(ledger) = top.get("ledger").filter(|l| !l.is_null()) {
+        object(ledger, "ledger")?;
+    }
     let Some(Value::Array(rules)) = top.get("rules") else {
         return Ok(());
     };
@@ -261,9 +264,6 @@ fn require_objects(top: &serde_json::Value) -> Result<(), ConfigError> {
         if let Some(when) = rule.get("when").filter(|w| !w.is_null()) {
             object(when, &format!("rules[{i}].when"))?;
         }
-    }
-    if let Some(ledger) = top.get("ledger").filter(|l| !l.is_null()) {
-        object(ledger, "ledger")?;
     }
     Ok(())
 }

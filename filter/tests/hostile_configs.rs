@@ -360,3 +360,69 @@ fn overlong_pattern_is_refused() {
         "longer than",
     );
 }
+
+#[test]
+fn misspelled_ledger_field_is_refused_not_defaulted() {
+    refuse_naming(
+        r#"{"ledger":{"cluster":"c","authority":"a","cacheTTL":"1h"}}"#,
+        "unknown field",
+        "cacheTTL",
+    );
+    // serde would take a 5-element array for the struct.
+    refuse_naming(
+        r#"{"ledger":["c","a","200ms","5m","30s"]}"#,
+        "ledger: must be a JSON object",
+        "[",
+    );
+    refuse_naming(
+        r#"{"ledger":{"authority":"a"}}"#,
+        "missing field",
+        "cluster",
+    );
+}
+
+#[test]
+fn ledger_authority_that_could_rewrite_the_callout_is_refused() {
+    refuse_naming(
+        r#"{"ledger":{"cluster":"c","authority":"signer/../admin"}}"#,
+        "ledger.authority",
+        "signer/../admin",
+    );
+    refuse_naming(
+        r#"{"ledger":{"cluster":"c","authority":"signer\r\nx-injected: 1"}}"#,
+        "ledger.authority",
+        "signer",
+    );
+}
+
+#[test]
+fn ledger_timeout_and_ttls_outside_their_bounds_are_refused() {
+    refuse_naming(
+        r#"{"ledger":{"cluster":"c","authority":"a","timeout":"1h"}}"#,
+        "ledger.timeout",
+        "1h",
+    );
+    refuse_naming(
+        r#"{"ledger":{"cluster":"c","authority":"a","cacheTtl":"30d"}}"#,
+        "ledger.cacheTtl",
+        "30d",
+    );
+    refuse_naming(
+        r#"{"ledger":{"cluster":"c","authority":"a","cacheTtl":"1m","negativeCacheTtl":"5m"}}"#,
+        "ledger.negativeCacheTtl",
+        "5m",
+    );
+    let ok = Policy::from_json(
+        br#"{"ledger":{"cluster":"outbound|15014||meshward-signer.istio-system.svc.cluster.local","authority":"meshward-signer.istio-system.svc","timeout":"200ms","cacheTtl":"5m","negativeCacheTtl":"30s"}}"#,
+    )
+    .unwrap();
+    let ledger = ok.ledger().unwrap();
+    assert_eq!(
+        (
+            ledger.timeout_ms,
+            ledger.cache_ttl_secs,
+            ledger.negative_cache_ttl_secs
+        ),
+        (200, 300, 30)
+    );
+}
