@@ -356,3 +356,44 @@ async fn peer_certificate_shown_by_the_proxy_needs_no_callout() {
     assert!(p.with(|p| p.take_http_calls()).is_empty());
     p.finish(ctx).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xfcc_cert_with_the_peer_digest_needs_no_callout() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = start_signer(dir.path()).await;
+    let leaf = issued_leaf(&signer).await;
+    let p = plugin(
+        &policy("http", "deny", "2s"),
+        env(signer.admin_addr().unwrap(), Arc::new(SystemClock)),
+    );
+    let mut headers = get();
+    headers.push((
+        "x-forwarded-client-cert".into(),
+        meshward_e2e::attributes::xfcc_sanitize_set(None, Some(&leaf)).unwrap(),
+    ));
+    let (ctx, outcome) = p.with(|p| p.new_http_request(&props(&leaf), &headers, b"").unwrap());
+    assert_allowed(&outcome);
+    assert!(p.with(|p| p.take_http_calls()).is_empty());
+    p.finish(ctx).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_resumes_after_the_lookup_and_marks_the_deny() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut signer = start_signer(dir.path()).await;
+    let leaf = issued_leaf(&signer).await;
+    let admin = signer.admin_addr().unwrap();
+    signer.stop().await.unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&policy("http", "deny", "2s")).unwrap();
+    config["mode"] = "shadow".into();
+    let p = plugin(&config.to_string(), env(admin, Arc::new(SystemClock)));
+    match request(&p, &leaf).await {
+        HttpOutcome::Continue { headers } => assert!(
+            headers.iter().any(|(k, v)| k == "x-meshward-deny-reason"
+                && v == "shadow: no ALLOW rule matched"),
+            "{headers:?}"
+        ),
+        other => panic!("shadow mode must let the request on, got {other:?}"),
+    }
+}
