@@ -29,7 +29,10 @@ use crate::metrics::Metrics;
 use crate::observer::IssuanceObserver;
 use crate::policy::namespaces::{KubeNamespaceLabels, NamespaceLabels};
 use crate::server::ca_service::{CaPipeline, CaService, to_pem};
-use crate::server::serving::{ServingError, issue_serving_identity};
+use crate::server::serving::{
+    IssuerFingerprint, ServingCertResolver, ServingError, ServingParams, issue_serving_identity,
+    spawn_serving_renewal,
+};
 use crate::server::tls::{server_config, tls_incoming};
 
 /// Why the signer did not start.
@@ -208,8 +211,10 @@ impl Signer {
             OffsetDateTime::now_utc(),
         )
         .await?;
-        let tls = server_config(&serving.chain_pem, &serving.key_pem)
-            .map_err(|e| StartError::Tls(e.to_string()))?;
+        let serving_issued_under = IssuerFingerprint::of(issuer.as_ref());
+        let serving_certs = Arc::new(ServingCertResolver::new(&serving)?);
+        let tls =
+            server_config(serving_certs.clone()).map_err(|e| StartError::Tls(e.to_string()))?;
 
         let policy = config.issuance_policy()?;
         let namespace_labels: Option<Arc<dyn NamespaceLabels>> = match &config.policy.kubernetes {
@@ -295,6 +300,32 @@ impl Signer {
                 shutdown_rx.clone(),
             ));
         }
+        // The serving certificate follows the issuer: checked as often as
+        // the CA itself can change (rotation tick, cacerts reload) and on
+        // every bundle change.
+        let serving_check_interval = config
+            .ca
+            .cacerts
+            .as_ref()
+            .filter(|_| cacerts_metrics.is_some())
+            .map_or(config.bundle.rotation_check_interval, |c| {
+                c.reload_interval.min(config.bundle.rotation_check_interval)
+            });
+        tasks.push(spawn_serving_renewal(
+            issuer.clone(),
+            ServingParams {
+                trust_domain: trust_domain.clone(),
+                dns_names: config.server.dns_names.clone(),
+                ttl: config.server.serving_cert_ttl,
+            },
+            serving_certs,
+            metrics.clone(),
+            serving,
+            serving_issued_under,
+            serving_check_interval,
+            Some(bundle.channel().subscribe()),
+            shutdown_rx.clone(),
+        ));
         if let Some(ca) = rotating {
             // The longest TTL any tier may grant bounds how long an old root
             // must stay trusted after a switch.

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::server::ResolvesServerCert;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::net::{TcpListener, TcpStream};
@@ -96,17 +98,36 @@ impl ClientCertVerifier for RenewalVerifier {
     }
 }
 
-/// The rustls server configuration: serving chain + key, optional client
-/// certificates (judged per request), ALPN h2.
-pub fn server_config(chain_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig, TlsError> {
+/// Parse a serving chain (leaf first, PEM) and its PKCS#8 key (PEM) into a
+/// rustls certified key, checking that the key matches the leaf.
+pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, TlsError> {
     let chain: Vec<CertificateDer<'static>> = pem::parse_many(chain_pem)
         .map_err(|e| TlsError::Identity(e.to_string()))?
         .into_iter()
         .map(|p| CertificateDer::from(p.into_contents()))
         .collect();
+    if chain.is_empty() {
+        return Err(TlsError::Identity("no certificate in the chain".into()));
+    }
     let key_der = pem::parse(key_pem).map_err(|e| TlsError::Identity(e.to_string()))?;
     let key = PrivateKeyDer::try_from(key_der.into_contents())
         .map_err(|e| TlsError::Identity(e.to_string()))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::Identity(e.to_string()))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified
+        .keys_match()
+        .map_err(|e| TlsError::Identity(e.to_string()))?;
+    Ok(certified)
+}
+
+/// The rustls server configuration: the serving certificate comes from
+/// `certs` on every handshake (so it can be replaced while serving),
+/// optional client certificates (judged per request), ALPN h2.
+pub fn server_config(certs: Arc<dyn ResolvesServerCert>) -> Result<rustls::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = RenewalVerifier {
         algorithms: provider.signature_verification_algorithms,
@@ -115,8 +136,7 @@ pub fn server_config(chain_pem: &str, key_pem: &str) -> Result<rustls::ServerCon
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rustls(e.to_string()))?
         .with_client_cert_verifier(Arc::new(verifier))
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        .with_cert_resolver(certs);
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }
