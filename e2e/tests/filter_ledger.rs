@@ -397,3 +397,56 @@ async fn shadow_mode_resumes_after_the_lookup_and_marks_the_deny() {
         other => panic!("shadow mode must let the request on, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_past_max_concurrent_lookups_are_unknown_without_a_callout() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = start_signer(dir.path()).await;
+    let leaf = issued_leaf(&signer).await;
+    let stranger = unknown_leaf();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&policy("http", "deny", "2s")).unwrap();
+    config["ledger"]["maxConcurrentLookups"] = 1.into();
+    let p = plugin(
+        &config.to_string(),
+        env(signer.admin_addr().unwrap(), Arc::new(SystemClock)),
+    );
+    // One lookup waits for its answer...
+    let (first, outcome) = p.with(|p| p.new_http_request(&props(&leaf), &get(), b"").unwrap());
+    assert_eq!(outcome, HttpOutcome::Paused);
+    // ...so the next peer is not looked up: unknown, denied at once.
+    let (second, outcome) = p.with(|p| p.new_http_request(&props(&stranger), &get(), b"").unwrap());
+    assert_denied(&outcome);
+    assert_eq!(lookups(&p, "overloaded"), 1);
+    p.finish(second).unwrap();
+    // The first answer frees the slot.
+    assert!(p.run_pending_calls().await.unwrap());
+    assert_allowed(&p.with(|p| p.http_state(first).unwrap()));
+    p.finish(first).unwrap();
+    assert_eq!(lookups(&p, "not_issued"), 0);
+    let (third, outcome) = p.with(|p| p.new_http_request(&props(&stranger), &get(), b"").unwrap());
+    assert_eq!(outcome, HttpOutcome::Paused);
+    assert!(p.run_pending_calls().await.unwrap());
+    assert_denied(&p.with(|p| p.http_state(third).unwrap()));
+    p.finish(third).unwrap();
+    assert_eq!(lookups(&p, "not_issued"), 1);
+
+    // A request deleted while waiting gives its slot back too.
+    let (waiting, outcome) = p.with(|p| p.new_http_request(&props(&leaf), &get(), b"").unwrap());
+    assert!(
+        matches!(outcome, HttpOutcome::Continue { .. }),
+        "cached: {outcome:?}"
+    );
+    p.finish(waiting).unwrap();
+    let other = unknown_leaf();
+    let (gone, outcome) = p.with(|p| p.new_http_request(&props(&other), &get(), b"").unwrap());
+    assert_eq!(outcome, HttpOutcome::Paused);
+    p.finish(gone).unwrap();
+    let _ = p.with(|p| p.take_http_calls());
+    let (next, outcome) = p.with(|p| {
+        p.new_http_request(&props(&unknown_leaf()), &get(), b"")
+            .unwrap()
+    });
+    assert_eq!(outcome, HttpOutcome::Paused);
+    p.finish(next).unwrap();
+}

@@ -35,6 +35,9 @@ pub struct LedgerConfig {
     pub cache_ttl: Option<String>,
     /// How long a "not in the ledger" answer is cached; default `30s`.
     pub negative_cache_ttl: Option<String>,
+    /// Most lookups in flight at once per plugin VM; default 64. Past it a
+    /// peer's validity is unknown (no callout, no wait).
+    pub max_concurrent_lookups: Option<u32>,
 }
 
 /// Bounds of `ledger.timeout`, milliseconds.
@@ -50,6 +53,7 @@ pub struct LedgerSettings {
     pub timeout_ms: u64,
     pub cache_ttl_secs: i64,
     pub negative_cache_ttl_secs: i64,
+    pub max_concurrent_lookups: usize,
 }
 
 impl LedgerSettings {
@@ -81,12 +85,24 @@ impl LedgerSettings {
                 "must not be longer than ledger.cacheTtl",
             ));
         }
+        let max_concurrent_lookups = match config.max_concurrent_lookups {
+            None => 64,
+            Some(n @ 1..=10_000) => usize::try_from(n).unwrap_or(10_000),
+            Some(n) => {
+                return Err(ConfigError::invalid(
+                    "ledger.maxConcurrentLookups",
+                    &n.to_string(),
+                    "must be 1 to 10000",
+                ));
+            }
+        };
         Ok(Self {
             cluster,
             authority,
             timeout_ms,
             cache_ttl_secs,
             negative_cache_ttl_secs,
+            max_concurrent_lookups,
         })
     }
 
@@ -358,6 +374,7 @@ mod tests {
             timeout: None,
             cache_ttl: Some("5m".into()),
             negative_cache_ttl: Some("30s".into()),
+            max_concurrent_lookups: None,
         })
         .unwrap()
     }
@@ -588,6 +605,7 @@ mod tests {
             timeout: None,
             cache_ttl: None,
             negative_cache_ttl: None,
+            max_concurrent_lookups: None,
         };
         let s = LedgerSettings::compile(&base).unwrap();
         assert_eq!(
@@ -616,6 +634,8 @@ mod tests {
             with(&|c| c.cache_ttl = Some("2d".into())),
             with(&|c| c.cache_ttl = Some("0s".into())),
             with(&|c| c.negative_cache_ttl = Some("10m".into())),
+            with(&|c| c.max_concurrent_lookups = Some(0)),
+            with(&|c| c.max_concurrent_lookups = Some(10_001)),
         ] {
             assert!(bad.is_err());
         }

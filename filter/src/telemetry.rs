@@ -21,7 +21,7 @@ pub const CERT_REMAINING: &str = "meshward_peer_cert_remaining_validity_seconds"
 /// Counter: mTLS peers whose certificate validity no source knew.
 pub const CERT_UNKNOWN: &str = "meshward_peer_cert_validity_unknown_total";
 
-/// Counter: ledger lookups by `result` (`cache_hit`, `issued`, `not_issued`, `unknown`).
+/// Counter: ledger lookups by `result` (`cache_hit`, `issued`, `not_issued`, `unknown`, `overloaded`).
 pub const LEDGER_LOOKUPS: &str = "meshward_ledger_lookups_total";
 
 /// The stat name of one `meshward_ledger_lookups_total` series.

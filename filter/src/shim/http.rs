@@ -1,7 +1,7 @@
 //! HTTP context: one decision per request, in `on_http_request_headers`.
 
 use super::host::{self, Connection, HostError, log};
-use super::ledger::{self, Lookup};
+use super::ledger::{self, InFlight, Lookup, Slot};
 use super::metrics::Metrics;
 use crate::cert::PeerCert;
 use crate::config::Mode;
@@ -21,15 +21,17 @@ const DENY_BODY: &[u8] = b"RBAC: access denied by meshward\n";
 pub struct HttpFilter {
     policy: Option<Rc<Policy>>,
     metrics: Rc<Metrics>,
+    in_flight: Rc<InFlight>,
     /// Set while the request is paused for a ledger lookup.
-    waiting: Option<Inputs>,
+    waiting: Option<(Inputs, Slot)>,
 }
 
 impl HttpFilter {
-    pub fn new(policy: Option<Rc<Policy>>, metrics: Rc<Metrics>) -> Self {
+    pub fn new(policy: Option<Rc<Policy>>, metrics: Rc<Metrics>, in_flight: Rc<InFlight>) -> Self {
         Self {
             policy,
             metrics,
+            in_flight,
             waiting: None,
         }
     }
@@ -93,10 +95,10 @@ impl HttpFilter {
         if let Some(settings) = policy.ledger()
             && let Some(digest) = ledger::wanted(&policy, &request.conn, cert.as_ref())
         {
-            match ledger::start(settings, digest, now, &self.metrics) {
+            match ledger::start(settings, digest, now, &self.metrics, &self.in_flight) {
                 Lookup::Ready(found) => cert = found,
-                Lookup::Dispatched => {
-                    self.waiting = Some(request);
+                Lookup::Dispatched(slot) => {
+                    self.waiting = Some((request, slot));
                     return Ok(Action::Pause);
                 }
             }
@@ -143,7 +145,7 @@ impl HttpFilter {
 
     /// The ledger answered (or the callout failed / timed out): decide now.
     fn resume(&mut self, body_size: usize) -> Result<Action, HostError> {
-        let request = self
+        let (request, slot) = self
             .waiting
             .take()
             .ok_or_else(|| HostError("ledger answer for a request not waiting for one".into()))?;
@@ -156,6 +158,7 @@ impl HttpFilter {
             .ok_or_else(|| HostError("ledger answer without ledger config".into()))?;
         let now = host::now()?;
         let cert = ledger::finish(settings, &request.conn, body_size, now, &self.metrics);
+        drop(slot);
         Ok(self.finish(&policy, &request, cert, now))
     }
 }

@@ -12,7 +12,36 @@ use crate::ledger::{
 use crate::policy::Policy;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType};
+use std::cell::Cell;
+use std::rc::Rc;
 use std::time::Duration;
+
+/// How many lookups this VM has in flight (bounded by
+/// `ledger.maxConcurrentLookups`).
+#[derive(Default)]
+pub struct InFlight(Cell<usize>);
+
+/// One lookup's place in [`InFlight`], given back when dropped: after the
+/// answer is handled, or when the waiting context is deleted first.
+pub struct Slot(Rc<InFlight>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let count = &self.0.0;
+        count.set(count.get().saturating_sub(1));
+    }
+}
+
+impl InFlight {
+    fn take(self: &Rc<Self>, max: usize) -> Option<Slot> {
+        let n = self.0.get();
+        if n >= max {
+            return None;
+        }
+        self.0.set(n.saturating_add(1));
+        Some(Slot(self.clone()))
+    }
+}
 
 /// Where a lookup stands after [`start`].
 pub enum Lookup {
@@ -20,7 +49,8 @@ pub enum Lookup {
     /// failure: validity unknown).
     Ready(Option<PeerCert>),
     /// A callout is on its way; the answer arrives in `on_http_call_response`.
-    Dispatched,
+    /// Keep the slot until then.
+    Dispatched(Slot),
 }
 
 /// The digest to look up, when the ledger should be asked about this
@@ -58,7 +88,13 @@ fn validity(answer: LedgerAnswer) -> Option<PeerCert> {
 }
 
 /// Looks `digest` up in shared data; on a miss dispatches the callout.
-pub fn start(settings: &LedgerSettings, digest: &str, now: UnixTime, metrics: &Metrics) -> Lookup {
+pub fn start(
+    settings: &LedgerSettings,
+    digest: &str,
+    now: UnixTime,
+    metrics: &Metrics,
+    in_flight: &Rc<InFlight>,
+) -> Lookup {
     let key = ledger::cache_key(digest);
     match hostcalls::get_shared_data(&key) {
         Ok((Some(bytes), _)) => {
@@ -74,6 +110,17 @@ pub fn start(settings: &LedgerSettings, digest: &str, now: UnixTime, metrics: &M
             &format!("meshward: get_shared_data {key}: {status:?}"),
         ),
     }
+    let Some(slot) = in_flight.take(settings.max_concurrent_lookups) else {
+        log(
+            LogLevel::Warn,
+            &format!(
+                "meshward: {} ledger lookups in flight (ledger.maxConcurrentLookups); certificate validity unknown",
+                settings.max_concurrent_lookups
+            ),
+        );
+        metrics.ledger_lookup("overloaded");
+        return Lookup::Ready(None);
+    };
     let path = ledger::lookup_path(digest);
     let headers = settings.request_headers(&path).to_vec();
     match hostcalls::dispatch_http_call(
@@ -83,7 +130,7 @@ pub fn start(settings: &LedgerSettings, digest: &str, now: UnixTime, metrics: &M
         vec![],
         Duration::from_millis(settings.timeout_ms),
     ) {
-        Ok(_) => Lookup::Dispatched,
+        Ok(_) => Lookup::Dispatched(slot),
         Err(status) => {
             log(
                 LogLevel::Warn,

@@ -3,6 +3,7 @@
 
 use super::host::log;
 use super::http::HttpFilter;
+use super::ledger::InFlight;
 use super::metrics::Metrics;
 use super::stream::TcpFilter;
 use crate::config::{ConfigError, FilterType};
@@ -20,6 +21,8 @@ pub struct Root {
     /// contexts created after a refusal have the right kind (and deny).
     filter_type: FilterType,
     metrics: Rc<Metrics>,
+    /// Ledger lookups in flight in this VM, across contexts.
+    in_flight: Rc<InFlight>,
 }
 
 impl Root {
@@ -28,6 +31,7 @@ impl Root {
             policy: None,
             filter_type: FilterType::Http,
             metrics: Rc::new(Metrics::default()),
+            in_flight: Rc::new(InFlight::default()),
         }
     }
 
@@ -91,6 +95,7 @@ impl RootContext for Root {
         Some(Box::new(HttpFilter::new(
             self.policy.clone(),
             self.metrics.clone(),
+            self.in_flight.clone(),
         )))
     }
 
@@ -98,6 +103,7 @@ impl RootContext for Root {
         Some(Box::new(TcpFilter::new(
             self.policy.clone(),
             self.metrics.clone(),
+            self.in_flight.clone(),
         )))
     }
 

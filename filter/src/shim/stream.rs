@@ -10,7 +10,7 @@
 //! until the lookup answers or times out.
 
 use super::host::{self, Connection, HostError, log};
-use super::ledger::{self, Lookup};
+use super::ledger::{self, InFlight, Lookup, Slot};
 use super::metrics::Metrics;
 use crate::cert::PeerCert;
 use crate::config::Mode;
@@ -35,9 +35,10 @@ enum State {
 pub struct TcpFilter {
     policy: Option<Rc<Policy>>,
     metrics: Rc<Metrics>,
+    in_flight: Rc<InFlight>,
     state: State,
     /// The connection facts kept while the ledger is asked.
-    waiting: Option<Connection>,
+    waiting: Option<(Connection, Slot)>,
 }
 
 /// What to do with the connection.
@@ -48,10 +49,11 @@ enum Outcome {
 }
 
 impl TcpFilter {
-    pub fn new(policy: Option<Rc<Policy>>, metrics: Rc<Metrics>) -> Self {
+    pub fn new(policy: Option<Rc<Policy>>, metrics: Rc<Metrics>, in_flight: Rc<InFlight>) -> Self {
         Self {
             policy,
             metrics,
+            in_flight,
             state: State::Undecided,
             waiting: None,
         }
@@ -71,10 +73,10 @@ impl TcpFilter {
         if let Some(settings) = policy.ledger()
             && let Some(digest) = ledger::wanted(&policy, &conn, cert.as_ref())
         {
-            match ledger::start(settings, digest, now, &self.metrics) {
+            match ledger::start(settings, digest, now, &self.metrics, &self.in_flight) {
                 Lookup::Ready(found) => cert = found,
-                Lookup::Dispatched => {
-                    self.waiting = Some(conn);
+                Lookup::Dispatched(slot) => {
+                    self.waiting = Some((conn, slot));
                     return Ok(Outcome::Wait);
                 }
             }
@@ -143,7 +145,7 @@ impl TcpFilter {
 
     /// The ledger answered (or the callout failed / timed out).
     fn resume(&mut self, body_size: usize) -> Result<Outcome, HostError> {
-        let conn = self.waiting.take().ok_or_else(|| {
+        let (conn, slot) = self.waiting.take().ok_or_else(|| {
             HostError("ledger answer for a connection not waiting for one".into())
         })?;
         let policy = self.policy()?;
@@ -152,6 +154,7 @@ impl TcpFilter {
             .ok_or_else(|| HostError("ledger answer without ledger config".into()))?;
         let now = host::now()?;
         let cert = ledger::finish(settings, &conn, body_size, now, &self.metrics);
+        drop(slot);
         Ok(self.judge(&policy, &conn, cert, now))
     }
 
