@@ -180,6 +180,14 @@ impl Context for HttpFilter {
         body_size: usize,
         _num_trailers: usize,
     ) {
+        if self.waiting.is_none() {
+            // Already decided: an answer nobody waits for changes nothing.
+            log(
+                LogLevel::Warn,
+                "meshward: ledger answer for a request not waiting for one, ignored",
+            );
+            return;
+        }
         let action = match self.resume(body_size) {
             Ok(action) => action,
             Err(HostError(why)) => self.fail_closed(why),
