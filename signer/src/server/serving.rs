@@ -43,10 +43,13 @@ pub struct ServingIdentity {
 
 impl ServingIdentity {
     /// When it should be replaced: after 2/3 of the time from issuance to
-    /// notAfter.
+    /// notAfter, and never sooner than one second after issuance (a
+    /// signing CA at or past its end would otherwise make every check
+    /// renew).
     pub fn renew_at(&self) -> OffsetDateTime {
-        let life = self.not_after - self.issued_at;
-        self.issued_at + life * 2 / 3
+        let life: time::Duration = self.not_after - self.issued_at;
+        let wait: time::Duration = life * 2 / 3;
+        self.issued_at + wait.max(time::Duration::seconds(1))
     }
 }
 
@@ -379,6 +382,17 @@ mod tests {
                 at(1_001)
             ),
             Some(RenewReason::IssuerChanged)
+        );
+    }
+
+    #[test]
+    fn serving_cert_from_an_expired_ca_is_not_renewed_in_a_busy_loop() {
+        let id = identity(1_000, 900);
+        let fp = IssuerFingerprint([1; 32]);
+        assert_eq!(renewal_due(&id, fp, fp, at(1_000)), None);
+        assert_eq!(
+            renewal_due(&id, fp, fp, at(1_001)),
+            Some(RenewReason::Lifetime)
         );
     }
 
