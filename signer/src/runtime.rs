@@ -262,7 +262,7 @@ impl Signer {
             &config.bundle,
             trust_domain.as_ref(),
             issuer.trust_anchors(),
-            (&serving.chain_pem, &serving.key_pem),
+            serving_certs.clone(),
             shutdown_rx.clone(),
         )
         .await?;

@@ -116,8 +116,11 @@ async fn assert_ca_expiry_gauge_follows_issuer(h: &Harness) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn client_trusting_only_the_new_root_can_reach_the_signer_after_rotation() {
-    let h =
-        Harness::start_with(|c| c.bundle.rotation_check_interval = Duration::from_millis(50)).await;
+    let h = Harness::start_with(|c| {
+        c.bundle.rotation_check_interval = Duration::from_millis(50);
+        c.bundle.endpoint_addr = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
     let old_root = h.signer.issuer().trust_anchors()[0].clone();
     let dir = ca_dir(&h);
     let now = time::OffsetDateTime::now_utc();
@@ -169,7 +172,43 @@ async fn client_trusting_only_the_new_root_can_reach_the_signer_after_rotation()
     assert_eq!(cert.roots, vec![new_root.clone()]);
     assert!(chains_to(&cert, &new_root));
     assert_ca_expiry_gauge_follows_issuer(&h).await;
+    // The HTTPS SPIFFE bundle endpoint presents the renewed certificate too.
+    let jwks = fetch_bundle_trusting_only(&h, &new_root)
+        .await
+        .unwrap_or_else(|e| panic!("bundle endpoint not verifiable with the new root: {e}"));
+    assert!(jwks.contains("x509-svid"), "{jwks}");
     h.signer.shutdown().await.unwrap();
+}
+
+/// GET the SPIFFE bundle over HTTPS trusting only `root`; retried (bounded)
+/// while the serving certificate may still be renewing.
+async fn fetch_bundle_trusting_only(
+    h: &Harness,
+    root: &CertificateDer<'static>,
+) -> Result<String, String> {
+    let addr = h
+        .signer
+        .bundle_endpoint()
+        .expect("bundle endpoint configured");
+    let client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_der(root.as_ref()).unwrap())
+        .resolve("localhost", addr)
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/bundle.jwks.json", addr.port());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let last = match client.get(&url).send().await {
+            Ok(r) if r.status().is_success() => return r.text().await.map_err(|e| e.to_string()),
+            Ok(r) => format!("status {}", r.status()),
+            Err(e) => format!("{e:?}"),
+        };
+        if Instant::now() >= deadline {
+            return Err(last);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

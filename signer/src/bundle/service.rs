@@ -87,14 +87,16 @@ pub struct BundleService {
 
 impl BundleService {
     /// Build the first bundle from `roots`, start the configured sinks and
-    /// the HTTPS endpoint (with `serving` = (chain PEM, PKCS#8 key PEM)).
+    /// the HTTPS endpoint, which presents whatever `serving` resolves at each
+    /// handshake (the signer's serving certificate, renewed when the CA
+    /// changes).
     /// The initial sequence is the current Unix time, so it keeps
     /// increasing across restarts.
     pub async fn start(
         config: &BundleConfig,
         trust_domain: &str,
         roots: Vec<CertificateDer<'static>>,
-        serving: (&str, &str),
+        serving: Arc<dyn rustls::server::ResolvesServerCert>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, BundleError> {
         let sequence = u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(1);
@@ -125,7 +127,7 @@ impl BundleService {
         }
         let mut endpoint_addr = None;
         if let Some(addr) = config.endpoint_addr {
-            let tls = server_tls(serving.0, serving.1)?;
+            let tls = server_tls_resolved(serving)?;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| endpoint_err(format!("binding {addr}: {e}")))?;
@@ -207,6 +209,20 @@ async fn configmap_sink(cm: &ConfigMapConfig) -> Result<ConfigMapSink, BundleErr
             .map_err(|e| err(format!("no Kubernetes client configuration: {e}")))?,
     };
     Ok(ConfigMapSink::new(client, selector))
+}
+
+/// A rustls server config presenting what `resolver` gives at each handshake.
+pub fn server_tls_resolved(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+) -> Result<Arc<rustls::ServerConfig>, BundleError> {
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| endpoint_err(e.to_string()))?
+    .with_no_client_auth()
+    .with_cert_resolver(resolver);
+    Ok(Arc::new(config))
 }
 
 /// A rustls server config from a PEM chain and a PKCS#8 PEM key.
