@@ -242,6 +242,17 @@ mod tests {
         ]
     }
 
+    /// Check `der` as a leaf for `key`, issued under `pki`'s intermediate.
+    fn check_leaf(pki: &Pki, key: &KeyPair, der: &[u8]) -> Result<Validity, Rejection> {
+        let spki = spki(key);
+        check_issued(
+            der,
+            std::slice::from_ref(&pki.int_der),
+            &anchors(pki),
+            &expected(&spki),
+        )
+    }
+
     fn spki(key: &KeyPair) -> Vec<u8> {
         rcgen::PublicKeyData::subject_public_key_info(key)
     }
@@ -251,13 +262,7 @@ mod tests {
         let pki = make_pki();
         let key = KeyPair::generate().unwrap();
         let der = leaf(&pki, &key, vec![uri(ID)], NOW - 30, NOW + 3600);
-        let spki = spki(&key);
-        let v = check_issued(
-            &der,
-            std::slice::from_ref(&pki.int_der),
-            &anchors(&pki),
-            &expected(&spki),
-        );
+        let v = check_leaf(&pki, &key, &der);
         assert_eq!(
             v,
             Ok(Validity {
@@ -278,13 +283,7 @@ mod tests {
             NOW - 30,
             NOW + 3600,
         );
-        let spki = spki(&key);
-        let r = check_issued(
-            &der,
-            std::slice::from_ref(&pki.int_der),
-            &anchors(&pki),
-            &expected(&spki),
-        );
+        let r = check_leaf(&pki, &key, &der);
         assert!(matches!(r, Err(Rejection::WrongSan { .. })), "{r:?}");
     }
 
@@ -302,13 +301,7 @@ mod tests {
             NOW - 30,
             NOW + 3600,
         );
-        let spki = spki(&key);
-        let r = check_issued(
-            &der,
-            std::slice::from_ref(&pki.int_der),
-            &anchors(&pki),
-            &expected(&spki),
-        );
+        let r = check_leaf(&pki, &key, &der);
         assert!(matches!(r, Err(Rejection::WrongSan { .. })), "{r:?}");
     }
 
@@ -333,13 +326,7 @@ mod tests {
         let pki = make_pki();
         let key = KeyPair::generate().unwrap();
         let der = leaf(&pki, &key, vec![uri(ID)], NOW - 30, NOW + 48 * 3600);
-        let spki = spki(&key);
-        let r = check_issued(
-            &der,
-            std::slice::from_ref(&pki.int_der),
-            &anchors(&pki),
-            &expected(&spki),
-        );
+        let r = check_leaf(&pki, &key, &der);
         assert!(matches!(r, Err(Rejection::TooLong { .. })), "{r:?}");
     }
 
@@ -348,13 +335,7 @@ mod tests {
         let pki = make_pki();
         let key = KeyPair::generate().unwrap();
         let der = leaf(&pki, &key, vec![uri(ID)], NOW + 600, NOW + 3600);
-        let spki = spki(&key);
-        let r = check_issued(
-            &der,
-            std::slice::from_ref(&pki.int_der),
-            &anchors(&pki),
-            &expected(&spki),
-        );
+        let r = check_leaf(&pki, &key, &der);
         assert!(matches!(r, Err(Rejection::NotValidNow { .. })), "{r:?}");
     }
 
