@@ -5,6 +5,7 @@
 //! verifies Kubernetes service-account tokens offline; a client-certificate
 //! authenticator for mTLS renewal plugs in behind the same trait.
 
+pub mod cache;
 pub mod client_cert;
 pub mod jwt;
 pub mod keys;

@@ -148,6 +148,13 @@ pub struct AuthnConfig {
     /// Accept a client certificate from this CA instead of a token (renewal
     /// over mTLS; the caller can only get its own identity again).
     pub mtls_renewal: bool,
+    /// How long a token that verified is trusted again without verifying
+    /// its signature (never past its own `exp`; TokenReview answers are not
+    /// cached). `0s` turns the cache off.
+    #[serde(with = "human")]
+    pub token_cache_ttl: Duration,
+    /// Most verified tokens remembered.
+    pub token_cache_entries: usize,
     /// Trusted service-account token issuers (`[[authn.jwt]]`).
     pub jwt: Vec<JwtIssuerConfig>,
 }
@@ -324,6 +331,8 @@ impl Default for AuthnConfig {
         Self {
             trusted_node_accounts: Vec::new(),
             mtls_renewal: true,
+            token_cache_ttl: Duration::from_secs(60),
+            token_cache_entries: 100_000,
             jwt: vec![JwtIssuerConfig {
                 public_key_file: Some(PathBuf::from("/var/run/meshward/sa-signing-key.pub")),
                 ..JwtIssuerConfig::new("https://kubernetes.default.svc.cluster.local")

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info};
 
 use crate::admin::{self, AdminState};
+use crate::authn::cache::TokenCacheOptions;
 use crate::authn::client_cert::ClientCertAuthenticator;
 use crate::authn::jwt::{JwtAuthenticator, KeySource, TrustedIssuer};
 use crate::authn::keys::{self, KeyError};
@@ -517,7 +518,12 @@ pub fn jwt_authenticator(
             cluster_id: j.cluster_id.clone(),
         });
     }
-    Ok(JwtAuthenticator::new(trust_domain.clone(), issuers))
+    Ok(
+        JwtAuthenticator::new(trust_domain.clone(), issuers).with_token_cache(TokenCacheOptions {
+            ttl: config.authn.token_cache_ttl,
+            max_entries: config.authn.token_cache_entries,
+        }),
+    )
 }
 
 fn read(path: &std::path::Path) -> Result<String, StartError> {

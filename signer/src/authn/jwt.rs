@@ -23,6 +23,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 use spiffe::TrustDomain;
 
+use super::cache::{self, TokenCache, TokenCacheOptions, TokenWindow};
 use super::keys::{JwtAlgorithm, VerificationKey};
 use super::oidc::DiscoveredKeys;
 use super::token_review::TokenReviewer;
@@ -73,6 +74,7 @@ pub struct TrustedIssuer {
 pub struct JwtAuthenticator {
     trust_domain: TrustDomain,
     issuers: Vec<TrustedIssuer>,
+    cache: Option<Arc<TokenCache>>,
 }
 
 #[derive(Deserialize)]
@@ -138,7 +140,21 @@ impl JwtAuthenticator {
         Self {
             trust_domain,
             issuers,
+            cache: None,
         }
+    }
+
+    /// Remember successful verifications (see [`super::cache`]); a zero
+    /// `ttl` leaves the cache off.
+    pub fn with_token_cache(mut self, options: TokenCacheOptions) -> Self {
+        let cache = TokenCache::new(options);
+        self.cache = cache.enabled().then(|| Arc::new(cache));
+        self
+    }
+
+    /// The verified-token cache, when on.
+    pub fn token_cache(&self) -> Option<&TokenCache> {
+        self.cache.as_deref()
     }
 
     /// The configured issuers.
@@ -172,6 +188,12 @@ impl JwtAuthenticator {
                 "{} bytes, more than {MAX_TOKEN_BYTES}",
                 token.len()
             )));
+        }
+        let cache_key = self.cache.as_ref().map(|_| cache::key(token, cluster_id));
+        if let (Some(c), Some(k)) = (&self.cache, &cache_key)
+            && let Some(hit) = c.get(k, now_unix)
+        {
+            return Ok(hit);
         }
         let mut parts = token.split('.');
         let (Some(h64), Some(p64), Some(s64), None) =
@@ -294,7 +316,7 @@ impl JwtAuthenticator {
                 ));
             }
         };
-        if let Some(r) = reviewed
+        if let Some(r) = &reviewed
             && (r.namespace != namespace || r.service_account != service_account)
         {
             return Err(AuthnError::NoIdentity(format!(
@@ -302,11 +324,21 @@ impl JwtAuthenticator {
                 r.namespace, r.service_account
             )));
         }
-        Ok(VerifiedToken {
+        let verified = VerifiedToken {
             issuer: iss.to_string(),
             namespace,
             service_account,
-        })
+        };
+        // TokenReview answers are not cached: a deleted pod's token must stop
+        // working at once.
+        if let (Some(c), Some(k), None) = (&self.cache, cache_key, &reviewed) {
+            let window = TokenWindow {
+                usable_from: claims.nbf.map(|nbf| nbf.saturating_sub(skew)),
+                usable_until: exp.saturating_add(skew),
+            };
+            c.insert(k, &verified, window, now_unix);
+        }
+        Ok(verified)
     }
 }
 
@@ -381,6 +413,83 @@ mod tests {
             let t = format!("{}.{}.{}", URL_SAFE_NO_PAD.encode(&h), URL_SAFE_NO_PAD.encode(&p), URL_SAFE_NO_PAD.encode(&s));
             prop_assert!(block_on(authenticator().verify(&t, None, 0)).is_err());
         }
+    }
+
+    /// A P-256 signing key and an authenticator trusting it, with the
+    /// verified-token cache on for an hour.
+    fn signing_setup() -> (ring::signature::EcdsaKeyPair, JwtAuthenticator) {
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        let public = pair.public_key().as_ref();
+        let key = VerificationKey::p256(Some("k".into()), &public[1..33], &public[33..65]).unwrap();
+        let authn = JwtAuthenticator::new(
+            TrustDomain::new("cluster.local").unwrap(),
+            vec![TrustedIssuer {
+                issuer: "iss".into(),
+                audiences: vec!["istio-ca".into()],
+                keys: KeySource::Static(vec![key]),
+                clock_skew: Duration::from_secs(60),
+                cluster_id: None,
+            }],
+        )
+        .with_token_cache(TokenCacheOptions {
+            ttl: Duration::from_secs(3_600),
+            max_entries: 100,
+        });
+        (pair, authn)
+    }
+
+    fn mint(pair: &ring::signature::EcdsaKeyPair, exp: i64) -> String {
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256","kid":"k"}"#);
+        let claims = URL_SAFE_NO_PAD.encode(
+            format!(
+                r#"{{"iss":"iss","aud":"istio-ca","exp":{exp},"sub":"system:serviceaccount:shop:web"}}"#
+            )
+            .as_bytes(),
+        );
+        let message = format!("{header}.{claims}");
+        let sig = pair
+            .sign(&ring::rand::SystemRandom::new(), message.as_bytes())
+            .unwrap();
+        format!("{message}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+    }
+
+    #[test]
+    fn cached_token_is_refused_once_it_expires() {
+        let (pair, authn) = signing_setup();
+        let token = mint(&pair, 1_100);
+        let ok = block_on(authn.verify(&token, None, 1_000)).unwrap();
+        assert_eq!(
+            (ok.namespace.as_str(), ok.service_account.as_str()),
+            ("shop", "web")
+        );
+        assert_eq!(authn.token_cache().map(TokenCache::len), Some(1));
+        assert!(block_on(authn.verify(&token, None, 1_159)).is_ok());
+        assert_eq!(
+            block_on(authn.verify(&token, None, 1_160)),
+            Err(AuthnError::Expired(1_100))
+        );
+    }
+
+    #[test]
+    fn tampered_copy_of_a_cached_token_is_verified_and_refused() {
+        let (pair, authn) = signing_setup();
+        let token = mint(&pair, 1_100);
+        assert!(block_on(authn.verify(&token, None, 1_000)).is_ok());
+        // Another payload under the cached token's signature.
+        let (head, rest) = token.split_once('.').unwrap();
+        let (_, sig) = rest.split_once('.').unwrap();
+        let forged_claims = URL_SAFE_NO_PAD.encode(
+            br#"{"iss":"iss","aud":"istio-ca","exp":1100,"sub":"system:serviceaccount:kube-system:admin"}"#,
+        );
+        let forged = format!("{head}.{forged_claims}.{sig}");
+        assert_eq!(
+            block_on(authn.verify(&forged, None, 1_000)),
+            Err(AuthnError::BadSignature)
+        );
     }
 
     #[test]

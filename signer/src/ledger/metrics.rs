@@ -33,6 +33,9 @@ pub struct LedgerMetrics {
     pruned: Counter,
     max_namespaces: usize,
     seen: Mutex<HashSet<String>>,
+    /// Certificates recorded since start; guards the gauges against a
+    /// recount that raced an issuance (see [`LedgerMetrics::set_counts_if_current`]).
+    generation: Mutex<u64>,
 }
 
 impl LedgerMetrics {
@@ -46,6 +49,7 @@ impl LedgerMetrics {
             pruned: Counter::default(),
             max_namespaces,
             seen: Mutex::new(HashSet::new()),
+            generation: Mutex::new(0),
         }
     }
 
@@ -112,8 +116,29 @@ impl LedgerMetrics {
     pub fn recorded(&self, namespace: &str) {
         let label = self.label(namespace);
         self.recorded.get_or_create(&label).inc();
+        let mut generation = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        *generation += 1;
         self.on_record.get_or_create(&label).inc();
         self.valid.get_or_create(&label).inc();
+    }
+
+    /// How many certificates were recorded so far: read it before counting
+    /// the ledger, and hand it to [`LedgerMetrics::set_counts_if_current`].
+    pub fn generation(&self) -> u64 {
+        *self.generation.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replace the gauges with `counts` — taken after `generation` was
+    /// read — unless a certificate was recorded since: those counts may miss
+    /// it, and replacing would lose it until the next recount. Returns
+    /// whether they were applied.
+    pub fn set_counts_if_current(&self, counts: &[NamespaceCount], generation: u64) -> bool {
+        let now = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        if *now != generation {
+            return false;
+        }
+        self.set_counts(counts);
+        true
     }
 
     /// One issuance failed at the ledger.
@@ -166,5 +191,31 @@ mod tests {
             r#"meshward_signer_ledger_certificates_recorded_total{namespace="_other"} 2"#
         ));
         assert!(!out.contains(r#"namespace="c""#));
+    }
+
+    #[test]
+    fn recount_that_raced_an_issuance_does_not_drop_it() {
+        let m = LedgerMetrics::new(10);
+        let before = m.generation();
+        // The recount read the ledger before this certificate was committed...
+        let stale: Vec<NamespaceCount> = Vec::new();
+        m.recorded("shop");
+        // ...so it must not replace the gauges that already count it.
+        assert!(!m.set_counts_if_current(&stale, before));
+        let mut reg = Registry::with_prefix("meshward_signer");
+        m.register(&mut reg);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        assert!(
+            out.contains(r#"meshward_signer_ledger_certificates_valid{namespace="shop"} 1"#),
+            "{out}"
+        );
+        // A recount taken after it applies.
+        let fresh = vec![NamespaceCount {
+            namespace: "shop".into(),
+            recorded: 1,
+            valid: 0,
+        }];
+        assert!(m.set_counts_if_current(&fresh, m.generation()));
     }
 }

@@ -174,12 +174,28 @@ impl LedgerService {
             }
             Err(e) => tracing::warn!(error = %e, "ledger prune failed"),
         }
-        match self.ledger.counts_by_namespace(now).await {
-            Ok(counts) => self.metrics.set_counts(&counts),
-            Err(e) => tracing::warn!(error = %e, "ledger counts failed"),
+        // A recount that raced an issuance could drop it from the gauges
+        // (they count each issuance as it is recorded); count again, and
+        // after a few tries apply anyway — the next pass corrects it.
+        for attempt in 1..=RECOUNT_ATTEMPTS {
+            let generation = self.metrics.generation();
+            match self.ledger.counts_by_namespace(now).await {
+                Ok(counts) => {
+                    if attempt == RECOUNT_ATTEMPTS {
+                        self.metrics.set_counts(&counts);
+                    } else if !self.metrics.set_counts_if_current(&counts, generation) {
+                        continue;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "ledger counts failed"),
+            }
+            break;
         }
     }
 }
+
+/// Recounts tried while issuances keep racing them.
+const RECOUNT_ATTEMPTS: u32 = 3;
 
 async fn lookup(
     State(ledger): State<Arc<dyn Ledger>>,

@@ -1,16 +1,26 @@
 //! The default ledger store: one embedded SQLite file, WAL journal,
 //! `synchronous=FULL` (a commit is on disk before `record` returns).
 //!
-//! SQLite calls block, so every call runs on tokio's blocking pool
-//! (`spawn_blocking`) with the connection behind a mutex: one writer at a
-//! time, which is what SQLite allows anyway.
+//! **Writes** go to one writer thread that owns the write connection and
+//! commits in groups: it takes every record waiting (up to
+//! [`MAX_GROUP`]) into one transaction and answers each caller only after
+//! that transaction's commit — one fsync for the group instead of one per
+//! certificate, and still nothing answered before it is on disk. Under load
+//! the group grows by itself (records queue while the previous commit
+//! syncs); alone, a record commits at once.
+//!
+//! **Reads** (lookups by digest, counts, the rotation query) use their own
+//! connection on tokio's blocking pool, so a filter's lookup never waits
+//! behind a commit (WAL lets readers run beside the writer).
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use time::OffsetDateTime;
+use tokio::sync::oneshot;
 
 use super::{CertDigest, IssuanceRecord, Ledger, LedgerError, LedgerFuture, NamespaceCount};
 
@@ -33,6 +43,14 @@ CREATE INDEX IF NOT EXISTS certificates_serial ON certificates (serial);
 CREATE INDEX IF NOT EXISTS certificates_issued_at ON certificates (issued_at);
 ";
 
+const INSERT: &str = "INSERT INTO certificates
+   (sha256, serial, spiffe_id, namespace, not_before, not_after, backend, caller, issued_at)
+ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+ ON CONFLICT (sha256) DO NOTHING";
+
+/// Most records committed in one transaction.
+pub const MAX_GROUP: usize = 512;
+
 /// How to open the SQLite ledger.
 #[derive(Debug, Clone)]
 pub struct SqliteOptions {
@@ -43,15 +61,25 @@ pub struct SqliteOptions {
     pub busy_timeout: Duration,
 }
 
+type Reply<T> = oneshot::Sender<Result<T, LedgerError>>;
+
+/// Work for the writer thread.
+enum Job {
+    Record(Box<IssuanceRecord>, Reply<()>),
+    Prune(i64, Reply<u64>),
+}
+
 /// The SQLite ledger.
 #[derive(Debug, Clone)]
 pub struct SqliteLedger {
-    conn: Arc<Mutex<Connection>>,
+    writer: mpsc::Sender<Job>,
+    reader: Arc<Mutex<Connection>>,
     path: PathBuf,
 }
 
 impl SqliteLedger {
-    /// Open (or create) the database, switch it to WAL and create the schema.
+    /// Open (or create) the database, switch it to WAL, create the schema
+    /// and start the writer thread (it ends when the last clone is dropped).
     pub fn open(opts: &SqliteOptions) -> Result<Self, LedgerError> {
         let open_err = |reason: String| LedgerError::Open {
             path: opts.path.display().to_string(),
@@ -70,12 +98,34 @@ impl SqliteLedger {
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(open_err(format!("journal mode is {mode}, WAL refused")));
         }
-        conn.execute_batch("PRAGMA synchronous=FULL;")
-            .map_err(|e| open_err(e.to_string()))?;
+        // synchronous=FULL: a commit is on disk before anyone is answered.
+        // A 64 MiB page cache keeps the B-tree pages a group touches in
+        // memory (the keys are digests: every insert lands on a random
+        // leaf), and checkpointing every 8 000 WAL pages instead of 1 000
+        // copies a page hot in many groups into the database once.
+        conn.execute_batch(
+            "PRAGMA synchronous=FULL; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=8000;",
+        )
+        .map_err(|e| open_err(e.to_string()))?;
         conn.execute_batch(SCHEMA)
             .map_err(|e| open_err(format!("creating the schema: {e}")))?;
+
+        let reader = Connection::open(&opts.path).map_err(|e| open_err(e.to_string()))?;
+        reader
+            .busy_timeout(opts.busy_timeout)
+            .map_err(|e| open_err(e.to_string()))?;
+        reader
+            .execute_batch("PRAGMA query_only=1; PRAGMA cache_size=-16384;")
+            .map_err(|e| open_err(e.to_string()))?;
+
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("ledger-writer".to_string())
+            .spawn(move || writer_loop(conn, &rx))
+            .map_err(|e| open_err(format!("starting the writer thread: {e}")))?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            writer: tx,
+            reader: Arc::new(Mutex::new(reader)),
             path: opts.path.clone(),
         })
     }
@@ -85,12 +135,12 @@ impl SqliteLedger {
         &self.path
     }
 
-    async fn with_conn<T, F>(&self, op: &'static str, f: F) -> Result<T, LedgerError>
+    async fn read<T, F>(&self, op: &'static str, f: F) -> Result<T, LedgerError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
+        let conn = Arc::clone(&self.reader);
         tokio::task::spawn_blocking(move || {
             let conn = conn.lock().map_err(|_| LedgerError::Store {
                 op,
@@ -104,6 +154,106 @@ impl SqliteLedger {
             reason: format!("blocking task failed: {e}"),
         })?
     }
+
+    async fn write<T>(
+        &self,
+        op: &'static str,
+        job: impl FnOnce(Reply<T>) -> Job,
+    ) -> Result<T, LedgerError> {
+        let gone = || LedgerError::Store {
+            op,
+            reason: "the ledger writer thread has stopped".to_string(),
+        };
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(job(reply)).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+/// The writer thread: one group commit per turn.
+fn writer_loop(mut conn: Connection, rx: &mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut records = Vec::new();
+        let mut prunes = Vec::new();
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Record(rec, reply) => records.push((rec, reply)),
+                Job::Prune(cutoff, reply) => prunes.push((cutoff, reply)),
+            }
+            if records.len() + prunes.len() < MAX_GROUP {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !records.is_empty() {
+            commit_group(&mut conn, records);
+        }
+        for (cutoff, reply) in prunes {
+            let _ = reply.send(prune(&conn, cutoff));
+        }
+    }
+}
+
+/// Insert every record in one transaction; each caller hears `Ok` only if
+/// its insert succeeded and the commit is durable.
+fn commit_group(conn: &mut Connection, records: Vec<(Box<IssuanceRecord>, Reply<()>)>) {
+    // `rusqlite::Error` is not `Clone`: a group failure reaches every
+    // caller as the same message.
+    let fail_all = |records: Vec<(Box<IssuanceRecord>, Reply<()>)>, e: &rusqlite::Error| {
+        for (_, reply) in records {
+            let _ = reply.send(Err(LedgerError::Store {
+                op: "record",
+                reason: e.to_string(),
+            }));
+        }
+    };
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return fail_all(records, &e),
+    };
+    let mut inserted = Vec::with_capacity(records.len());
+    {
+        let mut stmt = match tx.prepare_cached(INSERT) {
+            Ok(stmt) => stmt,
+            Err(e) => return fail_all(records, &e),
+        };
+        for (rec, reply) in records {
+            match stmt.execute(params![
+                rec.sha256.to_hex(),
+                rec.serial,
+                rec.spiffe_id,
+                rec.namespace,
+                rec.not_before.unix_timestamp(),
+                rec.not_after.unix_timestamp(),
+                rec.backend,
+                rec.caller,
+                rec.issued_at.unix_timestamp(),
+            ]) {
+                Ok(_) => inserted.push((rec, reply)),
+                Err(e) => {
+                    let _ = reply.send(Err(store_err("record")(e)));
+                }
+            }
+        }
+    }
+    match tx.commit() {
+        Ok(()) => {
+            for (_, reply) in inserted {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        Err(e) => fail_all(inserted, &e),
+    }
+}
+
+fn prune(conn: &Connection, cutoff: i64) -> Result<u64, LedgerError> {
+    let n = conn
+        .execute(
+            "DELETE FROM certificates WHERE not_after < ?1",
+            params![cutoff],
+        )
+        .map_err(store_err("prune"))?;
+    Ok(u64::try_from(n).unwrap_or(u64::MAX))
 }
 
 fn store_err(op: &'static str) -> impl Fn(rusqlite::Error) -> LedgerError {
@@ -155,32 +305,12 @@ fn row_to_record(row: Row) -> Result<IssuanceRecord, LedgerError> {
 
 impl Ledger for SqliteLedger {
     fn record<'a>(&'a self, rec: &'a IssuanceRecord) -> LedgerFuture<'a, ()> {
-        let rec = rec.clone();
-        Box::pin(self.with_conn("record", move |conn| {
-            conn.execute(
-                "INSERT INTO certificates
-                   (sha256, serial, spiffe_id, namespace, not_before, not_after, backend, caller, issued_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT (sha256) DO NOTHING",
-                params![
-                    rec.sha256.to_hex(),
-                    rec.serial,
-                    rec.spiffe_id,
-                    rec.namespace,
-                    rec.not_before.unix_timestamp(),
-                    rec.not_after.unix_timestamp(),
-                    rec.backend,
-                    rec.caller,
-                    rec.issued_at.unix_timestamp(),
-                ],
-            )
-            .map_err(store_err("record"))?;
-            Ok(())
-        }))
+        let rec = Box::new(rec.clone());
+        Box::pin(self.write("record", move |reply| Job::Record(rec, reply)))
     }
 
     fn lookup(&self, sha256: CertDigest) -> LedgerFuture<'_, Option<IssuanceRecord>> {
-        Box::pin(self.with_conn("lookup", move |conn| {
+        Box::pin(self.read("lookup", move |conn| {
             let row: Option<Row> = conn
                 .query_row(
                     "SELECT sha256, serial, spiffe_id, namespace, not_before, not_after, backend, caller, issued_at
@@ -210,20 +340,12 @@ impl Ledger for SqliteLedger {
         let cutoff = now
             .unix_timestamp()
             .saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
-        Box::pin(self.with_conn("prune", move |conn| {
-            let n = conn
-                .execute(
-                    "DELETE FROM certificates WHERE not_after < ?1",
-                    params![cutoff],
-                )
-                .map_err(store_err("prune"))?;
-            Ok(u64::try_from(n).unwrap_or(u64::MAX))
-        }))
+        Box::pin(self.write("prune", move |reply| Job::Prune(cutoff, reply)))
     }
 
     fn counts_by_namespace(&self, now: OffsetDateTime) -> LedgerFuture<'_, Vec<NamespaceCount>> {
         let now = now.unix_timestamp();
-        Box::pin(self.with_conn("counts", move |conn| {
+        Box::pin(self.read("counts", move |conn| {
             let mut stmt = conn
                 .prepare(
                     "SELECT namespace, COUNT(*),
@@ -258,7 +380,7 @@ impl Ledger for SqliteLedger {
         before: OffsetDateTime,
     ) -> LedgerFuture<'_, Option<OffsetDateTime>> {
         let before = before.unix_timestamp();
-        Box::pin(self.with_conn("latest_not_after", move |conn| {
+        Box::pin(self.read("latest_not_after", move |conn| {
             let max: Option<i64> = conn
                 .query_row(
                     "SELECT MAX(not_after) FROM certificates WHERE issued_at < ?1",
