@@ -319,7 +319,8 @@ fn wasm_costs(
                     info!(
                         ?kind,
                         rules,
-                        p50_ns = format!("{:.0}", w.stream_ns.p50),
+                        decision_p50_ns = format!("{:.0}", w.decision_ns.p50),
+                        stream_p50_ns = format!("{:.0}", w.stream_ns.p50),
                         memory = w.memory_after_configure,
                         "wasm decision"
                     );

@@ -7,11 +7,11 @@
 use std::time::Instant;
 
 use anyhow::ensure;
-use meshward_e2e::host::{ConnOutcome, HttpOutcome, Plugin, Properties};
+use meshward_e2e::host::{Action, ConnOutcome, HttpOutcome, Plugin, Properties};
 
 use crate::filter_cost::{
     AUTHORITY, Kind, METHOD, PATH, PEER_URI, PORT, Sampling, WasmCost, policy_json,
-    time_per_iteration,
+    time_part_of_iteration, time_per_iteration,
 };
 
 fn properties() -> Properties {
@@ -111,6 +111,46 @@ pub fn measure(
     if let Some(e) = first_error {
         anyhow::bail!("the plugin failed while being timed: {e}");
     }
+    // The decision alone: open the stream (untimed), time the callback where
+    // the plugin decides, then close the stream (untimed).
+    let mut first_error: Option<String> = None;
+    let decision_ns = time_part_of_iteration(sampling, || {
+        let timed = match kind {
+            Kind::Http => plugin
+                .begin_http_request(&props, &headers, b"")
+                .and_then(|ctx| {
+                    let t = Instant::now();
+                    let action = plugin.request_headers(ctx, true);
+                    let ns = t.elapsed().as_nanos();
+                    let action = action?;
+                    plugin.finish(ctx)?;
+                    Ok((action, ns))
+                }),
+            Kind::Network => plugin.begin_connection(&props).and_then(|ctx| {
+                let t = Instant::now();
+                let action = plugin.connection_opened(ctx);
+                let ns = t.elapsed().as_nanos();
+                let action = action?;
+                plugin.finish_connection(ctx)?;
+                Ok((action, ns))
+            }),
+        };
+        match timed {
+            Ok((Action::Continue, ns)) => Some(u64::try_from(ns).unwrap_or(u64::MAX)),
+            Ok((other, _)) => {
+                first_error.get_or_insert_with(|| format!("the plugin answered {other:?}"));
+                None
+            }
+            Err(e) => {
+                first_error.get_or_insert_with(|| e.to_string());
+                None
+            }
+        }
+    });
+    if let Some(e) = first_error {
+        anyhow::bail!("the plugin failed while its decision was timed: {e}");
+    }
+    let decision_ns = decision_ns?;
     ensure!(
         plugin.open_contexts() <= 1,
         "{} contexts left open",
@@ -119,6 +159,7 @@ pub fn measure(
     Ok(WasmCost {
         rules,
         kind,
+        decision_ns,
         stream_ns,
         memory_after_configure,
         configure_ms,

@@ -20,6 +20,7 @@ mod wasi;
 mod tests;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use wasmtime::{Engine, ExternType, Instance, Linker, Module, Store, TypedFunc, Val, ValType};
@@ -178,6 +179,11 @@ impl CompiledPlugin {
         config.wasm_function_references(false);
         config.wasm_exceptions(false);
         config.gc_support(false);
+        // MESHWARD_WASM_PERFMAP=1 writes /tmp/perf-<pid>.map so `perf` can
+        // name the plugin's functions (profiling the filter in this host).
+        if std::env::var_os("MESHWARD_WASM_PERFMAP").is_some_and(|v| v == "1") {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| HostError::Compile(format!("{e:#}")))?;
         let module =
             Module::new(&engine, wasm).map_err(|e| HostError::Compile(format!("{e:#}")))?;
@@ -194,22 +200,27 @@ impl CompiledPlugin {
 /// `proxy_on_http_call_response`'s parameters.
 type I32x5 = (i32, i32, i32, i32, i32);
 
+/// One exported callback, shared: a `TypedFunc` clone copies its registered
+/// type, which costs more than some callbacks.
+type Callback<P, R> = Option<Arc<TypedFunc<P, R>>>;
+
+/// The plugin's exported callbacks.
 #[derive(Default)]
 struct Callbacks {
-    context_create: Option<TypedFunc<(i32, i32), ()>>,
-    done: Option<TypedFunc<i32, i32>>,
-    log: Option<TypedFunc<i32, ()>>,
-    delete: Option<TypedFunc<i32, ()>>,
-    vm_start: Option<TypedFunc<(i32, i32), i32>>,
-    configure: Option<TypedFunc<(i32, i32), i32>>,
-    tick: Option<TypedFunc<i32, ()>>,
-    new_connection: Option<TypedFunc<i32, i32>>,
-    downstream_data: Option<TypedFunc<(i32, i32, i32), i32>>,
-    downstream_close: Option<TypedFunc<(i32, i32), ()>>,
-    request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
-    request_body: Option<TypedFunc<(i32, i32, i32), i32>>,
-    response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
-    http_call_response: Option<TypedFunc<I32x5, ()>>,
+    context_create: Callback<(i32, i32), ()>,
+    done: Callback<i32, i32>,
+    log: Callback<i32, ()>,
+    delete: Callback<i32, ()>,
+    vm_start: Callback<(i32, i32), i32>,
+    configure: Callback<(i32, i32), i32>,
+    tick: Callback<i32, ()>,
+    new_connection: Callback<i32, i32>,
+    downstream_data: Callback<(i32, i32, i32), i32>,
+    downstream_close: Callback<(i32, i32), ()>,
+    request_headers: Callback<(i32, i32, i32), i32>,
+    request_body: Callback<(i32, i32, i32), i32>,
+    response_headers: Callback<(i32, i32, i32), i32>,
+    http_call_response: Callback<I32x5, ()>,
 }
 
 /// One running plugin instance.
@@ -234,14 +245,14 @@ fn typed<P, R>(
     instance: &Instance,
     store: &mut Store<HostState>,
     name: &str,
-) -> Option<TypedFunc<P, R>>
+) -> Option<Arc<TypedFunc<P, R>>>
 where
     P: wasmtime::WasmParams,
     R: wasmtime::WasmResults,
 {
     let func = instance.get_func(&mut *store, name)?;
     match func.typed::<P, R>(&*store) {
-        Ok(f) => Some(f),
+        Ok(f) => Some(Arc::new(f)),
         Err(e) => {
             tracing::warn!("plugin export {name} has an unexpected signature, ignored: {e}");
             None
@@ -462,6 +473,43 @@ impl Plugin {
             .ok_or(HostError::UnknownContext(id))
     }
 
+    /// Opens an HTTP stream with these properties, request headers and
+    /// body: the host's bookkeeping and `proxy_on_context_create`, nothing
+    /// else. [`Plugin::request_headers`] is next.
+    pub fn begin_http_request(
+        &mut self,
+        props: &Properties,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Result<ContextId, HostError> {
+        self.new_context(ContextState {
+            props: props.clone(),
+            request_headers: pairs_of(headers),
+            request_body: body.to_vec(),
+            is_http: true,
+            ..ContextState::default()
+        })
+    }
+
+    /// `proxy_on_request_headers` for stream `ctx` — where the plugin
+    /// decides — and the action it returned.
+    pub fn request_headers(
+        &mut self,
+        ctx: ContextId,
+        end_of_stream: bool,
+    ) -> Result<Action, HostError> {
+        let Some(f) = self.callbacks.request_headers.clone() else {
+            return Ok(Action::Continue);
+        };
+        let n = len_i32(self.context(ctx)?.request_headers.len());
+        Ok(Action::from_guest(self.invoke(
+            ctx,
+            "proxy_on_request_headers",
+            &f,
+            (ctx as i32, n, i32::from(end_of_stream)),
+        )?))
+    }
+
     /// A new HTTP stream: `proxy_on_context_create`, then
     /// `proxy_on_request_headers` (and `proxy_on_request_body` with `body`
     /// when it is not empty). The context stays open until [`Plugin::finish`].
@@ -471,24 +519,8 @@ impl Plugin {
         headers: &[(String, String)],
         body: &[u8],
     ) -> Result<(ContextId, HttpOutcome), HostError> {
-        let ctx = self.new_context(ContextState {
-            props: props.clone(),
-            request_headers: pairs_of(headers),
-            request_body: body.to_vec(),
-            is_http: true,
-            ..ContextState::default()
-        })?;
-        let mut action = Action::Continue;
-        if let Some(f) = self.callbacks.request_headers.clone() {
-            let n = len_i32(headers.len());
-            let eos = i32::from(body.is_empty());
-            action = Action::from_guest(self.invoke(
-                ctx,
-                "proxy_on_request_headers",
-                &f,
-                (ctx as i32, n, eos),
-            )?);
-        }
+        let ctx = self.begin_http_request(props, headers, body)?;
+        let mut action = self.request_headers(ctx, body.is_empty())?;
         let undecided = {
             let c = self.context(ctx)?;
             c.local_response.is_none() && !c.closed
@@ -566,6 +598,31 @@ impl Plugin {
         })
     }
 
+    /// Opens a TCP connection context with these properties: the host's
+    /// bookkeeping and `proxy_on_context_create`. [`Plugin::connection_opened`]
+    /// is next.
+    pub fn begin_connection(&mut self, props: &Properties) -> Result<ContextId, HostError> {
+        self.new_context(ContextState {
+            props: props.clone(),
+            ..ContextState::default()
+        })
+    }
+
+    /// `proxy_on_new_connection` for connection `ctx` — where the plugin
+    /// decides — and the action it returned.
+    pub fn connection_opened(&mut self, ctx: ContextId) -> Result<Action, HostError> {
+        self.context(ctx)?;
+        let Some(f) = self.callbacks.new_connection.clone() else {
+            return Ok(Action::Continue);
+        };
+        Ok(Action::from_guest(self.invoke(
+            ctx,
+            "proxy_on_new_connection",
+            &f,
+            ctx as i32,
+        )?))
+    }
+
     /// A new TCP connection: `proxy_on_context_create`, then
     /// `proxy_on_new_connection`. The context stays open until
     /// [`Plugin::finish_connection`].
@@ -573,15 +630,8 @@ impl Plugin {
         &mut self,
         props: &Properties,
     ) -> Result<(ContextId, ConnOutcome), HostError> {
-        let ctx = self.new_context(ContextState {
-            props: props.clone(),
-            ..ContextState::default()
-        })?;
-        let mut action = Action::Continue;
-        if let Some(f) = self.callbacks.new_connection.clone() {
-            action =
-                Action::from_guest(self.invoke(ctx, "proxy_on_new_connection", &f, ctx as i32)?);
-        }
+        let ctx = self.begin_connection(props)?;
+        let action = self.connection_opened(ctx)?;
         if action == Action::Continue {
             self.store
                 .data_mut()

@@ -6,12 +6,76 @@
 //! and non-empty".
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, DefaultHasher};
+use std::hash::{BuildHasherDefault, Hasher};
 use thiserror::Error;
 
-/// SipHash with fixed keys: deterministic (no WASI `random_get` needed) and only
-/// the config author chooses the keys, so hash flooding is not a concern.
-pub(crate) type FixedState = BuildHasherDefault<DefaultHasher>;
+/// A fixed, fast hash for the lookup tables (the Fx multiply-rotate hash
+/// rustc uses). Deterministic — no WASI `random_get` needed — and keyless:
+/// only the config author chooses a table's keys, so flooding a table with
+/// collisions is not something a peer or a request can do; a request's
+/// string only probes. SipHash here cost more than the rest of a decision
+/// in wasm.
+pub(crate) type FixedState = BuildHasherDefault<FxHasher>;
+
+/// See [`FixedState`].
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FxHasher {
+    hash: u64,
+}
+
+const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            for (d, b) in w.iter_mut().zip(rest) {
+                *d = *b;
+            }
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
 type Table<V> = HashMap<Box<str>, V, FixedState>;
 
 /// One parsed pattern.

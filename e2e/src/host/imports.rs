@@ -66,6 +66,10 @@ pub(crate) fn write(caller: &mut C<'_>, ptr: i32, bytes: &[u8]) -> HostResult<()
     Ok(())
 }
 
+pub(crate) fn check_readable(caller: &mut C<'_>, ptr: i32, len: i32) -> HostResult<()> {
+    check_writable(caller, ptr, len)
+}
+
 pub(crate) fn check_writable(caller: &mut C<'_>, ptr: i32, len: i32) -> HostResult<()> {
     let memory = caller.data().memory.ok_or(Status::InvalidMemoryAccess)?;
     let r = range(ptr, len).ok_or(Status::InvalidMemoryAccess)?;
@@ -174,6 +178,33 @@ fn map_read(caller: &mut C<'_>, map: MapType) -> HostResult<Option<Pairs>> {
     }
 }
 
+/// The first value of `key` (any case) in a readable map, copied — without
+/// copying the map. `None` when the map or the key is not there.
+fn map_get(caller: &mut C<'_>, map: MapType, key: &[u8]) -> HostResult<Option<Vec<u8>>> {
+    let same = |k: &[u8]| k.eq_ignore_ascii_case(key);
+    match map {
+        MapType::HttpCallResponseHeaders | MapType::HttpCallResponseTrailers => {
+            let resp = caller.data().call_response.as_ref();
+            Ok(resp.and_then(|r| {
+                let src = if map == MapType::HttpCallResponseHeaders {
+                    &r.headers
+                } else {
+                    &r.trailers
+                };
+                src.iter()
+                    .find(|(k, _)| same(k.as_bytes()))
+                    .map(|(_, v)| v.as_bytes().to_vec())
+            }))
+        }
+        MapType::GrpcCallInitialMetadata | MapType::GrpcCallTrailingMetadata => Ok(None),
+        _ => match map_mut(caller, map) {
+            Ok(m) => Ok(m.iter().find(|(k, _)| same(k)).map(|(_, v)| v.clone())),
+            Err(Fault::Status(Status::NotFound)) => Ok(None),
+            Err(e) => Err(e),
+        },
+    }
+}
+
 fn lower(key: &[u8]) -> Vec<u8> {
     key.to_ascii_lowercase()
 }
@@ -181,9 +212,14 @@ fn lower(key: &[u8]) -> Vec<u8> {
 fn proxy_log(mut caller: C<'_>, level: i32, ptr: i32, len: i32) -> wasmtime::Result<i32> {
     finish((|| {
         let level = LogLevel::from_guest(level).ok_or(Status::BadArgument)?;
+        if level < caller.data().log_level {
+            // Still a bad pointer is an error, like Envoy (it reads first).
+            check_readable(&mut caller, ptr, len)?;
+            return Ok(());
+        }
         let message = utf8(read(&mut caller, ptr, len)?);
         let state = caller.data();
-        if level >= state.log_level {
+        {
             state.env.logs.push(LogLine {
                 level,
                 plugin: state.plugin_name.clone(),
@@ -351,13 +387,8 @@ fn proxy_get_header_map_value(
 ) -> wasmtime::Result<i32> {
     finish((|| {
         let map = MapType::from_guest(map).ok_or(Status::BadArgument)?;
-        let key = lower(&read(&mut caller, key_ptr, key_len)?);
-        let pairs = map_read(&mut caller, map)?.ok_or(Status::NotFound)?;
-        let value = pairs
-            .iter()
-            .find(|(k, _)| lower(k) == key)
-            .map(|(_, v)| v.clone())
-            .ok_or(Status::NotFound)?;
+        let key = read(&mut caller, key_ptr, key_len)?;
+        let value = map_get(&mut caller, map, &key)?.ok_or(Status::NotFound)?;
         copy_out(&mut caller, &value, ret_ptr, ret_size)
     })())
 }
@@ -463,18 +494,20 @@ fn request_attribute(headers: &Pairs, path: &[String]) -> Option<PropValue> {
     Some(value)
 }
 
-fn lookup_property(state: &HostState, path: &[String]) -> Option<PropValue> {
+/// The encoded value at a raw (NUL-separated) property path: the stream's
+/// own properties, then Envoy's `request.*` attributes, then the root's.
+fn lookup_property(state: &HostState, raw_path: &[u8]) -> Option<Vec<u8>> {
     if let Some(ctx) = state.contexts.get(&state.effective) {
-        if let Some(v) = ctx.props.get(path) {
+        if let Some(v) = ctx.props.get_raw(raw_path) {
             return Some(v);
         }
         if ctx.is_http
-            && let Some(v) = request_attribute(&ctx.request_headers, path)
+            && let Some(v) = request_attribute(&ctx.request_headers, &split_path(raw_path))
         {
-            return Some(v);
+            return Some(v.encode());
         }
     }
-    state.root_props.get(path)
+    state.root_props.get_raw(raw_path)
 }
 
 fn proxy_get_property(
@@ -485,9 +518,9 @@ fn proxy_get_property(
     ret_size: i32,
 ) -> wasmtime::Result<i32> {
     finish((|| {
-        let path = split_path(&read(&mut caller, pp, pl)?);
+        let path = read(&mut caller, pp, pl)?;
         let value = lookup_property(caller.data(), &path).ok_or(Status::NotFound)?;
-        copy_out(&mut caller, &value.encode(), ret_ptr, ret_size)
+        copy_out(&mut caller, &value, ret_ptr, ret_size)
     })())
 }
 

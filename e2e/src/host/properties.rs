@@ -4,6 +4,7 @@
 //! byte, maps in the ABI's serialized-pairs format, paths split on NUL.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::abi::serialize_pairs;
 
@@ -41,9 +42,14 @@ impl PropValue {
 }
 
 /// A set of properties keyed by path segments.
+///
+/// Keys are stored as the ABI sends them (segments joined by NUL), so a
+/// guest's `proxy_get_property` finds its value without splitting the path;
+/// the map is shared copy-on-write, so giving every stream the same set
+/// costs one reference count.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Properties {
-    values: BTreeMap<Vec<String>, PropValue>,
+    values: Arc<BTreeMap<Vec<u8>, PropValue>>,
 }
 
 impl Properties {
@@ -54,7 +60,7 @@ impl Properties {
 
     /// Sets `dotted` (e.g. `"connection.mtls"`) to `value`.
     pub fn set(&mut self, dotted: &str, value: PropValue) -> &mut Self {
-        self.values.insert(split_dotted(dotted), value);
+        Arc::make_mut(&mut self.values).insert(raw_of_dotted(dotted), value);
         self
     }
 
@@ -75,39 +81,54 @@ impl Properties {
 
     /// Sets a property by its raw segments (what `proxy_set_property` does).
     pub fn set_path(&mut self, path: Vec<String>, value: PropValue) {
-        self.values.insert(path, value);
+        Arc::make_mut(&mut self.values).insert(raw_of_segments(&path), value);
     }
 
     /// Looks a path up: an exact entry, or one entry of a map-valued prefix.
     pub fn get(&self, path: &[String]) -> Option<PropValue> {
-        if let Some(v) = self.values.get(path) {
-            return Some(v.clone());
+        self.lookup(&raw_of_segments(path)).map(|v| v.into_owned())
+    }
+
+    /// The encoded value at a raw, NUL-separated path (what the guest sends).
+    pub fn get_raw(&self, raw: &[u8]) -> Option<Vec<u8>> {
+        self.lookup(raw).map(|v| v.encode())
+    }
+
+    fn lookup(&self, raw: &[u8]) -> Option<std::borrow::Cow<'_, PropValue>> {
+        if let Some(v) = self.values.get(raw) {
+            return Some(std::borrow::Cow::Borrowed(v));
         }
-        let (last, prefix) = path.split_last()?;
+        let split = raw.iter().rposition(|b| *b == 0)?;
+        let (prefix, last) = (raw.get(..split)?, raw.get(split + 1..)?);
         match self.values.get(prefix) {
             Some(PropValue::Map(entries)) => entries
                 .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(last))
-                .map(|(_, v)| PropValue::Str(v.clone())),
+                .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(last))
+                .map(|(_, v)| std::borrow::Cow::Owned(PropValue::Str(v.clone()))),
             _ => None,
         }
     }
 
     /// Looks a dotted path up.
     pub fn get_dotted(&self, dotted: &str) -> Option<PropValue> {
-        self.get(&split_dotted(dotted))
+        self.lookup(&raw_of_dotted(dotted)).map(|v| v.into_owned())
     }
 
     /// Adds every entry of `other`, replacing what is there.
     pub fn extend(&mut self, other: &Properties) {
-        for (k, v) in &other.values {
-            self.values.insert(k.clone(), v.clone());
+        let values = Arc::make_mut(&mut self.values);
+        for (k, v) in other.values.iter() {
+            values.insert(k.clone(), v.clone());
         }
     }
 }
 
-fn split_dotted(dotted: &str) -> Vec<String> {
-    dotted.split('.').map(str::to_owned).collect()
+fn raw_of_dotted(dotted: &str) -> Vec<u8> {
+    dotted.replace('.', "\0").into_bytes()
+}
+
+fn raw_of_segments(path: &[String]) -> Vec<u8> {
+    path.join("\0").into_bytes()
 }
 
 #[cfg(test)]

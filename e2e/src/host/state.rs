@@ -289,7 +289,7 @@ pub(crate) struct ContextState {
 /// The wasmtime store's data for one plugin instance.
 pub(crate) struct HostState {
     pub memory: Option<Memory>,
-    pub alloc: Option<TypedFunc<i32, i32>>,
+    pub alloc: Option<std::sync::Arc<TypedFunc<i32, i32>>>,
     pub plugin_name: String,
     pub effective: u32,
     pub contexts: HashMap<u32, ContextState>,

@@ -17,6 +17,13 @@ pub fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
 
+/// Whether the proxy writes `level` now — asked on each use, as Envoy's
+/// level can change at run time — so a message nobody reads is never built.
+/// If the host cannot say, log.
+pub fn log_enabled(level: LogLevel) -> bool {
+    hostcalls::get_log_level().map_or(true, |current| level as u32 >= current as u32)
+}
+
 fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
     hostcalls::get_property(path.to_vec())
         .map_err(|s| HostError(format!("get_property {}: {s:?}", path.join("."))))
@@ -99,6 +106,12 @@ pub struct Connection {
 
 impl Connection {
     pub fn read() -> Result<Self, HostError> {
+        let mtls = property_bool(&["connection", "mtls"])?.unwrap_or(false);
+        Self::read_mtls_known(mtls)
+    }
+
+    /// [`Connection::read`] when `connection.mtls` was just read.
+    pub fn read_mtls_known(mtls: bool) -> Result<Self, HostError> {
         let port = match property_u64(&["destination", "port"])? {
             None => None,
             Some(p) => Some(
@@ -107,7 +120,7 @@ impl Connection {
             ),
         };
         Ok(Self {
-            mtls: property_bool(&["connection", "mtls"])?.unwrap_or(false),
+            mtls,
             uri_san: property_string(&["connection", "uri_san_peer_certificate"])?
                 .filter(|s| !s.is_empty()),
             digest: property_string(&["connection", "sha256_peer_certificate_digest"])?

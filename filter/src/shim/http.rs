@@ -1,6 +1,6 @@
 //! HTTP context: one decision per request, in `on_http_request_headers`.
 
-use super::host::{self, Connection, HostError, log};
+use super::host::{self, Connection, HostError, log, log_enabled};
 use super::ledger::{self, InFlight, Lookup, Slot};
 use super::metrics::Metrics;
 use crate::cert::PeerCert;
@@ -36,12 +36,21 @@ impl HttpFilter {
         }
     }
 
-    fn act(&self, decision: &Decision<'_>, mode: Mode, who: &str, what: &str) -> Action {
-        let text = decision.to_string();
+    /// Enforces (or, in shadow mode, reports) a decision. The texts are
+    /// built only when something is sent or logged: an allowed request
+    /// formats nothing unless the proxy logs at debug.
+    fn act(
+        &self,
+        decision: &Decision<'_>,
+        mode: Mode,
+        who: &str,
+        what: &dyn Fn() -> String,
+    ) -> Action {
         if decision.blocks() {
+            let text = decision.to_string();
             log(
                 LogLevel::Info,
-                &format!("meshward: deny {who} {what}: {text}"),
+                &format!("meshward: deny {who} {}: {text}", what()),
             );
             let headers = vec![
                 (DENY_REASON_HEADER, text.as_str()),
@@ -58,19 +67,24 @@ impl HttpFilter {
         }
         if decision.verdict == Verdict::Deny {
             // Shadow mode: report, do not enforce.
+            let text = decision.to_string();
             log(
                 LogLevel::Warn,
-                &format!("meshward: shadow deny {who} {what}: {text}"),
+                &format!("meshward: shadow deny {who} {}: {text}", what()),
             );
             let _ = hostcalls::set_map_value(
                 MapType::HttpRequestHeaders,
                 DENY_REASON_HEADER,
                 Some(&format!("shadow: {text}")),
             );
-        } else {
+        } else if log_enabled(LogLevel::Debug) {
             log(
                 LogLevel::Debug,
-                &format!("meshward: allow {who} {what}: {text} ({})", mode.as_str()),
+                &format!(
+                    "meshward: allow {who} {}: {decision} ({})",
+                    what(),
+                    mode.as_str()
+                ),
             );
         }
         Action::Continue
@@ -125,11 +139,13 @@ impl HttpFilter {
         let decision = policy.authorize(&peer, &request, now);
         self.metrics.decision(&decision, policy.mode(), conn.mtls);
         let who = conn.uri_san.as_deref().unwrap_or("(no peer identity)");
-        let what = format!(
-            "{} {}",
-            r.method.as_deref().unwrap_or("-"),
-            r.path.as_deref().unwrap_or("-")
-        );
+        let what = || {
+            format!(
+                "{} {}",
+                r.method.as_deref().unwrap_or("-"),
+                r.path.as_deref().unwrap_or("-")
+            )
+        };
         self.act(&decision, policy.mode(), who, &what)
     }
 
@@ -140,7 +156,7 @@ impl HttpFilter {
         );
         let decision = Decision::internal_error(why);
         self.metrics.decision(&decision, Mode::Enforce, false);
-        self.act(&decision, Mode::Enforce, "-", "-")
+        self.act(&decision, Mode::Enforce, "-", &|| "-".to_string())
     }
 
     /// The ledger answered (or the callout failed / timed out): decide now.

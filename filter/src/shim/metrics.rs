@@ -4,6 +4,7 @@
 use super::host::log;
 use crate::Decision;
 use crate::config::Mode;
+use crate::decision::Verdict;
 use crate::pattern::FixedState;
 use crate::telemetry::{self, CERT_AGE, CERT_REMAINING, CERT_UNKNOWN};
 use proxy_wasm::hostcalls;
@@ -11,10 +12,28 @@ use proxy_wasm::types::{LogLevel, MetricType};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+/// Ids of one rule's (or one reason's) decision series, by action
+/// (`allow`, `deny`, `audit`) × mode; `None` until first used.
+type DecisionSlots = [Option<Option<u32>>; 6];
+
 #[derive(Default)]
 pub struct Metrics {
     ids: RefCell<HashMap<String, Option<u32>, FixedState>>,
+    /// Decision-series ids by rule name: found with the rule's `&str`, so a
+    /// decision builds no stat name once its series exists.
+    by_rule: RefCell<HashMap<Box<str>, DecisionSlots, FixedState>>,
+    /// The same for decisions no rule made, by reason code.
+    by_reason: RefCell<HashMap<&'static str, DecisionSlots, FixedState>>,
 }
+
+/// What names a decision series besides action and mode.
+#[derive(Clone, Copy)]
+enum Series<'a> {
+    Rule(&'a str),
+    Reason(&'static str),
+}
+
+const ACTIONS: [&str; 3] = ["allow", "deny", "audit"];
 
 impl Metrics {
     fn id(&self, kind: MetricType, name: &str) -> Option<u32> {
@@ -48,6 +67,65 @@ impl Metrics {
         }
     }
 
+    /// The counter of one decision series (`action` indexes [`ACTIONS`]),
+    /// defined on first use; the stat name is built only then (its shape is
+    /// `telemetry::decision_stat`'s).
+    fn decision_counter(&self, series: Series<'_>, action: usize, mode: Mode) -> Option<u32> {
+        let slot = action * 2
+            + match mode {
+                Mode::Enforce => 0,
+                Mode::Shadow => 1,
+            };
+        let cached = match series {
+            Series::Rule(rule) => self
+                .by_rule
+                .borrow()
+                .get(rule)
+                .and_then(|s| s.get(slot).copied().flatten()),
+            Series::Reason(code) => self
+                .by_reason
+                .borrow()
+                .get(code)
+                .and_then(|s| s.get(slot).copied().flatten()),
+        };
+        if let Some(id) = cached {
+            return id;
+        }
+        let action_name = ACTIONS.get(action).copied().unwrap_or("deny");
+        let name = match series {
+            Series::Rule(rule) => telemetry::decision_stat(action_name, rule, mode),
+            Series::Reason(code) => {
+                telemetry::decision_stat(action_name, &format!("_{code}"), mode)
+            }
+        };
+        let id = self.id(MetricType::Counter, &name);
+        match series {
+            Series::Rule(rule) => {
+                if let Some(s) = self
+                    .by_rule
+                    .borrow_mut()
+                    .entry(rule.into())
+                    .or_insert([None; 6])
+                    .get_mut(slot)
+                {
+                    *s = Some(id);
+                }
+            }
+            Series::Reason(code) => {
+                if let Some(s) = self
+                    .by_reason
+                    .borrow_mut()
+                    .entry(code)
+                    .or_insert([None; 6])
+                    .get_mut(slot)
+                {
+                    *s = Some(id);
+                }
+            }
+        }
+        id
+    }
+
     /// Counts one ledger lookup by its result.
     pub fn ledger_lookup(&self, result: &str) {
         self.increment(&telemetry::ledger_stat(result));
@@ -63,10 +141,21 @@ impl Metrics {
     /// Counts one decision (and its AUDIT mark), and the peer certificate's
     /// age / remaining validity when the peer presented one.
     pub fn decision(&self, d: &Decision<'_>, mode: Mode, mtls: bool) {
-        let (main, audit) = telemetry::decision_stats(d, mode);
-        self.increment(&main);
-        if let Some(audit) = audit {
-            self.increment(&audit);
+        let action = match d.verdict {
+            Verdict::Allow => 0,
+            Verdict::Deny => 1,
+        };
+        let series = match d.rule {
+            Some(rule) => Series::Rule(rule),
+            None => Series::Reason(d.reason.code()),
+        };
+        if let Some(id) = self.decision_counter(series, action, mode) {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+        if let Some(audit) = d.audit
+            && let Some(id) = self.decision_counter(Series::Rule(audit), 2, mode)
+        {
+            let _ = hostcalls::increment_metric(id, 1);
         }
         match d.cert {
             Some((times, _)) => {

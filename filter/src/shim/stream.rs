@@ -94,14 +94,18 @@ impl TcpFilter {
         let peer = Peer::from_connection(conn.mtls, conn.uri_san.as_deref(), cert);
         let decision = policy.authorize(&peer, &Request::tcp(conn.port), now);
         self.metrics.decision(&decision, policy.mode(), conn.mtls);
-        let who = conn.uri_san.as_deref().unwrap_or("(no peer identity)");
-        let port = conn.port.map_or_else(|| "-".to_string(), |p| p.to_string());
-        let text = format!("{who} -> port {port}: {decision}");
+        // Texts only for what is sent or logged: an allowed connection
+        // formats nothing.
+        let text = || {
+            let who = conn.uri_san.as_deref().unwrap_or("(no peer identity)");
+            let port = conn.port.map_or_else(|| "-".to_string(), |p| p.to_string());
+            format!("{who} -> port {port}: {decision}")
+        };
         if decision.blocks() {
-            return Outcome::Close(text);
+            return Outcome::Close(text());
         }
         if decision.verdict == crate::Verdict::Deny {
-            log(LogLevel::Warn, &format!("meshward: shadow deny {text}"));
+            log(LogLevel::Warn, &format!("meshward: shadow deny {}", text()));
         }
         Outcome::Allow
     }
@@ -195,7 +199,12 @@ impl StreamContext for TcpFilter {
         match host::property_bool(&["connection", "mtls"]) {
             // Handshake possibly not finished: decide on the first data.
             Ok(Some(false) | None) => Action::Continue,
-            Ok(Some(true)) | Err(_) => self.decide(),
+            // mTLS already known: the connection read needs not ask again.
+            Ok(Some(true)) => {
+                let outcome = Connection::read_mtls_known(true).and_then(|c| self.evaluate(c));
+                self.apply(outcome)
+            }
+            Err(_) => self.decide(),
         }
     }
 
