@@ -253,6 +253,10 @@ pub struct WasmCost {
     /// `proxy_on_new_connection` (network) callback alone, with the host
     /// calls the plugin makes from it.
     pub decision_ns: Summary,
+    /// HTTP: the decision for the first request on a connection (the plugin
+    /// reads the connection's facts); `decision_ns` is a request on an
+    /// established connection.
+    pub decision_new_connection_ns: Option<Summary>,
     /// ns per request / connection (whole stream lifecycle).
     pub stream_ns: Summary,
     /// Guest linear memory right after `proxy_on_configure` (bytes).

@@ -556,7 +556,13 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
          every host call it makes from there: property and header reads through the ABI \
          (each answer copied into guest memory through its allocator), the clock, removing \
          the deny-reason header, metrics. `Instant` is read around each callback (one clock \
-         read, ~20 ns, is inside each figure). The targets use this figure.\n\
+         read, ~20 ns, is inside each figure). HTTP requests arrive on one established \
+         connection (one `connection.id`, like requests on a pooled HTTP/2 connection \
+         between sidecars): the plugin reads and decodes a connection's facts (mTLS, peer \
+         URI SAN, digest, certificate, port) once per connection. The targets use this \
+         figure.\n\
+         - **wasm decision, new connection** (HTTP): the same, each request on a connection \
+         of its own, so every decision also reads the connection's facts.\n\
          - **wasm stream**: a whole stream per iteration — the host opening the context \
          (copying headers and properties into it) and `proxy_on_context_create`, the \
          decision, then `proxy_on_done` / `proxy_on_log` / `proxy_on_delete` — what the \
@@ -568,18 +574,18 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
     );
     let _ = writeln!(
         s,
-        "| decision | rules | native compiled p50 | p99 | native linear p50 | linear / compiled | wasm decision p50 | p99 | wasm / native | wasm stream p50 | p99 |"
+        "| decision | rules | native compiled p50 | p99 | native linear p50 | linear / compiled | wasm decision p50 | p99 | wasm / native | wasm decision, new connection p50 | wasm stream p50 | p99 |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for kind in Kind::ALL {
         for n in r.native.iter().filter(|n| n.kind == kind) {
             let w = find_wasm(r, kind, n.rules);
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {:.1}× | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {:.1}× | {} | {} | {} | {} | {} | {} |",
                 kind.label(),
                 n.rules,
                 ns(n.compiled_ns.p50),
@@ -592,6 +598,8 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
                     "{:.1}×",
                     w.decision_ns.p50 / n.compiled_ns.p50
                 )),
+                w.and_then(|w| w.decision_new_connection_ns.as_ref())
+                    .map_or("–".to_string(), |d| ns(d.p50)),
                 w.map_or("–".to_string(), |w| ns(w.stream_ns.p50)),
                 w.map_or("–".to_string(), |w| ns(w.stream_ns.p99)),
             );

@@ -112,12 +112,60 @@ pub fn measure(
         anyhow::bail!("the plugin failed while being timed: {e}");
     }
     // The decision alone: open the stream (untimed), time the callback where
-    // the plugin decides, then close the stream (untimed).
+    // the plugin decides, then close the stream (untimed). Every request on
+    // the same connection (`connection.id` fixed): the plugin reads the
+    // connection's facts once per connection.
+    let decision_ns = time_decision(&mut plugin, kind, sampling, &props, &headers, false)?;
+    // HTTP only: every request on a connection of its own, so the plugin
+    // reads and decodes the connection's facts each time.
+    let decision_new_connection_ns = match kind {
+        Kind::Http => Some(time_decision(
+            &mut plugin,
+            kind,
+            sampling,
+            &props,
+            &headers,
+            true,
+        )?),
+        Kind::Network => None,
+    };
+    ensure!(
+        plugin.open_contexts() <= 1,
+        "{} contexts left open",
+        plugin.open_contexts()
+    );
+    Ok(WasmCost {
+        rules,
+        kind,
+        decision_ns,
+        decision_new_connection_ns,
+        stream_ns,
+        memory_after_configure,
+        configure_ms,
+    })
+}
+
+/// Times the decision callback alone; with `new_connection`, each stream
+/// gets a `connection.id` of its own.
+fn time_decision(
+    plugin: &mut Plugin,
+    kind: Kind,
+    sampling: Sampling,
+    props: &Properties,
+    headers: &[(String, String)],
+    new_connection: bool,
+) -> anyhow::Result<crate::stats::Summary> {
     let mut first_error: Option<String> = None;
-    let decision_ns = time_part_of_iteration(sampling, || {
+    let mut props = props.clone();
+    let mut next_id: i64 = 1_000;
+    let timed = time_part_of_iteration(sampling, || {
+        if new_connection {
+            next_id += 1;
+            props.set_int("connection.id", next_id);
+        }
         let timed = match kind {
             Kind::Http => plugin
-                .begin_http_request(&props, &headers, b"")
+                .begin_http_request(&props, headers, b"")
                 .and_then(|ctx| {
                     let t = Instant::now();
                     let action = plugin.request_headers(ctx, true);
@@ -150,18 +198,5 @@ pub fn measure(
     if let Some(e) = first_error {
         anyhow::bail!("the plugin failed while its decision was timed: {e}");
     }
-    let decision_ns = decision_ns?;
-    ensure!(
-        plugin.open_contexts() <= 1,
-        "{} contexts left open",
-        plugin.open_contexts()
-    );
-    Ok(WasmCost {
-        rules,
-        kind,
-        decision_ns,
-        stream_ns,
-        memory_after_configure,
-        configure_ms,
-    })
+    timed
 }

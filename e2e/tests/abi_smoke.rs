@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use meshward_e2e::attributes::{ConnectionInfo, connection_properties};
 use meshward_e2e::host::{
@@ -58,9 +59,13 @@ fn leaf(uri: &str) -> Vec<u8> {
     params.self_signed(&key).unwrap().der().to_vec()
 }
 
+/// The properties of a new connection from the holder of `cert`. Each gets
+/// its own `connection.id`, as in Envoy (the filter keeps a connection's
+/// facts by that ID).
 fn props_for(cert: &[u8]) -> Properties {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     connection_properties(&ConnectionInfo {
-        id: 1,
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         source: "127.0.0.1:40000".parse().unwrap(),
         destination: "127.0.0.1:8080".parse().unwrap(),
         tls_version: Some("TLSv1_3"),
@@ -180,4 +185,29 @@ fn guest_memory_does_not_grow_across_100k_requests() {
     }
     assert_eq!(p.memory_size(), before, "guest memory grew");
     assert_eq!(p.open_contexts(), 1, "only the root context is left");
+}
+
+#[test]
+fn request_on_a_new_connection_is_not_decided_on_a_cached_peer() {
+    // The filter keeps each connection's peer facts by connection.id. A
+    // request from a denied peer on its own connection must be decided on
+    // its own certificate, not on the allowed peer seen just before.
+    let mut p = start(&policy("http")).unwrap();
+    let allowed = props_for(&leaf("spiffe://cluster.local/ns/shop/sa/frontend"));
+    let denied = props_for(&leaf("spiffe://cluster.local/ns/batch/sa/reporter"));
+    for _ in 0..3 {
+        let (ctx, out) = p
+            .new_http_request(&allowed, &get("/api/items"), b"")
+            .unwrap();
+        assert!(matches!(out, HttpOutcome::Continue { .. }), "{out:?}");
+        p.finish(ctx).unwrap();
+        let (ctx, out) = p
+            .new_http_request(&denied, &get("/api/items"), b"")
+            .unwrap();
+        assert!(
+            matches!(&out, HttpOutcome::LocalResponse(r) if r.status == 403),
+            "{out:?}"
+        );
+        p.finish(ctx).unwrap();
+    }
 }

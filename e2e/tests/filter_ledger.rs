@@ -111,9 +111,11 @@ fn unknown_leaf() -> Vec<u8> {
 
 /// What Envoy shows the filter of an mTLS peer by default: URI SAN and
 /// digest, but neither `connection.peer_certificate` nor an XFCC `Cert=`.
+/// Each call is a new connection with its own `connection.id`, as in Envoy.
 fn props(leaf: &[u8]) -> Properties {
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     connection_properties(&ConnectionInfo {
-        id: 7,
+        id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         source: "127.0.0.1:40000".parse().unwrap(),
         destination: "127.0.0.1:8080".parse().unwrap(),
         tls_version: Some("TLSv1_3"),

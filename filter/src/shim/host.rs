@@ -4,9 +4,13 @@
 
 use crate::UnixTime;
 use crate::cert::{self, CertSource, PeerCert};
+use crate::pattern::FixedState;
 use crate::xfcc;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MapType};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
 /// A host call failed or returned something outside the contract.
@@ -100,7 +104,9 @@ pub struct Connection {
     pub mtls: bool,
     pub uri_san: Option<String>,
     pub digest: Option<String>,
-    pub peer_certificate: Option<String>,
+    /// The validity decoded from `connection.peer_certificate`, when the
+    /// proxy gives it (decoded once, when the connection is read).
+    pub property_cert: Option<PeerCert>,
     pub port: Option<u16>,
 }
 
@@ -119,14 +125,32 @@ impl Connection {
                     .map_err(|_| HostError(format!("destination.port {p} out of range")))?,
             ),
         };
+        let property_cert = property_string(&["connection", "peer_certificate"])?
+            .filter(|s| !s.is_empty())
+            .and_then(|encoded| {
+                match cert::der_from_url_encoded_pem(&encoded)
+                    .and_then(|der| cert::validity_from_der(&der))
+                {
+                    Ok(validity) => Some(PeerCert {
+                        validity,
+                        source: CertSource::PeerCertificateProperty,
+                    }),
+                    Err(e) => {
+                        log(
+                            LogLevel::Warn,
+                            &format!("meshward: connection.peer_certificate unreadable: {e}"),
+                        );
+                        None
+                    }
+                }
+            });
         Ok(Self {
             mtls,
             uri_san: property_string(&["connection", "uri_san_peer_certificate"])?
                 .filter(|s| !s.is_empty()),
             digest: property_string(&["connection", "sha256_peer_certificate_digest"])?
                 .filter(|s| !s.is_empty()),
-            peer_certificate: property_string(&["connection", "peer_certificate"])?
-                .filter(|s| !s.is_empty()),
+            property_cert,
             port,
         })
     }
@@ -136,21 +160,8 @@ impl Connection {
     /// digest equals `connection.sha256_peer_certificate_digest`.
     /// (The signer's ledger, looked up by that digest, is the next source.)
     pub fn peer_cert(&self, xfcc_header: Option<&str>) -> Option<PeerCert> {
-        if let Some(encoded) = &self.peer_certificate {
-            match cert::der_from_url_encoded_pem(encoded)
-                .and_then(|der| cert::validity_from_der(&der))
-            {
-                Ok(validity) => {
-                    return Some(PeerCert {
-                        validity,
-                        source: CertSource::PeerCertificateProperty,
-                    });
-                }
-                Err(e) => log(
-                    LogLevel::Warn,
-                    &format!("meshward: connection.peer_certificate unreadable: {e}"),
-                ),
-            }
+        if let Some(found) = self.property_cert {
+            return Some(found);
         }
         let (Some(header), Some(digest)) = (xfcc_header, &self.digest) else {
             return None;
@@ -158,12 +169,53 @@ impl Connection {
         match xfcc::peer_cert_from_xfcc(header, digest) {
             Ok(found) => found,
             Err(e) => {
-                log(
-                    LogLevel::Debug,
-                    &format!("meshward: no validity from XFCC: {e}"),
-                );
+                if log_enabled(LogLevel::Debug) {
+                    log(
+                        LogLevel::Debug,
+                        &format!("meshward: no validity from XFCC: {e}"),
+                    );
+                }
                 None
             }
         }
+    }
+}
+
+/// Most connections whose facts are kept (then the cache starts over).
+pub const CONNECTION_CACHE_ENTRIES: usize = 4096;
+
+/// Connection facts by Envoy's `connection.id`, so the requests on one
+/// downstream connection — every request of a pooled HTTP/2 connection
+/// between sidecars — read them from the host and decode the peer
+/// certificate once, not per request. Sound because what they say (mTLS,
+/// the peer's URI SAN, digest and certificate, the port) is fixed when the
+/// handshake ends, and Envoy never reuses a connection ID within a process.
+/// Without a `connection.id` nothing is cached. Bounded: when
+/// [`CONNECTION_CACHE_ENTRIES`] are held the cache is emptied (closed
+/// connections are never announced to an HTTP filter), which costs only
+/// reading again.
+#[derive(Default)]
+pub struct ConnectionCache {
+    entries: RefCell<HashMap<u64, Rc<Connection>, FixedState>>,
+}
+
+impl ConnectionCache {
+    /// The current stream's connection facts.
+    pub fn current(&self) -> Result<Rc<Connection>, HostError> {
+        let id = property_u64(&["connection", "id"])?;
+        if let Some(id) = id
+            && let Some(found) = self.entries.borrow().get(&id)
+        {
+            return Ok(Rc::clone(found));
+        }
+        let conn = Rc::new(Connection::read()?);
+        if let Some(id) = id {
+            let mut entries = self.entries.borrow_mut();
+            if entries.len() >= CONNECTION_CACHE_ENTRIES {
+                entries.clear();
+            }
+            entries.insert(id, Rc::clone(&conn));
+        }
+        Ok(conn)
     }
 }

@@ -1,6 +1,6 @@
 //! HTTP context: one decision per request, in `on_http_request_headers`.
 
-use super::host::{self, Connection, HostError, log, log_enabled};
+use super::host::{self, Connection, ConnectionCache, HostError, log, log_enabled};
 use super::ledger::{self, InFlight, Lookup, Slot};
 use super::metrics::Metrics;
 use crate::cert::PeerCert;
@@ -22,16 +22,23 @@ pub struct HttpFilter {
     policy: Option<Rc<Policy>>,
     metrics: Rc<Metrics>,
     in_flight: Rc<InFlight>,
+    connections: Rc<ConnectionCache>,
     /// Set while the request is paused for a ledger lookup.
     waiting: Option<(Inputs, Slot)>,
 }
 
 impl HttpFilter {
-    pub fn new(policy: Option<Rc<Policy>>, metrics: Rc<Metrics>, in_flight: Rc<InFlight>) -> Self {
+    pub fn new(
+        policy: Option<Rc<Policy>>,
+        metrics: Rc<Metrics>,
+        in_flight: Rc<InFlight>,
+        connections: Rc<ConnectionCache>,
+    ) -> Self {
         Self {
             policy,
             metrics,
             in_flight,
+            connections,
             waiting: None,
         }
     }
@@ -98,7 +105,7 @@ impl HttpFilter {
             return Err(HostError("no valid pluginConfig loaded".into()));
         };
         let request = Inputs {
-            conn: Connection::read()?,
+            conn: self.connections.current()?,
             authority: host::request_header(":authority")?,
             method: host::request_header(":method")?,
             path: host::request_header(":path")?,
@@ -181,7 +188,7 @@ impl HttpFilter {
 
 /// What a request's decision needs, kept while the ledger is asked.
 struct Inputs {
-    conn: Connection,
+    conn: Rc<Connection>,
     authority: Option<String>,
     method: Option<String>,
     path: Option<String>,

@@ -1,7 +1,7 @@
 //! Root context: parses `pluginConfig` once per configure and hands the
 //! compiled policy to every connection / request context.
 
-use super::host::log;
+use super::host::{ConnectionCache, log};
 use super::http::HttpFilter;
 use super::ledger::InFlight;
 use super::metrics::Metrics;
@@ -23,6 +23,8 @@ pub struct Root {
     metrics: Rc<Metrics>,
     /// Ledger lookups in flight in this VM, across contexts.
     in_flight: Rc<InFlight>,
+    /// Connection facts shared by the requests of one connection.
+    connections: Rc<ConnectionCache>,
 }
 
 impl Root {
@@ -32,6 +34,7 @@ impl Root {
             filter_type: FilterType::Http,
             metrics: Rc::new(Metrics::default()),
             in_flight: Rc::new(InFlight::default()),
+            connections: Rc::new(ConnectionCache::default()),
         }
     }
 
@@ -96,6 +99,7 @@ impl RootContext for Root {
             self.policy.clone(),
             self.metrics.clone(),
             self.in_flight.clone(),
+            self.connections.clone(),
         )))
     }
 
