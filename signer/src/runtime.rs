@@ -174,9 +174,14 @@ impl Signer {
                 }
             },
         };
+        let mut token_cache_metrics = None;
         let token_authenticator: Arc<dyn Authenticator> = match self.authenticator {
             Some(a) => a,
-            None => Arc::new(jwt_authenticator(&config, &trust_domain)?),
+            None => {
+                let jwt = jwt_authenticator(&config, &trust_domain)?;
+                token_cache_metrics = jwt.token_cache().map(|c| c.metrics().clone());
+                Arc::new(jwt)
+            }
         };
         let authenticator: Arc<dyn Authenticator> = Arc::new(CertificateOrToken {
             client_cert: config
@@ -194,6 +199,9 @@ impl Signer {
             m.register(metrics.registry_mut());
         }
         if let Some(m) = &vault_metrics {
+            m.register(metrics.registry_mut());
+        }
+        if let Some(m) = &token_cache_metrics {
             m.register(metrics.registry_mut());
         }
         let metrics = Arc::new(metrics);

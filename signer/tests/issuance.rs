@@ -248,13 +248,10 @@ async fn admin_port_reports_health_and_metrics() {
     let h = Harness::start().await;
     assert_eq!(http_get(h.signer.admin_addr(), "/healthz").await.0, 200);
     assert_eq!(http_get(h.signer.admin_addr(), "/readyz").await.0, 200);
-    h.issue("default", "sleep", &h.opts("default", "sleep"))
-        .await
-        .unwrap();
-    let _ = h
-        .client
-        .create_certificate("garbage", &h.opts("default", "sleep"))
-        .await;
+    // One agent: the same token on both requests.
+    let opts = h.opts("default", "sleep");
+    h.issue("default", "sleep", &opts).await.unwrap();
+    let _ = h.client.create_certificate("garbage", &opts).await;
     let _ = h
         .client
         .create_certificate("garbage", &CallOptions::default())
@@ -274,6 +271,15 @@ async fn admin_port_reports_health_and_metrics() {
     );
     assert!(
         m.contains("meshward_signer_issuance_duration_seconds_count 1"),
+        "{m}"
+    );
+    // The second request reused the first one's token: verified once.
+    assert!(
+        m.contains("meshward_signer_authn_token_cache_misses_total 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("meshward_signer_authn_token_cache_hits_total 1"),
         "{m}"
     );
     let expiry = h

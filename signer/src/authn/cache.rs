@@ -25,9 +25,43 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 
 use super::jwt::VerifiedToken;
+
+/// `meshward_signer_authn_token_cache_{hits,misses}_total` and `_entries`:
+/// how often a token's signature check was saved, and the cache's size.
+#[derive(Debug, Clone, Default)]
+pub struct TokenCacheMetrics {
+    hits: Counter,
+    misses: Counter,
+    entries: Gauge,
+}
+
+impl TokenCacheMetrics {
+    /// Register under `<registry prefix>_authn_token_cache_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("authn_token_cache");
+        r.register(
+            "hits",
+            "Token checks answered by the verified-token cache (no signature verified)",
+            self.hits.clone(),
+        );
+        r.register(
+            "misses",
+            "Token checks the verified-token cache could not answer (verified from scratch)",
+            self.misses.clone(),
+        );
+        r.register(
+            "entries",
+            "Verified tokens remembered",
+            self.entries.clone(),
+        );
+    }
+}
 
 /// Cache settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +97,7 @@ pub struct TokenWindow {
 pub struct TokenCache {
     options: TokenCacheOptions,
     entries: Mutex<HashMap<[u8; 32], Entry>>,
+    metrics: TokenCacheMetrics,
 }
 
 /// Cache key for `token` presented with `cluster_id`.
@@ -86,7 +121,13 @@ impl TokenCache {
         Self {
             options,
             entries: Mutex::new(HashMap::new()),
+            metrics: TokenCacheMetrics::default(),
         }
+    }
+
+    /// Its hit / miss counters and size gauge.
+    pub fn metrics(&self) -> &TokenCacheMetrics {
+        &self.metrics
     }
 
     /// Whether it caches at all.
@@ -101,14 +142,20 @@ impl TokenCache {
             return None;
         }
         let mut entries = self.entries.lock().ok()?;
-        let entry = entries.get(key)?;
+        let Some(entry) = entries.get(key) else {
+            self.metrics.misses.inc();
+            return None;
+        };
         let usable = now_unix < entry.usable_until
             && now_unix < entry.fresh_until
             && entry.usable_from.is_none_or(|from| now_unix >= from);
         if usable {
+            self.metrics.hits.inc();
             Some(entry.verified.clone())
         } else {
             entries.remove(key);
+            self.metrics.misses.inc();
+            self.metrics.entries.set(gauge_value(entries.len()));
             None
         }
     }
@@ -143,6 +190,7 @@ impl TokenCache {
                 fresh_until: now_unix.saturating_add(ttl.max(1)),
             },
         );
+        self.metrics.entries.set(gauge_value(entries.len()));
     }
 
     /// Tokens remembered now.
@@ -154,6 +202,10 @@ impl TokenCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -242,6 +294,32 @@ mod tests {
         c.insert(key("4", None), &verified("d"), WINDOW, 1_013);
         assert_eq!(c.len(), 1);
         assert!(c.get(&key("4", None), 1_013).is_some());
+    }
+
+    #[test]
+    fn hits_and_misses_are_counted() {
+        let c = cache(60, 10);
+        let k = key("a.b.c", None);
+        assert_eq!(c.get(&k, 1_000), None);
+        c.insert(k, &verified("web"), WINDOW, 1_000);
+        assert!(c.get(&k, 1_001).is_some());
+        assert!(c.get(&k, 1_002).is_some());
+        let mut reg = Registry::with_prefix("meshward_signer");
+        c.metrics().register(&mut reg);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        assert!(
+            out.contains("meshward_signer_authn_token_cache_hits_total 2"),
+            "{out}"
+        );
+        assert!(
+            out.contains("meshward_signer_authn_token_cache_misses_total 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("meshward_signer_authn_token_cache_entries 1"),
+            "{out}"
+        );
     }
 
     #[test]
