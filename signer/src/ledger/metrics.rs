@@ -9,6 +9,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use super::NamespaceCount;
@@ -36,6 +37,10 @@ pub struct LedgerMetrics {
     /// Certificates recorded since start; guards the gauges against a
     /// recount that raced an issuance (see [`LedgerMetrics::set_counts_if_current`]).
     generation: Mutex<u64>,
+    /// Records per group commit, and how long each commit took (with its
+    /// fsync): the SQLite store's writer thread feeds them.
+    commit_group_size: Histogram,
+    commit_seconds: Histogram,
 }
 
 impl LedgerMetrics {
@@ -50,7 +55,16 @@ impl LedgerMetrics {
             max_namespaces,
             seen: Mutex::new(HashSet::new()),
             generation: Mutex::new(0),
+            commit_group_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
         }
+    }
+
+    /// One group commit of `records` records took `seconds` (insert, commit
+    /// and fsync).
+    pub fn committed(&self, records: usize, seconds: f64) {
+        self.commit_group_size.observe(records as f64);
+        self.commit_seconds.observe(seconds);
     }
 
     /// Register under `<registry prefix>_ledger_*` (in the signer:
@@ -81,6 +95,17 @@ impl LedgerMetrics {
             "pruned",
             "Records deleted by the retention policy",
             self.pruned.clone(),
+        );
+        r.register(
+            "commit_group_size",
+            "Certificates recorded per ledger transaction (group commit)",
+            self.commit_group_size.clone(),
+        );
+        r.register_with_unit(
+            "commit_duration",
+            "Time of one ledger transaction, insert to durable commit (the requests in it wait this long)",
+            prometheus_client::registry::Unit::Seconds,
+            self.commit_seconds.clone(),
         );
     }
 

@@ -103,15 +103,16 @@ impl LedgerService {
             .path
             .clone()
             .unwrap_or_else(|| data_dir.join("ledger.sqlite"));
-        let store = SqliteLedger::open(&SqliteOptions {
-            path: path.clone(),
-            busy_timeout: config.busy_timeout,
-        })?;
+        let metrics = Arc::new(LedgerMetrics::new(config.max_namespace_labels));
+        let store = SqliteLedger::open_observed(
+            &SqliteOptions {
+                path: path.clone(),
+                busy_timeout: config.busy_timeout,
+            },
+            Some(metrics.clone()),
+        )?;
         tracing::info!(path = %path.display(), retention = %humantime::format_duration(config.retention), "issuance ledger open");
-        Ok(Some(Self::with_store(
-            Arc::new(store),
-            Arc::new(LedgerMetrics::new(config.max_namespace_labels)),
-        )))
+        Ok(Some(Self::with_store(Arc::new(store), metrics)))
     }
 
     /// A service around any store.

@@ -16,13 +16,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use super::{CertDigest, IssuanceRecord, Ledger, LedgerError, LedgerFuture, NamespaceCount};
+use super::{
+    CertDigest, IssuanceRecord, Ledger, LedgerError, LedgerFuture, LedgerMetrics, NamespaceCount,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS certificates (
@@ -81,6 +83,15 @@ impl SqliteLedger {
     /// Open (or create) the database, switch it to WAL, create the schema
     /// and start the writer thread (it ends when the last clone is dropped).
     pub fn open(opts: &SqliteOptions) -> Result<Self, LedgerError> {
+        Self::open_observed(opts, None)
+    }
+
+    /// [`SqliteLedger::open`], the writer thread reporting each group commit
+    /// (size, duration) to `metrics`.
+    pub fn open_observed(
+        opts: &SqliteOptions,
+        metrics: Option<Arc<LedgerMetrics>>,
+    ) -> Result<Self, LedgerError> {
         let open_err = |reason: String| LedgerError::Open {
             path: opts.path.display().to_string(),
             reason,
@@ -121,7 +132,7 @@ impl SqliteLedger {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("ledger-writer".to_string())
-            .spawn(move || writer_loop(conn, &rx))
+            .spawn(move || writer_loop(conn, &rx, metrics.as_deref()))
             .map_err(|e| open_err(format!("starting the writer thread: {e}")))?;
         Ok(Self {
             writer: tx,
@@ -171,7 +182,7 @@ impl SqliteLedger {
 }
 
 /// The writer thread: one group commit per turn.
-fn writer_loop(mut conn: Connection, rx: &mpsc::Receiver<Job>) {
+fn writer_loop(mut conn: Connection, rx: &mpsc::Receiver<Job>, metrics: Option<&LedgerMetrics>) {
     while let Ok(first) = rx.recv() {
         let mut records = Vec::new();
         let mut prunes = Vec::new();
@@ -186,7 +197,11 @@ fn writer_loop(mut conn: Connection, rx: &mpsc::Receiver<Job>) {
             }
         }
         if !records.is_empty() {
+            let (n, started) = (records.len(), Instant::now());
             commit_group(&mut conn, records);
+            if let Some(m) = metrics {
+                m.committed(n, started.elapsed().as_secs_f64());
+            }
         }
         for (cutoff, reply) in prunes {
             let _ = reply.send(prune(&conn, cutoff));
@@ -417,6 +432,41 @@ mod tests {
             busy_timeout: Duration::from_millis(100),
         })
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn group_commits_are_measured() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(LedgerMetrics::new(10));
+        let l = SqliteLedger::open_observed(
+            &SqliteOptions {
+                path: dir.path().join("ledger.sqlite"),
+                busy_timeout: Duration::from_millis(100),
+            },
+            Some(metrics.clone()),
+        )
+        .unwrap();
+        let (a, b, c) = (rec(1, "a", 10, 0), rec(2, "a", 10, 0), rec(3, "b", 10, 0));
+        let (ra, rb, rc) = tokio::join!(l.record(&a), l.record(&b), l.record(&c));
+        ra.unwrap();
+        rb.unwrap();
+        rc.unwrap();
+        let mut reg = prometheus_client::registry::Registry::with_prefix("meshward_signer");
+        metrics.register(&mut reg);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        // Three records in one to three transactions, every one measured.
+        assert!(
+            out.contains("meshward_signer_ledger_commit_group_size_sum 3.0"),
+            "{out}"
+        );
+        assert!(
+            out.contains("meshward_signer_ledger_commit_duration_seconds_count"),
+            "{out}"
+        );
+        for sha in [a.sha256, b.sha256, c.sha256] {
+            assert!(l.lookup(sha).await.unwrap().is_some());
+        }
     }
 
     #[tokio::test]
