@@ -109,13 +109,9 @@ pub struct Sampling {
     pub batch: Duration,
 }
 
-/// Time `f` in calibrated batches; returns per-iteration nanoseconds
-/// (each sample is one batch's mean).
-pub fn time_per_iteration(
-    sampling: Sampling,
-    mut f: impl FnMut() -> bool,
-) -> anyhow::Result<Summary> {
-    // Calibrate: double the batch until it takes at least `batch`/4.
+/// How many iterations of `f` make one batch of `sampling.batch`: double
+/// until a run takes at least a quarter of it, then scale.
+fn calibrated_iterations<T>(sampling: Sampling, f: &mut impl FnMut() -> T) -> u64 {
     let mut iters: u64 = 1;
     loop {
         let t = Instant::now();
@@ -125,11 +121,19 @@ pub fn time_per_iteration(
         let took = t.elapsed();
         if took >= sampling.batch / 4 || iters >= 1 << 24 {
             let per = took.as_secs_f64() / iters as f64;
-            iters = ((sampling.batch.as_secs_f64() / per.max(1e-12)) as u64).max(1);
-            break;
+            return ((sampling.batch.as_secs_f64() / per.max(1e-12)) as u64).max(1);
         }
         iters *= 2;
     }
+}
+
+/// Time `f` in calibrated batches; returns per-iteration nanoseconds
+/// (each sample is one batch's mean).
+pub fn time_per_iteration(
+    sampling: Sampling,
+    mut f: impl FnMut() -> bool,
+) -> anyhow::Result<Summary> {
+    let iters = calibrated_iterations(sampling, &mut f);
     let mut samples = Vec::with_capacity(sampling.samples);
     for _ in 0..sampling.samples.max(1) {
         let t = Instant::now();
@@ -150,20 +154,7 @@ pub fn time_part_of_iteration(
     sampling: Sampling,
     mut f: impl FnMut() -> Option<u64>,
 ) -> anyhow::Result<Summary> {
-    let mut iters: u64 = 1;
-    loop {
-        let t = Instant::now();
-        for _ in 0..iters {
-            black_box(f());
-        }
-        let took = t.elapsed();
-        if took >= sampling.batch / 4 || iters >= 1 << 24 {
-            let per = took.as_secs_f64() / iters as f64;
-            iters = ((sampling.batch.as_secs_f64() / per.max(1e-12)) as u64).max(1);
-            break;
-        }
-        iters *= 2;
-    }
+    let iters = calibrated_iterations(sampling, &mut f);
     let mut samples = Vec::with_capacity(sampling.samples);
     for _ in 0..sampling.samples.max(1) {
         let mut timed: u64 = 0;
