@@ -19,7 +19,6 @@ mod wasi;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,7 +32,7 @@ pub use state::{
     OffsetClock, SharedData, StaticUpstreams, SystemClock, Upstreams,
 };
 
-use state::{ContextState, HostState};
+use state::{ContextMap, ContextState, HostState};
 
 /// A context id, as the plugin sees it.
 pub type ContextId = u32;
@@ -304,8 +303,7 @@ impl Plugin {
             .set_str("plugin_name", config.name.clone())
             .set_str("plugin_root_id", config.root_id.clone())
             .set_str("plugin_vm_id", config.vm_id.clone());
-        let now = env.clock.now();
-        let mut contexts = HashMap::new();
+        let mut contexts = ContextMap::default();
         contexts.insert(root_id, ContextState::default());
         let state = HostState {
             memory: None,
@@ -322,10 +320,11 @@ impl Plugin {
             next_token: 0,
             call_response: None,
             tick_period_ms: 0,
-            now,
+            now: None,
             started: Instant::now(),
             done_requested: false,
             unimplemented_calls: Vec::new(),
+            scratch: Vec::new(),
         };
         let mut store = Store::new(&compiled.engine, state);
         let mut linker: Linker<HostState> = Linker::new(&compiled.engine);
@@ -430,10 +429,9 @@ impl Plugin {
         if self.failed {
             return Err(HostError::Failed);
         }
-        let now = self.store.data().env.clock.now();
         let state = self.store.data_mut();
         state.effective = ctx;
-        state.now = now;
+        state.now = None;
         match f.call(&mut self.store, params) {
             Ok(r) => Ok(r),
             Err(e) => {

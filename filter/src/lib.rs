@@ -9,12 +9,14 @@
 //!   It builds natively (tests, benches, the e2e host) and for wasm32.
 //! * a **thin proxy-wasm shim** (`shim`, only on `wasm32`) that reads the host's
 //!   properties and headers, calls the core, and acts on the decision.
-// `unsafe_code` is denied workspace-wide; only the proxy-wasm entry macro in `shim` is allowed it.
+// `unsafe_code` is denied workspace-wide; in `shim` only the proxy-wasm entry
+// macro and `shim::abi` (two raw ABI reads on the per-request path) are allowed it.
 
 pub mod cert;
 pub mod config;
 pub mod decision;
 pub mod duration;
+pub mod header_pairs;
 pub mod ledger;
 pub mod pattern;
 pub mod peer;

@@ -5,10 +5,13 @@
 //! request headers.
 
 use crate::cert::PeerCert;
-use spiffe::SpiffeId;
+use std::sync::Arc;
 
 /// Longest SPIFFE ID the spec allows, in bytes.
 pub const MAX_SPIFFE_ID_BYTES: usize = 2048;
+
+/// Longest trust domain name the spec allows, in bytes.
+pub const MAX_TRUST_DOMAIN_BYTES: usize = 255;
 
 /// The verified identity of a peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,44 +26,107 @@ pub enum PeerIdentity {
     Invalid { uri: String, problem: String },
 }
 
-/// A validated SPIFFE ID plus the derived strings the policy matches on.
+/// A validated SPIFFE ID, kept as the string the policy matches on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpiffeIdentity {
-    id: SpiffeId,
-    /// Istio's principal form: `<trust-domain><path>` (no `spiffe://`).
+    /// Istio's principal form: `<trust-domain><path>` (no `spiffe://`), the
+    /// trust domain in lower case.
     principal: String,
+    /// Length of the trust domain at the start of `principal`.
+    trust_domain_len: usize,
     /// Byte range of the namespace inside `principal`, if the path has `/ns/<ns>`.
     namespace: Option<(usize, usize)>,
 }
 
+/// Bytes the SPIFFE ID spec allows in a trust domain (after lower-casing).
+const fn trust_domain_byte(b: u8) -> bool {
+    matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_')
+}
+
+/// Bytes the SPIFFE ID spec allows in a path segment.
+const fn path_byte(b: u8) -> bool {
+    matches!(b, b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_')
+}
+
 impl SpiffeIdentity {
-    /// Parses and validates a SPIFFE ID (spec rules, at most 2048 bytes).
+    /// Parses and validates a SPIFFE ID by the spec's rules — the same
+    /// acceptance as the `spiffe` crate's `SpiffeId::new` (a test compares
+    /// them): scheme `spiffe` in any case, a trust domain of
+    /// `[a-z0-9._-]` (upper-case letters taken as lower case, at most 255
+    /// bytes), a path of non-empty segments of `[a-zA-Z0-9._-]` that are not
+    /// `.` or `..` — so no port, user info, query, fragment, percent-encoding
+    /// or trailing slash. On top of the spec: at most 2048 bytes and a
+    /// non-empty path (a trust domain alone is not a workload). One
+    /// allocation: the principal string.
     pub fn parse(uri: &str) -> Result<Self, String> {
         if uri.len() > MAX_SPIFFE_ID_BYTES {
             return Err(format!("longer than {MAX_SPIFFE_ID_BYTES} bytes"));
         }
-        let id = SpiffeId::new(uri).map_err(|e| e.to_string())?;
-        if id.path().is_empty() {
+        if uri.is_empty() {
+            return Err("empty".into());
+        }
+        let Some((scheme, rest)) = uri.split_once("://") else {
+            return Err("scheme is not spiffe".into());
+        };
+        if !scheme.eq_ignore_ascii_case("spiffe") {
+            return Err("scheme is not spiffe".into());
+        }
+        let (td, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if td.is_empty() {
+            return Err("trust domain is missing".into());
+        }
+        if td.len() > MAX_TRUST_DOMAIN_BYTES {
+            return Err(format!(
+                "trust domain is longer than {MAX_TRUST_DOMAIN_BYTES} bytes"
+            ));
+        }
+        if !td
+            .bytes()
+            .all(|b| trust_domain_byte(b.to_ascii_lowercase()))
+        {
+            return Err(
+                "trust domain characters are limited to letters, numbers, dots, dashes, and underscores"
+                    .into(),
+            );
+        }
+        if path.is_empty() {
             return Err("has no path (a trust domain is not a workload identity)".into());
         }
-        let principal = format!("{}{}", id.trust_domain_name(), id.path());
-        let td_len = id.trust_domain_name().len();
-        let namespace = id.path().find("/ns/").and_then(|at| {
-            let start = td_len + at + 4;
+        // `path` starts with '/': every segment after it is checked.
+        let mut segments = path.split('/').skip(1).peekable();
+        while let Some(segment) = segments.next() {
+            if segment.is_empty() {
+                return Err(if segments.peek().is_some() {
+                    "path cannot contain empty segments".into()
+                } else {
+                    "path cannot have a trailing slash".into()
+                });
+            }
+            if segment == "." || segment == ".." {
+                return Err("path cannot contain dot segments".into());
+            }
+            if !segment.bytes().all(path_byte) {
+                return Err(
+                    "path segment characters are limited to letters, numbers, dots, dashes, and underscores"
+                        .into(),
+                );
+            }
+        }
+        let mut principal = String::with_capacity(td.len() + path.len());
+        principal.extend(td.chars().map(|c| c.to_ascii_lowercase()));
+        principal.push_str(path);
+        let trust_domain_len = td.len();
+        let namespace = path.find("/ns/").and_then(|at| {
+            let start = trust_domain_len + at + 4;
             let rest = principal.get(start..)?;
             let len = rest.find('/').unwrap_or(rest.len());
             (len > 0).then_some((start, start + len))
         });
         Ok(Self {
-            id,
             principal,
+            trust_domain_len,
             namespace,
         })
-    }
-
-    /// The SPIFFE ID.
-    pub fn id(&self) -> &SpiffeId {
-        &self.id
     }
 
     /// `<trust-domain>/<path>`, the string `principals` patterns match.
@@ -70,7 +136,9 @@ impl SpiffeIdentity {
 
     /// The trust domain (lower case).
     pub fn trust_domain(&self) -> &str {
-        self.id.trust_domain_name()
+        self.principal
+            .get(..self.trust_domain_len)
+            .unwrap_or_default()
     }
 
     /// The segment after the first `/ns/` of the path, as Istio derives
@@ -85,7 +153,9 @@ impl SpiffeIdentity {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub mtls: bool,
-    pub identity: PeerIdentity,
+    /// Shared: the identity is a connection's, parsed once however many
+    /// requests the connection carries.
+    pub identity: Arc<PeerIdentity>,
     /// Validity of the peer's leaf certificate, when some source knew it.
     pub cert: Option<PeerCert>,
 }
@@ -108,14 +178,24 @@ impl Peer {
         };
         Self {
             mtls,
-            identity,
+            identity: Arc::new(identity),
             cert: if mtls { cert } else { None },
+        }
+    }
+
+    /// The same peer with the validity of its certificate as known for one
+    /// request (ignored without mTLS, as in [`Peer::from_connection`]).
+    pub fn with_cert(&self, cert: Option<PeerCert>) -> Self {
+        Self {
+            mtls: self.mtls,
+            identity: Arc::clone(&self.identity),
+            cert: if self.mtls { cert } else { None },
         }
     }
 
     /// The SPIFFE identity, if the peer has a valid one.
     pub fn spiffe(&self) -> Option<&SpiffeIdentity> {
-        match &self.identity {
+        match &*self.identity {
             PeerIdentity::Spiffe(id) => Some(id),
             _ => None,
         }
@@ -152,11 +232,11 @@ mod tests {
             "spiffe:///ns/a",
         ] {
             let p = Peer::from_connection(true, Some(bad), None);
-            assert!(matches!(p.identity, PeerIdentity::Invalid { .. }), "{bad}");
+            assert!(matches!(*p.identity, PeerIdentity::Invalid { .. }), "{bad}");
         }
         let long = format!("spiffe://td/{}", "a".repeat(2040));
         assert!(matches!(
-            Peer::from_connection(true, Some(&long), None).identity,
+            *Peer::from_connection(true, Some(&long), None).identity,
             PeerIdentity::Invalid { .. }
         ));
     }
@@ -164,6 +244,80 @@ mod tests {
     #[test]
     fn uri_san_without_mtls_is_not_an_identity() {
         let p = Peer::from_connection(false, Some("spiffe://cluster.local/ns/a/sa/b"), None);
-        assert_eq!(p.identity, PeerIdentity::Plaintext);
+        assert_eq!(*p.identity, PeerIdentity::Plaintext);
+    }
+
+    /// The parser must accept exactly what the `spiffe` crate accepts (plus
+    /// our own limits), or a peer could be read as an identity the rest of
+    /// the mesh does not agree it has.
+    #[test]
+    fn spiffe_parse_agrees_with_the_spiffe_crate() {
+        let mut cases: Vec<String> = [
+            "spiffe://cluster.local/ns/a/sa/b",
+            "SPIFFE://Cluster.Local/ns/A/sa/B",
+            "Spiffe://td/x",
+            "spiffe://td_1-2.x/a.b/c-d/e_f",
+            "spiffe://td/.a/..b/c.",
+            "spiffe://td/./a",
+            "spiffe://td/../a",
+            "spiffe://td/a/.",
+            "spiffe://td/a/",
+            "spiffe://td//a",
+            "spiffe://td/a//b",
+            "spiffe://td",
+            "spiffe://td/",
+            "spiffe:///a",
+            "spiffe://",
+            "spiffe:/td/a",
+            "spiffe:td/a",
+            "spiffex://td/a",
+            "http://td/a",
+            "://td/a",
+            "",
+            "spiffe://t d/a",
+            "spiffe://td/a b",
+            "spiffe://td:8080/a",
+            "spiffe://user@td/a",
+            "spiffe://td/a?q",
+            "spiffe://td/a#f",
+            "spiffe://td/%41",
+            "spiffe://tdé/a",
+            "spiffe://td/é",
+            "spiffe://td/a://b",
+            "spiffe://td/ns/",
+            "spiffe://td/ns//x",
+            "spiffe://td/ns/x",
+        ]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+        cases.push(format!("spiffe://{}/a", "t".repeat(255)));
+        cases.push(format!("spiffe://{}/a", "t".repeat(256)));
+        cases.push(format!("spiffe://td/{}", "a".repeat(2036)));
+        // Every single byte in a trust domain and in a path segment.
+        for b in 0u8..=127 {
+            let c = char::from(b);
+            cases.push(format!("spiffe://t{c}d/a"));
+            cases.push(format!("spiffe://td/a{c}b"));
+        }
+        for case in &cases {
+            let ours = SpiffeIdentity::parse(case);
+            let theirs = spiffe::SpiffeId::new(case.as_str());
+            match (&ours, &theirs) {
+                (Ok(id), Ok(reference)) => {
+                    assert_eq!(
+                        id.principal(),
+                        format!("{}{}", reference.trust_domain_name(), reference.path()),
+                        "{case:?}"
+                    );
+                    assert_eq!(id.trust_domain(), reference.trust_domain_name(), "{case:?}");
+                }
+                (Err(_), Err(_)) => {}
+                // Our own additions: a path is required, 2048 bytes at most.
+                (Err(_), Ok(reference))
+                    if reference.path().is_empty() || case.len() > MAX_SPIFFE_ID_BYTES => {}
+                _ => panic!("{case:?}: ours {ours:?}, spiffe crate {theirs:?}"),
+            }
+        }
     }
 }

@@ -208,7 +208,7 @@ impl Policy {
             enforced: self.mode == Mode::Enforce,
             cert,
         };
-        if matches!(peer.identity, PeerIdentity::Invalid { .. }) {
+        if matches!(*peer.identity, PeerIdentity::Invalid { .. }) {
             return decide(Verdict::Deny, None, Reason::InvalidPeerIdentity, None);
         }
         if self.require_mtls && !peer.mtls {

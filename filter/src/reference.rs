@@ -172,7 +172,7 @@ pub fn authorize<'c>(
         enforced,
         cert,
     };
-    if matches!(peer.identity, PeerIdentity::Invalid { .. }) {
+    if matches!(*peer.identity, PeerIdentity::Invalid { .. }) {
         return decide(Verdict::Deny, None, Reason::InvalidPeerIdentity, None);
     }
     if config.require_mtls && !peer.mtls {

@@ -79,16 +79,23 @@ pub fn path_without_query(path: &str) -> &str {
 /// these when configured to; when it was not, the filter refuses rather than
 /// guess (a DENY on `/admin*` must not be bypassed by `/x/../admin`).
 pub fn path_is_ambiguous(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    if lower.contains('\\')
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains("%2e")
-    {
-        return true;
+    let bytes = path.as_bytes();
+    let encoded_separator = |at: usize| {
+        let hex = (
+            bytes.get(at + 1),
+            bytes.get(at + 2).map(u8::to_ascii_lowercase),
+        );
+        matches!(
+            hex,
+            (Some(b'2'), Some(b'f' | b'e')) | (Some(b'5'), Some(b'c'))
+        )
+    };
+    for (at, &b) in bytes.iter().enumerate() {
+        if b == b'\\' || (b == b'%' && encoded_separator(at)) {
+            return true;
+        }
     }
-    lower
-        .split('/')
+    path.split('/')
         .any(|segment| segment == "." || segment == "..")
 }
 
@@ -128,6 +135,56 @@ mod tests {
         }
         for p in ["/admin", "/a.b/c..d", "/", "/v1.0/x"] {
             assert!(!path_is_ambiguous(p), "{p}");
+        }
+    }
+
+    /// The first definition, kept as the reference the single-pass one must
+    /// agree with: a path it calls ambiguous must stay ambiguous, or a DENY
+    /// on `/admin*` could be bypassed.
+    fn path_is_ambiguous_reference(path: &str) -> bool {
+        let lower = path.to_ascii_lowercase();
+        if lower.contains('\\')
+            || lower.contains("%2f")
+            || lower.contains("%5c")
+            || lower.contains("%2e")
+        {
+            return true;
+        }
+        lower
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+    }
+
+    #[test]
+    fn encoded_dot_segment_bypass_is_caught_like_the_reference() {
+        let alphabet = [
+            "/", ".", "%", "2", "5", "e", "E", "f", "F", "c", "C", "\\", "a", "?",
+        ];
+        // Every string of up to 4 symbols from the alphabet.
+        let mut paths = vec![String::new()];
+        for _ in 0..4 {
+            let mut next = Vec::new();
+            for p in &paths {
+                for a in alphabet {
+                    next.push(format!("{p}{a}"));
+                }
+            }
+            paths.extend(next);
+            paths.dedup();
+        }
+        for p in &paths {
+            assert_eq!(
+                path_is_ambiguous(p),
+                path_is_ambiguous_reference(p),
+                "{p:?}"
+            );
+        }
+        for p in ["/x/%2E%2e/admin", "/admin%2F", "/a/%5C/b", "/é/../x", "/%"] {
+            assert_eq!(
+                path_is_ambiguous(p),
+                path_is_ambiguous_reference(p),
+                "{p:?}"
+            );
         }
     }
 }

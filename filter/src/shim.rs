@@ -2,6 +2,8 @@
 //! Only built for wasm32. Every path that cannot evaluate the policy denies.
 //! The host contract it relies on is in `filter/README.md`.
 
+#[allow(unsafe_code)]
+mod abi;
 mod host;
 mod http;
 mod ledger;

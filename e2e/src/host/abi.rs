@@ -251,11 +251,18 @@ pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 /// Serializes a map: count, then (key length, value length) pairs, then
 /// NUL-terminated keys and values. An empty map is an empty buffer.
 pub fn serialize_pairs(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    serialize_pairs_into(pairs, &mut out);
+    out
+}
+
+/// [`serialize_pairs`], appended to `out`.
+pub fn serialize_pairs_into(pairs: &[(Vec<u8>, Vec<u8>)], out: &mut Vec<u8>) {
     if pairs.is_empty() {
-        return Vec::new();
+        return;
     }
     let data: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
-    let mut out = Vec::with_capacity(4 + pairs.len() * 8 + data);
+    out.reserve(4 + pairs.len() * 8 + data);
     out.extend_from_slice(&len_u32(pairs.len()).to_le_bytes());
     for (k, v) in pairs {
         out.extend_from_slice(&len_u32(k.len()).to_le_bytes());
@@ -267,7 +274,6 @@ pub fn serialize_pairs(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
         out.extend_from_slice(v);
         out.push(0);
     }
-    out
 }
 
 fn len_u32(n: usize) -> u32 {

@@ -6,7 +6,7 @@ use wasmtime::{Caller, Linker};
 
 use super::abi::{
     BufferType, LogLevel, MapType, MetricType, Pairs, Status, StreamType, deserialize_pairs,
-    serialize_pairs, split_path,
+    serialize_pairs, serialize_pairs_into, split_path,
 };
 use super::properties::PropValue;
 use super::state::{ContextState, HostState, HttpCallRequest, LocalResponse, LogLine};
@@ -178,14 +178,18 @@ fn map_read(caller: &mut C<'_>, map: MapType) -> HostResult<Option<Pairs>> {
     }
 }
 
-/// The first value of `key` (any case) in a readable map, copied — without
-/// copying the map. `None` when the map or the key is not there.
-fn map_get(caller: &mut C<'_>, map: MapType, key: &[u8]) -> HostResult<Option<Vec<u8>>> {
+/// Appends the first value of `key` (any case) in a readable map to `out`
+/// — without copying the map. `false` when the map or the key is not there.
+fn map_get_into(
+    state: &HostState,
+    map: MapType,
+    key: &[u8],
+    out: &mut Vec<u8>,
+) -> HostResult<bool> {
     let same = |k: &[u8]| k.eq_ignore_ascii_case(key);
-    match map {
+    let found = match map {
         MapType::HttpCallResponseHeaders | MapType::HttpCallResponseTrailers => {
-            let resp = caller.data().call_response.as_ref();
-            Ok(resp.and_then(|r| {
+            state.call_response.as_ref().and_then(|r| {
                 let src = if map == MapType::HttpCallResponseHeaders {
                     &r.headers
                 } else {
@@ -193,16 +197,64 @@ fn map_get(caller: &mut C<'_>, map: MapType, key: &[u8]) -> HostResult<Option<Ve
                 };
                 src.iter()
                     .find(|(k, _)| same(k.as_bytes()))
-                    .map(|(_, v)| v.as_bytes().to_vec())
-            }))
+                    .map(|(_, v)| v.as_bytes())
+            })
         }
-        MapType::GrpcCallInitialMetadata | MapType::GrpcCallTrailingMetadata => Ok(None),
-        _ => match map_mut(caller, map) {
-            Ok(m) => Ok(m.iter().find(|(k, _)| same(k)).map(|(_, v)| v.clone())),
-            Err(Fault::Status(Status::NotFound)) => Ok(None),
-            Err(e) => Err(e),
-        },
-    }
+        MapType::GrpcCallInitialMetadata | MapType::GrpcCallTrailingMetadata => None,
+        _ => {
+            let Some(ctx) = state.contexts.get(&state.effective) else {
+                return Ok(false);
+            };
+            let pairs = match map {
+                MapType::HttpRequestHeaders => &ctx.request_headers,
+                MapType::HttpRequestTrailers => &ctx.request_trailers,
+                MapType::HttpResponseHeaders => &ctx.response_headers,
+                MapType::HttpResponseTrailers => &ctx.response_trailers,
+                _ => return Err(Status::BadArgument.into()),
+            };
+            pairs
+                .iter()
+                .find(|(k, _)| same(k))
+                .map(|(_, v)| v.as_slice())
+        }
+    };
+    Ok(found.is_some_and(|v| {
+        out.extend_from_slice(v);
+        true
+    }))
+}
+
+/// Runs `lookup` on the guest bytes at `ptr`/`len` and the host state, then
+/// copies what it appended to the host's scratch buffer out to the guest
+/// (`NOT_FOUND` when it found nothing). Neither the guest's bytes nor the
+/// answer are copied into a fresh allocation: a property or header read is
+/// the plugin's most frequent host call.
+fn answer_with(
+    caller: &mut C<'_>,
+    ptr: i32,
+    len: i32,
+    ret_ptr: i32,
+    ret_size: i32,
+    lookup: impl FnOnce(&HostState, &[u8], &mut Vec<u8>) -> HostResult<bool>,
+) -> HostResult<()> {
+    let memory = caller.data().memory.ok_or(Status::InvalidMemoryAccess)?;
+    let r = range(ptr, len).ok_or(Status::InvalidMemoryAccess)?;
+    let mut buf = std::mem::take(&mut caller.data_mut().scratch);
+    buf.clear();
+    let found = {
+        let (mem, state) = memory.data_and_store_mut(&mut *caller);
+        match mem.get(r) {
+            Some(input) => lookup(state, input, &mut buf),
+            None => Err(Status::InvalidMemoryAccess.into()),
+        }
+    };
+    let result = match found {
+        Ok(true) => copy_out(caller, &buf, ret_ptr, ret_size),
+        Ok(false) => Err(Status::NotFound.into()),
+        Err(e) => Err(e),
+    };
+    caller.data_mut().scratch = buf;
+    result
 }
 
 fn lower(key: &[u8]) -> Vec<u8> {
@@ -237,8 +289,8 @@ fn proxy_get_log_level(mut caller: C<'_>, ret: i32) -> wasmtime::Result<i32> {
 
 fn proxy_get_current_time_nanoseconds(mut caller: C<'_>, ret: i32) -> wasmtime::Result<i32> {
     let nanos = caller
-        .data()
-        .now
+        .data_mut()
+        .now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0);
@@ -356,8 +408,27 @@ fn proxy_get_header_map_pairs(
 ) -> wasmtime::Result<i32> {
     finish((|| {
         let map = MapType::from_guest(map).ok_or(Status::BadArgument)?;
-        let pairs = map_read(&mut caller, map)?.unwrap_or_default();
-        copy_out(&mut caller, &serialize_pairs(&pairs), ret_ptr, ret_size)
+        let stream_map = matches!(
+            map,
+            MapType::HttpRequestHeaders
+                | MapType::HttpRequestTrailers
+                | MapType::HttpResponseHeaders
+                | MapType::HttpResponseTrailers
+        );
+        if !stream_map {
+            let pairs = map_read(&mut caller, map)?.unwrap_or_default();
+            return copy_out(&mut caller, &serialize_pairs(&pairs), ret_ptr, ret_size);
+        }
+        // A stream's own map (every request's headers): serialized straight
+        // from the context into the scratch buffer, no copy of the map.
+        let mut buf = std::mem::take(&mut caller.data_mut().scratch);
+        buf.clear();
+        if let Ok(pairs) = map_mut(&mut caller, map) {
+            serialize_pairs_into(pairs, &mut buf);
+        }
+        let result = copy_out(&mut caller, &buf, ret_ptr, ret_size);
+        caller.data_mut().scratch = buf;
+        result
     })())
 }
 
@@ -387,9 +458,14 @@ fn proxy_get_header_map_value(
 ) -> wasmtime::Result<i32> {
     finish((|| {
         let map = MapType::from_guest(map).ok_or(Status::BadArgument)?;
-        let key = read(&mut caller, key_ptr, key_len)?;
-        let value = map_get(&mut caller, map, &key)?.ok_or(Status::NotFound)?;
-        copy_out(&mut caller, &value, ret_ptr, ret_size)
+        answer_with(
+            &mut caller,
+            key_ptr,
+            key_len,
+            ret_ptr,
+            ret_size,
+            |state, key, out| map_get_into(state, map, key, out),
+        )
     })())
 }
 
@@ -494,20 +570,23 @@ fn request_attribute(headers: &Pairs, path: &[String]) -> Option<PropValue> {
     Some(value)
 }
 
-/// The encoded value at a raw (NUL-separated) property path: the stream's
-/// own properties, then Envoy's `request.*` attributes, then the root's.
-fn lookup_property(state: &HostState, raw_path: &[u8]) -> Option<Vec<u8>> {
+/// Appends the encoded value at a raw (NUL-separated) property path to
+/// `out`: the stream's own properties, then Envoy's `request.*` attributes,
+/// then the root's. `false` when none has it.
+fn lookup_property_into(state: &HostState, raw_path: &[u8], out: &mut Vec<u8>) -> bool {
     if let Some(ctx) = state.contexts.get(&state.effective) {
-        if let Some(v) = ctx.props.get_raw(raw_path) {
-            return Some(v);
+        if ctx.props.encode_raw_into(raw_path, out) {
+            return true;
         }
         if ctx.is_http
+            && raw_path.starts_with(b"request\0")
             && let Some(v) = request_attribute(&ctx.request_headers, &split_path(raw_path))
         {
-            return Some(v.encode());
+            v.encode_into(out);
+            return true;
         }
     }
-    state.root_props.get_raw(raw_path)
+    state.root_props.encode_raw_into(raw_path, out)
 }
 
 fn proxy_get_property(
@@ -517,11 +596,14 @@ fn proxy_get_property(
     ret_ptr: i32,
     ret_size: i32,
 ) -> wasmtime::Result<i32> {
-    finish((|| {
-        let path = read(&mut caller, pp, pl)?;
-        let value = lookup_property(caller.data(), &path).ok_or(Status::NotFound)?;
-        copy_out(&mut caller, &value, ret_ptr, ret_size)
-    })())
+    finish(answer_with(
+        &mut caller,
+        pp,
+        pl,
+        ret_ptr,
+        ret_size,
+        |state, path, out| Ok(lookup_property_into(state, path, out)),
+    ))
 }
 
 fn proxy_set_property(

@@ -27,16 +27,23 @@ pub enum PropValue {
 impl PropValue {
     /// The bytes the guest receives.
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// [`PropValue::encode`], appended to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         match self {
-            PropValue::Str(s) => s.as_bytes().to_vec(),
-            PropValue::Int(i) => i.to_le_bytes().to_vec(),
-            PropValue::Bool(b) => vec![u8::from(*b)],
-            PropValue::Bytes(b) => b.clone(),
-            PropValue::Map(m) => serialize_pairs(
+            PropValue::Str(s) => out.extend_from_slice(s.as_bytes()),
+            PropValue::Int(i) => out.extend_from_slice(&i.to_le_bytes()),
+            PropValue::Bool(b) => out.push(u8::from(*b)),
+            PropValue::Bytes(b) => out.extend_from_slice(b),
+            PropValue::Map(m) => out.extend_from_slice(&serialize_pairs(
                 &m.iter()
                     .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
                     .collect::<Vec<_>>(),
-            ),
+            )),
         }
     }
 }
@@ -92,6 +99,17 @@ impl Properties {
     /// The encoded value at a raw, NUL-separated path (what the guest sends).
     pub fn get_raw(&self, raw: &[u8]) -> Option<Vec<u8>> {
         self.lookup(raw).map(|v| v.encode())
+    }
+
+    /// [`Properties::get_raw`] appended to `out`; `false` when not found.
+    pub fn encode_raw_into(&self, raw: &[u8], out: &mut Vec<u8>) -> bool {
+        match self.lookup(raw) {
+            Some(v) => {
+                v.encode_into(out);
+                true
+            }
+            None => false,
+        }
     }
 
     fn lookup(&self, raw: &[u8]) -> Option<std::borrow::Cow<'_, PropValue>> {

@@ -2,6 +2,7 @@
 //! what several instances of one proxy share.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
@@ -292,7 +293,7 @@ pub(crate) struct HostState {
     pub alloc: Option<std::sync::Arc<TypedFunc<i32, i32>>>,
     pub plugin_name: String,
     pub effective: u32,
-    pub contexts: HashMap<u32, ContextState>,
+    pub contexts: ContextMap,
     pub root_props: Properties,
     pub plugin_configuration: Vec<u8>,
     pub vm_configuration: Vec<u8>,
@@ -302,8 +303,51 @@ pub(crate) struct HostState {
     pub next_token: u32,
     pub call_response: Option<HttpCallResponse>,
     pub tick_period_ms: u32,
-    pub now: SystemTime,
+    /// The time of the callback running now: read from the clock when the
+    /// plugin first asks for it, then frozen until the callback returns.
+    pub now: Option<SystemTime>,
     pub started: Instant,
     pub done_requested: bool,
     pub unimplemented_calls: Vec<String>,
+    /// Reused for answers copied out to the guest (property and header
+    /// reads), so those calls allocate nothing on the host.
+    pub scratch: Vec<u8>,
+}
+
+impl HostState {
+    /// The current callback's time (see [`HostState::now`]).
+    pub fn now(&mut self) -> SystemTime {
+        match self.now {
+            Some(t) => t,
+            None => {
+                let t = self.env.clock.now();
+                self.now = Some(t);
+                t
+            }
+        }
+    }
+}
+
+/// Open contexts by ID. IDs are small integers the host hands out, so they
+/// hash with one multiplication (every host call looks its context up).
+pub(crate) type ContextMap = HashMap<u32, ContextState, BuildHasherDefault<ContextIdHasher>>;
+
+/// [`ContextMap`]'s hasher: Fibonacci hashing of the ID.
+#[derive(Default)]
+pub(crate) struct ContextIdHasher(u64);
+
+impl Hasher for ContextIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }

@@ -92,8 +92,8 @@ fn clock_time_get(
 ) -> wasmtime::Result<i32> {
     let nanos = match clock {
         0 => caller
-            .data()
-            .now
+            .data_mut()
+            .now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
             .unwrap_or(0),

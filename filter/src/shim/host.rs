@@ -2,14 +2,18 @@
 //! SDK calls that return `Err` become `HostError`, which the callers turn
 //! into a deny.
 
+use super::abi;
 use crate::UnixTime;
 use crate::cert::{self, CertSource, PeerCert};
+use crate::header_pairs;
 use crate::pattern::FixedState;
+use crate::peer::Peer;
 use crate::xfcc;
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{LogLevel, MapType};
-use std::cell::RefCell;
+use proxy_wasm::types::LogLevel;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
@@ -21,54 +25,94 @@ pub fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
 
-/// Whether the proxy writes `level` now — asked on each use, as Envoy's
-/// level can change at run time — so a message nobody reads is never built.
-/// If the host cannot say, log.
-pub fn log_enabled(level: LogLevel) -> bool {
-    hostcalls::get_log_level().map_or(true, |current| level as u32 >= current as u32)
+thread_local! {
+    /// The proxy's log level and the host second ([`now`]) it was read in.
+    static LOG_LEVEL: Cell<Option<(i64, u32)>> = const { Cell::new(None) };
+    /// The last second [`now`] returned.
+    static LAST_SECOND: Cell<i64> = const { Cell::new(i64::MIN) };
 }
 
-fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
-    hostcalls::get_property(path.to_vec())
-        .map_err(|s| HostError(format!("get_property {}: {s:?}", path.join("."))))
+/// Whether the proxy writes `level` now, so a message nobody reads is never
+/// built. Envoy's level can change at run time: it is asked again once per
+/// second of host time (every decision reads the clock), not on every
+/// request. If the host cannot say, log.
+pub fn log_enabled(level: LogLevel) -> bool {
+    let second = LAST_SECOND.with(Cell::get);
+    let current = match LOG_LEVEL.with(Cell::get) {
+        Some((at, current)) if at == second => current,
+        _ => match hostcalls::get_log_level() {
+            Ok(current) => {
+                let current = current as u32;
+                LOG_LEVEL.with(|l| l.set(Some((second, current))));
+                current
+            }
+            Err(_) => return true,
+        },
+    };
+    level as u32 >= current
+}
+
+/// A property path: raw (segments joined by NUL, as the ABI takes it) and
+/// dotted (for messages). Made by [`prop!`] at compile time.
+#[derive(Clone, Copy)]
+pub struct Prop {
+    raw: &'static [u8],
+    name: &'static str,
+}
+
+/// `prop!("connection", "mtls")`: the property `connection.mtls`.
+macro_rules! prop {
+    ($first:literal $(, $rest:literal)*) => {
+        $crate::shim::host::Prop::new(
+            concat!($first $(, "\0", $rest)*).as_bytes(),
+            concat!($first $(, ".", $rest)*),
+        )
+    };
+}
+pub(crate) use prop;
+
+impl Prop {
+    pub const fn new(raw: &'static [u8], name: &'static str) -> Self {
+        Self { raw, name }
+    }
+}
+
+fn property(path: Prop) -> Result<Option<Vec<u8>>, HostError> {
+    abi::get_property(path.raw)
+        .map_err(|status| HostError(format!("get_property {}: status {status}", path.name)))
 }
 
 /// A string property (raw bytes, UTF-8).
-pub fn property_string(path: &[&str]) -> Result<Option<String>, HostError> {
+pub fn property_string(path: Prop) -> Result<Option<String>, HostError> {
     match property(path)? {
         None => Ok(None),
         Some(bytes) => String::from_utf8(bytes)
             .map(Some)
-            .map_err(|_| HostError(format!("property {} is not UTF-8", path.join(".")))),
+            .map_err(|_| HostError(format!("property {} is not UTF-8", path.name))),
     }
 }
 
 /// A bool property (1 byte, 0 or 1).
-pub fn property_bool(path: &[&str]) -> Result<Option<bool>, HostError> {
+pub fn property_bool(path: Prop) -> Result<Option<bool>, HostError> {
     match property(path)?.as_deref() {
         None => Ok(None),
         Some([0]) => Ok(Some(false)),
         Some([1]) => Ok(Some(true)),
         Some(other) => Err(HostError(format!(
             "property {} is not a 1-byte bool ({} bytes)",
-            path.join("."),
+            path.name,
             other.len()
         ))),
     }
 }
 
 /// An integer property (8 bytes, little-endian).
-pub fn property_u64(path: &[&str]) -> Result<Option<u64>, HostError> {
+pub fn property_u64(path: Prop) -> Result<Option<u64>, HostError> {
     match property(path)? {
         None => Ok(None),
         Some(bytes) => <[u8; 8]>::try_from(bytes.as_slice())
             .map(|b| Some(u64::from_le_bytes(b)))
-            .map_err(|_| {
-                HostError(format!(
-                    "property {} is not an 8-byte integer",
-                    path.join(".")
-                ))
-            }),
+            .map_err(|_| HostError(format!("property {} is not an 8-byte integer", path.name))),
     }
 }
 
@@ -80,22 +124,99 @@ pub fn now() -> Result<UnixTime, HostError> {
         .duration_since(UNIX_EPOCH)
         .map_err(|_| HostError("host clock is before 1970".into()))?
         .as_secs();
-    i64::try_from(secs)
-        .map(UnixTime)
-        .map_err(|_| HostError("host clock out of range".into()))
+    let secs = i64::try_from(secs).map_err(|_| HostError("host clock out of range".into()))?;
+    LAST_SECOND.with(|s| s.set(secs));
+    Ok(UnixTime(secs))
 }
 
-/// One request header (first value). Read as bytes: the SDK's string variant
-/// panics on a non-UTF-8 value, which a client controls; here it is an error
-/// (and the request is denied).
-pub fn request_header(name: &str) -> Result<Option<String>, HostError> {
-    match hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-        .map_err(|s| HostError(format!("get header {name}: {s:?}")))?
-    {
-        None => Ok(None),
-        Some(bytes) => String::from_utf8(bytes)
-            .map(Some)
-            .map_err(|_| HostError(format!("request header {name} is not UTF-8"))),
+/// The request headers a decision reads, found in one
+/// `proxy_get_header_map_pairs` answer kept as the host gave it: one host
+/// call per request instead of one per header, no copy per header. The
+/// first value of a name counts (what `proxy_get_header_map_value` answers);
+/// names compare without regard to case.
+pub struct RequestHeaders {
+    buf: Vec<u8>,
+    authority: Option<Range<usize>>,
+    method: Option<Range<usize>>,
+    path: Option<Range<usize>>,
+    xfcc: Option<Range<usize>>,
+    /// Whether the client sent [`DENY_REASON_HEADER`](super::http::DENY_REASON_HEADER).
+    pub has_deny_reason: bool,
+}
+
+impl RequestHeaders {
+    /// Reads the map. `:authority`, `:method` and `:path` must be UTF-8 (a
+    /// client controls them; anything else is an error, and a deny).
+    pub fn read() -> Result<Self, HostError> {
+        let buf = abi::get_header_map_pairs(abi::HTTP_REQUEST_HEADERS)
+            .map_err(|status| HostError(format!("get request headers: status {status}")))?;
+        let mut found = Self {
+            buf: Vec::new(),
+            authority: None,
+            method: None,
+            path: None,
+            xfcc: None,
+            has_deny_reason: false,
+        };
+        header_pairs::for_each_pair(&buf, |name, value| {
+            let slot = match buf.get(name).unwrap_or_default() {
+                b":authority" => &mut found.authority,
+                b":method" => &mut found.method,
+                b":path" => &mut found.path,
+                n if n.eq_ignore_ascii_case(b"x-forwarded-client-cert") => &mut found.xfcc,
+                n if n.eq_ignore_ascii_case(super::http::DENY_REASON_HEADER.as_bytes()) => {
+                    found.has_deny_reason = true;
+                    return;
+                }
+                _ => return,
+            };
+            slot.get_or_insert(value);
+        })
+        .map_err(|e| HostError(e.to_string()))?;
+        found.buf = buf;
+        for (name, range) in [
+            (":authority", &found.authority),
+            (":method", &found.method),
+            (":path", &found.path),
+        ] {
+            if let Some(r) = range
+                && std::str::from_utf8(found.buf.get(r.clone()).unwrap_or_default()).is_err()
+            {
+                return Err(HostError(format!("request header {name} is not UTF-8")));
+            }
+        }
+        Ok(found)
+    }
+
+    fn text(&self, range: &Option<Range<usize>>) -> Option<&str> {
+        range
+            .as_ref()
+            .and_then(|r| self.buf.get(r.clone()))
+            .and_then(|b| std::str::from_utf8(b).ok())
+    }
+
+    pub fn authority(&self) -> Option<&str> {
+        self.text(&self.authority)
+    }
+
+    pub fn method(&self) -> Option<&str> {
+        self.text(&self.method)
+    }
+
+    pub fn path(&self) -> Option<&str> {
+        self.text(&self.path)
+    }
+
+    /// `x-forwarded-client-cert`, checked for UTF-8 only when asked for.
+    pub fn xfcc(&self) -> Result<Option<String>, HostError> {
+        match &self.xfcc {
+            None => Ok(None),
+            Some(r) => std::str::from_utf8(self.buf.get(r.clone()).unwrap_or_default())
+                .map(|s| Some(s.to_string()))
+                .map_err(|_| {
+                    HostError("request header x-forwarded-client-cert is not UTF-8".into())
+                }),
+        }
     }
 }
 
@@ -103,29 +224,36 @@ pub fn request_header(name: &str) -> Result<Option<String>, HostError> {
 pub struct Connection {
     pub mtls: bool,
     pub uri_san: Option<String>,
+    /// Read only when asked for (XFCC matching, ledger lookups).
     pub digest: Option<String>,
     /// The validity decoded from `connection.peer_certificate`, when the
     /// proxy gives it (decoded once, when the connection is read).
     pub property_cert: Option<PeerCert>,
     pub port: Option<u16>,
+    /// The peer as the policy sees it: its URI SAN parsed once per
+    /// connection, with the validity from `connection.peer_certificate`.
+    pub peer: Peer,
 }
 
 impl Connection {
-    pub fn read() -> Result<Self, HostError> {
-        let mtls = property_bool(&["connection", "mtls"])?.unwrap_or(false);
-        Self::read_mtls_known(mtls)
+    /// Reads the connection's facts; `connection.sha256_peer_certificate_digest`
+    /// only `with_digest` (one host call less per connection when nothing
+    /// would use it).
+    pub fn read(with_digest: bool) -> Result<Self, HostError> {
+        let mtls = property_bool(prop!("connection", "mtls"))?.unwrap_or(false);
+        Self::read_mtls_known(mtls, with_digest)
     }
 
     /// [`Connection::read`] when `connection.mtls` was just read.
-    pub fn read_mtls_known(mtls: bool) -> Result<Self, HostError> {
-        let port = match property_u64(&["destination", "port"])? {
+    pub fn read_mtls_known(mtls: bool, with_digest: bool) -> Result<Self, HostError> {
+        let port = match property_u64(prop!("destination", "port"))? {
             None => None,
             Some(p) => Some(
                 u16::try_from(p)
                     .map_err(|_| HostError(format!("destination.port {p} out of range")))?,
             ),
         };
-        let property_cert = property_string(&["connection", "peer_certificate"])?
+        let property_cert = property_string(prop!("connection", "peer_certificate"))?
             .filter(|s| !s.is_empty())
             .and_then(|encoded| {
                 match cert::der_from_url_encoded_pem(&encoded)
@@ -144,14 +272,22 @@ impl Connection {
                     }
                 }
             });
+        let uri_san = property_string(prop!("connection", "uri_san_peer_certificate"))?
+            .filter(|s| !s.is_empty());
+        let digest = if with_digest {
+            property_string(prop!("connection", "sha256_peer_certificate_digest"))?
+                .filter(|s| !s.is_empty())
+        } else {
+            None
+        };
+        let peer = Peer::from_connection(mtls, uri_san.as_deref(), property_cert);
         Ok(Self {
             mtls,
-            uri_san: property_string(&["connection", "uri_san_peer_certificate"])?
-                .filter(|s| !s.is_empty()),
-            digest: property_string(&["connection", "sha256_peer_certificate_digest"])?
-                .filter(|s| !s.is_empty()),
+            uri_san,
+            digest,
             property_cert,
             port,
+            peer,
         })
     }
 
@@ -159,14 +295,21 @@ impl Connection {
     /// `connection.peer_certificate`, then the XFCC element whose `Cert=`
     /// digest equals `connection.sha256_peer_certificate_digest`.
     /// (The signer's ledger, looked up by that digest, is the next source.)
-    pub fn peer_cert(&self, xfcc_header: Option<&str>) -> Option<PeerCert> {
+    /// `xfcc_header` is called only when the XFCC header could be used.
+    pub fn peer_cert(
+        &self,
+        xfcc_header: impl FnOnce() -> Result<Option<String>, HostError>,
+    ) -> Result<Option<PeerCert>, HostError> {
         if let Some(found) = self.property_cert {
-            return Some(found);
+            return Ok(Some(found));
         }
-        let (Some(header), Some(digest)) = (xfcc_header, &self.digest) else {
-            return None;
+        let Some(digest) = &self.digest else {
+            return Ok(None);
         };
-        match xfcc::peer_cert_from_xfcc(header, digest) {
+        let Some(header) = xfcc_header()? else {
+            return Ok(None);
+        };
+        Ok(match xfcc::peer_cert_from_xfcc(&header, digest) {
             Ok(found) => found,
             Err(e) => {
                 if log_enabled(LogLevel::Debug) {
@@ -177,7 +320,7 @@ impl Connection {
                 }
                 None
             }
-        }
+        })
     }
 }
 
@@ -202,13 +345,13 @@ pub struct ConnectionCache {
 impl ConnectionCache {
     /// The current stream's connection facts.
     pub fn current(&self) -> Result<Rc<Connection>, HostError> {
-        let id = property_u64(&["connection", "id"])?;
+        let id = property_u64(prop!("connection", "id"))?;
         if let Some(id) = id
             && let Some(found) = self.entries.borrow().get(&id)
         {
             return Ok(Rc::clone(found));
         }
-        let conn = Rc::new(Connection::read()?);
+        let conn = Rc::new(Connection::read(true)?);
         if let Some(id) = id {
             let mut entries = self.entries.borrow_mut();
             if entries.len() >= CONNECTION_CACHE_ENTRIES {

@@ -1,12 +1,11 @@
 //! HTTP context: one decision per request, in `on_http_request_headers`.
 
-use super::host::{self, Connection, ConnectionCache, HostError, log, log_enabled};
+use super::host::{self, Connection, ConnectionCache, HostError, RequestHeaders, log, log_enabled};
 use super::ledger::{self, InFlight, Lookup, Slot};
 use super::metrics::Metrics;
 use crate::cert::PeerCert;
 use crate::config::Mode;
 use crate::decision::{Decision, Verdict};
-use crate::peer::Peer;
 use crate::policy::Policy;
 use crate::request::Request;
 use proxy_wasm::hostcalls;
@@ -98,21 +97,21 @@ impl HttpFilter {
     }
 
     fn decide(&mut self) -> Result<Action, HostError> {
+        let headers = RequestHeaders::read()?;
         // A client must not be able to forge our header towards the upstream.
-        hostcalls::remove_map_value(MapType::HttpRequestHeaders, DENY_REASON_HEADER)
-            .map_err(|s| HostError(format!("remove header: {s:?}")))?;
+        if headers.has_deny_reason {
+            hostcalls::remove_map_value(MapType::HttpRequestHeaders, DENY_REASON_HEADER)
+                .map_err(|s| HostError(format!("remove header: {s:?}")))?;
+        }
         let Some(policy) = self.policy.clone() else {
             return Err(HostError("no valid pluginConfig loaded".into()));
         };
         let request = Inputs {
             conn: self.connections.current()?,
-            authority: host::request_header(":authority")?,
-            method: host::request_header(":method")?,
-            path: host::request_header(":path")?,
-            xfcc: host::request_header("x-forwarded-client-cert")?,
+            headers,
         };
         let now = host::now()?;
-        let mut cert = request.conn.peer_cert(request.xfcc.as_deref());
+        let mut cert = request.conn.peer_cert(|| request.headers.xfcc())?;
         if let Some(settings) = policy.ledger()
             && let Some(digest) = ledger::wanted(&policy, &request.conn, cert.as_ref())
         {
@@ -136,11 +135,11 @@ impl HttpFilter {
         now: crate::UnixTime,
     ) -> Action {
         let conn = &r.conn;
-        let peer = Peer::from_connection(conn.mtls, conn.uri_san.as_deref(), cert);
+        let peer = conn.peer.with_cert(cert);
         let request = Request::http(
-            r.authority.as_deref(),
-            r.method.as_deref(),
-            r.path.as_deref(),
+            r.headers.authority(),
+            r.headers.method(),
+            r.headers.path(),
             conn.port,
         );
         let decision = policy.authorize(&peer, &request, now);
@@ -149,8 +148,8 @@ impl HttpFilter {
         let what = || {
             format!(
                 "{} {}",
-                r.method.as_deref().unwrap_or("-"),
-                r.path.as_deref().unwrap_or("-")
+                r.headers.method().unwrap_or("-"),
+                r.headers.path().unwrap_or("-")
             )
         };
         self.act(&decision, policy.mode(), who, &what)
@@ -189,10 +188,7 @@ impl HttpFilter {
 /// What a request's decision needs, kept while the ledger is asked.
 struct Inputs {
     conn: Rc<Connection>,
-    authority: Option<String>,
-    method: Option<String>,
-    path: Option<String>,
-    xfcc: Option<String>,
+    headers: RequestHeaders,
 }
 
 impl Context for HttpFilter {

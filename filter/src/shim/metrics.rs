@@ -9,7 +9,7 @@ use crate::pattern::FixedState;
 use crate::telemetry::{self, CERT_AGE, CERT_REMAINING, CERT_UNKNOWN};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MetricType};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 /// Ids of one rule's (or one reason's) decision series, by action
@@ -24,6 +24,9 @@ pub struct Metrics {
     by_rule: RefCell<HashMap<Box<str>, DecisionSlots, FixedState>>,
     /// The same for decisions no rule made, by reason code.
     by_reason: RefCell<HashMap<&'static str, DecisionSlots, FixedState>>,
+    /// Ids of [`CERT_AGE`], [`CERT_REMAINING`], [`CERT_UNKNOWN`], set by
+    /// [`Metrics::define_fixed`] (every decision records one of them).
+    fixed: Cell<Option<[Option<u32>; 3]>>,
 }
 
 /// What names a decision series besides action and mode.
@@ -61,10 +64,13 @@ impl Metrics {
         }
     }
 
-    fn record(&self, name: &str, secs: i64) {
-        if let Some(id) = self.id(MetricType::Histogram, name) {
-            let _ = hostcalls::record_metric(id, telemetry::histogram_seconds(secs));
-        }
+    /// The id of fixed metric `index` (see [`Metrics::fixed`]).
+    fn fixed_id(&self, index: usize) -> Option<u32> {
+        let ids = match self.fixed.get() {
+            Some(ids) => ids,
+            None => self.define_fixed(),
+        };
+        ids.get(index).copied().flatten()
     }
 
     /// The counter of one decision series (`action` indexes [`ACTIONS`]),
@@ -132,10 +138,14 @@ impl Metrics {
     }
 
     /// Defines the fixed metrics up front so they exist before traffic.
-    pub fn define_fixed(&self) {
-        self.id(MetricType::Histogram, CERT_AGE);
-        self.id(MetricType::Histogram, CERT_REMAINING);
-        self.id(MetricType::Counter, CERT_UNKNOWN);
+    pub fn define_fixed(&self) -> [Option<u32>; 3] {
+        let ids = [
+            self.id(MetricType::Histogram, CERT_AGE),
+            self.id(MetricType::Histogram, CERT_REMAINING),
+            self.id(MetricType::Counter, CERT_UNKNOWN),
+        ];
+        self.fixed.set(Some(ids));
+        ids
     }
 
     /// Counts one decision (and its AUDIT mark), and the peer certificate's
@@ -159,10 +169,17 @@ impl Metrics {
         }
         match d.cert {
             Some((times, _)) => {
-                self.record(CERT_AGE, times.age_secs);
-                self.record(CERT_REMAINING, times.remaining_secs);
+                for (index, secs) in [(0, times.age_secs), (1, times.remaining_secs)] {
+                    if let Some(id) = self.fixed_id(index) {
+                        let _ = hostcalls::record_metric(id, telemetry::histogram_seconds(secs));
+                    }
+                }
             }
-            None if mtls => self.increment(CERT_UNKNOWN),
+            None if mtls => {
+                if let Some(id) = self.fixed_id(2) {
+                    let _ = hostcalls::increment_metric(id, 1);
+                }
+            }
             None => {}
         }
     }

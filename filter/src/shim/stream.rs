@@ -15,7 +15,6 @@ use super::metrics::Metrics;
 use crate::cert::PeerCert;
 use crate::config::Mode;
 use crate::decision::Decision;
-use crate::peer::Peer;
 use crate::policy::Policy;
 use crate::request::Request;
 use proxy_wasm::hostcalls;
@@ -59,6 +58,11 @@ impl TcpFilter {
         }
     }
 
+    /// The digest is only for ledger lookups on a TCP connection (no XFCC).
+    fn wants_digest(&self) -> bool {
+        self.policy.as_ref().is_some_and(|p| p.ledger().is_some())
+    }
+
     fn policy(&self) -> Result<Rc<Policy>, HostError> {
         self.policy
             .clone()
@@ -69,7 +73,7 @@ impl TcpFilter {
     fn evaluate(&mut self, conn: Connection) -> Result<Outcome, HostError> {
         let policy = self.policy()?;
         let now = host::now()?;
-        let mut cert = conn.peer_cert(None);
+        let mut cert = conn.peer_cert(|| Ok(None))?;
         if let Some(settings) = policy.ledger()
             && let Some(digest) = ledger::wanted(&policy, &conn, cert.as_ref())
         {
@@ -91,7 +95,7 @@ impl TcpFilter {
         cert: Option<PeerCert>,
         now: crate::UnixTime,
     ) -> Outcome {
-        let peer = Peer::from_connection(conn.mtls, conn.uri_san.as_deref(), cert);
+        let peer = conn.peer.with_cert(cert);
         let decision = policy.authorize(&peer, &Request::tcp(conn.port), now);
         self.metrics.decision(&decision, policy.mode(), conn.mtls);
         // Texts only for what is sent or logged: an allowed connection
@@ -143,7 +147,7 @@ impl TcpFilter {
     }
 
     fn decide(&mut self) -> Action {
-        let outcome = Connection::read().and_then(|conn| self.evaluate(conn));
+        let outcome = Connection::read(self.wants_digest()).and_then(|conn| self.evaluate(conn));
         self.apply(outcome)
     }
 
@@ -196,12 +200,13 @@ impl Context for TcpFilter {
 
 impl StreamContext for TcpFilter {
     fn on_new_connection(&mut self) -> Action {
-        match host::property_bool(&["connection", "mtls"]) {
+        match host::property_bool(host::prop!("connection", "mtls")) {
             // Handshake possibly not finished: decide on the first data.
             Ok(Some(false) | None) => Action::Continue,
             // mTLS already known: the connection read needs not ask again.
             Ok(Some(true)) => {
-                let outcome = Connection::read_mtls_known(true).and_then(|c| self.evaluate(c));
+                let outcome = Connection::read_mtls_known(true, self.wants_digest())
+                    .and_then(|c| self.evaluate(c));
                 self.apply(outcome)
             }
             Err(_) => self.decide(),

@@ -1,0 +1,87 @@
+//! The two proxy-wasm imports the per-request path calls most, called
+//! directly instead of through the SDK's `hostcalls`:
+//!
+//! - `proxy_get_property` with a path serialized at compile time (the SDK
+//!   builds a `Vec<&str>` and then a byte vector for every read);
+//! - `proxy_get_header_map_pairs`, whose answer is read in place (the SDK
+//!   turns every header into a `String` and a `Vec`).
+//!
+//! Both also answer an unexpected status as an error — the SDK panics on
+//! one, which would trap the VM — so the caller denies instead.
+//!
+//! Safety: the host answers with a pointer and size it obtained from our
+//! exported allocator (`proxy_on_memory_allocate`, the SDK's, which returns
+//! a boxed slice of exactly `size` bytes) — the ABI's contract, which the
+//! SDK's own hostcalls rely on in the same way; ownership passes to us and
+//! `Vec::from_raw_parts(ptr, size, size)` takes it back. A null pointer means
+//! no value.
+
+use std::ptr::null_mut;
+
+/// `Status::Ok`.
+const OK: u32 = 0;
+/// `Status::NotFound`.
+const NOT_FOUND: u32 = 1;
+
+/// `MapType::HttpRequestHeaders`.
+pub const HTTP_REQUEST_HEADERS: u32 = 0;
+
+// Declared with `u32` for the status and map type (the SDK declares them
+// with its enums): a status outside the SDK's enum must be an error here,
+// not undefined behaviour.
+#[allow(clashing_extern_declarations)]
+#[link(wasm_import_module = "env")]
+unsafe extern "C" {
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+}
+
+/// Takes ownership of a buffer the host allocated through our allocator.
+fn take(data: *mut u8, size: usize) -> Option<Vec<u8>> {
+    if data.is_null() {
+        return None;
+    }
+    // SAFETY: see the module documentation — `data` came from
+    // `proxy_on_memory_allocate(size)`, a boxed slice of exactly `size` bytes
+    // that the host filled and handed over.
+    Some(unsafe { Vec::from_raw_parts(data, size, size) })
+}
+
+/// A property by its raw path (segments joined by NUL, e.g.
+/// `b"connection\0id"`). `Ok(None)` when the host does not have it; `Err`
+/// carries any other status.
+pub fn get_property(raw_path: &[u8]) -> Result<Option<Vec<u8>>, u32> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the path is a live slice for the call; `data` and `size` are
+    // live locals the host writes.
+    let status =
+        unsafe { proxy_get_property(raw_path.as_ptr(), raw_path.len(), &mut data, &mut size) };
+    match status {
+        OK => Ok(take(data, size)),
+        NOT_FOUND => Ok(None),
+        other => Err(other),
+    }
+}
+
+/// A header map in the ABI's serialized-pairs form (see [`super::host::Pairs`]);
+/// empty when the host has no such map or it is empty.
+pub fn get_header_map_pairs(map_type: u32) -> Result<Vec<u8>, u32> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: `data` and `size` are live locals the host writes.
+    let status = unsafe { proxy_get_header_map_pairs(map_type, &mut data, &mut size) };
+    match status {
+        OK => Ok(take(data, size).unwrap_or_default()),
+        other => Err(other),
+    }
+}
