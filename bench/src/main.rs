@@ -265,6 +265,7 @@ fn filter_costs(config: &BenchConfig, with_wasm: bool) -> FilterCosts {
                         ?kind,
                         rules,
                         p50_ns = format!("{:.0}", n.compiled_ns.p50),
+                        new_identity_p50_ns = format!("{:.0}", n.new_identity_ns.p50),
                         linear_p50_ns = format!("{:.0}", n.linear_ns.p50),
                         "native decision"
                     );

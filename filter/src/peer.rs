@@ -149,6 +149,46 @@ impl SpiffeIdentity {
     }
 }
 
+/// Most URI SANs an [`IdentityCache`] keeps before starting over.
+pub const IDENTITY_CACHE_ENTRIES: usize = 1024;
+
+/// Parsed peer identities by URI SAN, for one thread (a proxy-wasm VM is
+/// single-threaded). Bounded: emptied when [`IDENTITY_CACHE_ENTRIES`] are
+/// held. Parsing is a pure function of the string, so an entry never goes
+/// stale.
+#[derive(Debug, Default)]
+pub struct IdentityCache {
+    entries: std::cell::RefCell<
+        std::collections::HashMap<Box<str>, Arc<PeerIdentity>, crate::pattern::FixedState>,
+    >,
+}
+
+impl IdentityCache {
+    /// The identity a verified URI SAN `uri` (non-empty) stands for.
+    pub fn identity(&self, uri: &str) -> Arc<PeerIdentity> {
+        if let Some(found) = self.entries.borrow().get(uri) {
+            return Arc::clone(found);
+        }
+        let parsed = Peer::from_connection(true, Some(uri), None).identity;
+        let mut entries = self.entries.borrow_mut();
+        if entries.len() >= IDENTITY_CACHE_ENTRIES {
+            entries.clear();
+        }
+        entries.insert(uri.into(), Arc::clone(&parsed));
+        parsed
+    }
+
+    /// URI SANs held.
+    pub fn len(&self) -> usize {
+        self.entries.borrow().len()
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Everything the policy knows about the peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
@@ -180,6 +220,25 @@ impl Peer {
             mtls,
             identity: Arc::new(identity),
             cert: if mtls { cert } else { None },
+        }
+    }
+
+    /// [`Peer::from_connection`], the identity taken from `cache` when this
+    /// URI SAN was parsed before (a sidecar sees few peer identities, each
+    /// on many connections).
+    pub fn from_connection_cached(
+        mtls: bool,
+        uri_san: Option<&str>,
+        cert: Option<PeerCert>,
+        cache: &IdentityCache,
+    ) -> Self {
+        match (mtls, uri_san) {
+            (true, Some(uri)) if !uri.is_empty() => Self {
+                mtls,
+                identity: cache.identity(uri),
+                cert,
+            },
+            _ => Self::from_connection(mtls, uri_san, cert),
         }
     }
 
@@ -239,6 +298,30 @@ mod tests {
             *Peer::from_connection(true, Some(&long), None).identity,
             PeerIdentity::Invalid { .. }
         ));
+    }
+
+    #[test]
+    fn cached_identity_is_the_parsed_one_and_never_used_without_mtls() {
+        let cache = IdentityCache::default();
+        for uri in [
+            "spiffe://cluster.local/ns/a/sa/b",
+            "spiffe://cluster.local/ns/a/sa/b/",
+            "https://cluster.local/ns/a/sa/b",
+        ] {
+            for _ in 0..2 {
+                let cached = Peer::from_connection_cached(true, Some(uri), None, &cache);
+                assert_eq!(
+                    cached,
+                    Peer::from_connection(true, Some(uri), None),
+                    "{uri}"
+                );
+            }
+            let plaintext = Peer::from_connection_cached(false, Some(uri), None, &cache);
+            assert_eq!(*plaintext.identity, PeerIdentity::Plaintext);
+        }
+        assert_eq!(cache.len(), 3);
+        let no_san = Peer::from_connection_cached(true, Some(""), None, &cache);
+        assert_eq!(*no_san.identity, PeerIdentity::NoUriSan);
     }
 
     #[test]

@@ -22,7 +22,11 @@ use crate::peer::{Peer, PeerIdentity, SpiffeIdentity};
 use crate::request::{Protocol, Request, host_without_port, path_is_ambiguous, path_without_query};
 use spiffe::TrustDomain;
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Istio's default trust domain; in patterns it stands for the configured one.
 const ISTIO_DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -41,6 +45,112 @@ pub struct Policy {
     audit: RuleSet,
     ledger: Option<LedgerSettings>,
     has_cert_conditions: bool,
+    /// Unique per compilation: [`PeerRules`] made for one policy are never
+    /// used with another.
+    id: u64,
+}
+
+/// Source of [`Policy`] ids.
+static NEXT_POLICY_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The rules of a policy whose `from` side one peer identity satisfies, per
+/// action, in config order. `from` depends only on the identity (principal,
+/// namespace, trust domain), so this is computed once per identity and a
+/// decision then evaluates only `to` and `when` of these rules — no pattern
+/// table is probed for the peer on the request path. Tied to the policy and
+/// the identity it was made for: [`Policy::authorize_with`] checks both.
+#[derive(Debug)]
+pub struct PeerRules {
+    policy: u64,
+    identity: Arc<PeerIdentity>,
+    deny: Box<[u32]>,
+    allow: Box<[u32]>,
+    audit: Box<[u32]>,
+}
+
+impl PeerRules {
+    /// True when these are `policy`'s rules (not a previous policy's).
+    pub fn is_for(&self, policy: &Policy) -> bool {
+        self.policy == policy.id
+    }
+
+    /// Rule indices kept (all actions): the cost of caching this entry.
+    pub fn len(&self) -> usize {
+        self.deny.len() + self.allow.len() + self.audit.len()
+    }
+
+    /// True when the identity satisfies no rule's `from`.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Most identities a [`PeerRulesCache`] keeps before starting over.
+pub const PEER_RULES_CACHE_ENTRIES: usize = 1024;
+
+/// [`PeerRules`] by SPIFFE principal, for one thread (a proxy-wasm VM is
+/// single-threaded). A sidecar sees few distinct peer identities, each on
+/// many connections and requests; the first decision for an identity
+/// computes its rules, the next ones look them up. Bounded: emptied when
+/// [`PEER_RULES_CACHE_ENTRIES`] are held, and entries of an older policy
+/// are replaced when met.
+#[derive(Debug, Default)]
+pub struct PeerRulesCache {
+    entries: RefCell<HashMap<Box<str>, Rc<PeerRules>, FixedState>>,
+}
+
+impl PeerRulesCache {
+    /// [`Policy::authorize`], with the peer's rules from the cache. Peers
+    /// without a valid SPIFFE ID are decided without it.
+    pub fn authorize<'p>(
+        &self,
+        policy: &'p Policy,
+        peer: &Peer,
+        request: &Request<'_>,
+        now: UnixTime,
+    ) -> Decision<'p> {
+        match self.rules(policy, &peer.identity) {
+            Some(rules) => policy.authorize_with(peer, &rules, request, now),
+            None => policy.authorize(peer, request, now),
+        }
+    }
+
+    /// `policy`'s rules for `identity`, computed on first sight; `None` for
+    /// an identity that is not a valid SPIFFE ID (not cached: such peers
+    /// are decided without pattern lookups anyway).
+    pub fn rules(&self, policy: &Policy, identity: &Arc<PeerIdentity>) -> Option<Rc<PeerRules>> {
+        let PeerIdentity::Spiffe(id) = &**identity else {
+            return None;
+        };
+        let cached = self.entries.borrow().get(id.principal()).cloned();
+        Some(match cached {
+            Some(rules) if rules.is_for(policy) => rules,
+            _ => {
+                let rules = Rc::new(policy.peer_rules(identity));
+                let mut entries = self.entries.borrow_mut();
+                if entries.len() >= PEER_RULES_CACHE_ENTRIES {
+                    entries.clear();
+                }
+                entries.insert(id.principal().into(), Rc::clone(&rules));
+                rules
+            }
+        })
+    }
+
+    /// Identities held.
+    pub fn len(&self) -> usize {
+        self.entries.borrow().len()
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets everything (a new policy was loaded).
+    pub fn clear(&self) {
+        self.entries.borrow_mut().clear();
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -132,6 +242,7 @@ impl Policy {
                 .map(LedgerSettings::compile)
                 .transpose()?,
             has_cert_conditions: config.rules.iter().any(|r| r.when.is_some()),
+            id: NEXT_POLICY_ID.fetch_add(1, Ordering::Relaxed),
         };
         let mut names: HashSet<&str, FixedState> =
             HashSet::with_capacity_and_hasher(config.rules.len(), FixedState::default());
@@ -199,6 +310,51 @@ impl Policy {
         request: &Request<'_>,
         now: UnixTime,
     ) -> Decision<'p> {
+        self.decide(peer, None, request, now)
+    }
+
+    /// The rules whose `from` `identity` satisfies (see [`PeerRules`]).
+    pub fn peer_rules(&self, identity: &Arc<PeerIdentity>) -> PeerRules {
+        let spiffe = match &**identity {
+            PeerIdentity::Spiffe(id) => Some(id),
+            _ => None,
+        };
+        let a = Attrs::new(spiffe, &Request::tcp(None), None);
+        PeerRules {
+            policy: self.id,
+            identity: Arc::clone(identity),
+            deny: self.deny.source_matching(&a),
+            allow: self.allow.source_matching(&a),
+            audit: self.audit.source_matching(&a),
+        }
+    }
+
+    /// [`Policy::authorize`] with the peer's rules computed beforehand
+    /// ([`Policy::peer_rules`]): the same decision, without matching the
+    /// peer against the pattern tables. Rules made for another policy or
+    /// another identity are not used (the decision is then made without them).
+    pub fn authorize_with<'p>(
+        &'p self,
+        peer: &Peer,
+        rules: &PeerRules,
+        request: &Request<'_>,
+        now: UnixTime,
+    ) -> Decision<'p> {
+        let same_peer =
+            Arc::ptr_eq(&rules.identity, &peer.identity) || *rules.identity == *peer.identity;
+        if rules.policy != self.id || !same_peer {
+            return self.authorize(peer, request, now);
+        }
+        self.decide(peer, Some(rules), request, now)
+    }
+
+    fn decide<'p>(
+        &'p self,
+        peer: &Peer,
+        rules: Option<&PeerRules>,
+        request: &Request<'_>,
+        now: UnixTime,
+    ) -> Decision<'p> {
         let cert = peer.cert.map(|c| (c.validity.times_at(now), c.source));
         let decide = |verdict, rule: Option<&'p str>, reason, audit| Decision {
             verdict,
@@ -219,17 +375,19 @@ impl Policy {
         }
         let attrs = Attrs::new(peer.spiffe(), request, cert.map(|(t, _)| t));
         let unknown = self.unknown_cert_age;
-        let audit = self
-            .audit
-            .first_match(&attrs, RuleAction::Audit, unknown)
-            .map(|r| &*r.name);
-        if let Some(rule) = self.deny.first_match(&attrs, RuleAction::Deny, unknown) {
+        let first = |set: &'p RuleSet, known: Option<&[u32]>, action| match known {
+            None => set.first_match(&attrs, action, unknown),
+            Some(list) => set.first_of(list, &attrs, action, unknown),
+        };
+        let audit =
+            first(&self.audit, rules.map(|r| &*r.audit), RuleAction::Audit).map(|r| &*r.name);
+        if let Some(rule) = first(&self.deny, rules.map(|r| &*r.deny), RuleAction::Deny) {
             return decide(Verdict::Deny, Some(&rule.name), Reason::DenyRule, audit);
         }
         if self.allow.rules.is_empty() {
             return decide(Verdict::Allow, None, Reason::NoAllowRules, audit);
         }
-        match self.allow.first_match(&attrs, RuleAction::Allow, unknown) {
+        match first(&self.allow, rules.map(|r| &*r.allow), RuleAction::Allow) {
             Some(rule) => decide(Verdict::Allow, Some(&rule.name), Reason::AllowRule, audit),
             None => decide(Verdict::Deny, None, Reason::NoAllowRuleMatched, audit),
         }
@@ -359,16 +517,10 @@ impl RuleSet {
         self.rules.push(compiled);
     }
 
-    /// The first rule, in config order, that fully matches.
-    fn first_match(
-        &self,
-        a: &Attrs<'_>,
-        action: RuleAction,
-        unknown: UnknownCertAge,
-    ) -> Option<&CompiledRule> {
-        if self.rules.is_empty() {
-            return None;
-        }
+    /// Calls `f` with every rule that could match the peer of `a` (indexed
+    /// under its principal, namespace or trust domain, or a candidate for
+    /// every peer), in config order, until `f` returns true.
+    fn for_each_candidate(&self, a: &Attrs<'_>, mut f: impl FnMut(u32) -> bool) {
         let mut candidates: Vec<u32> = Vec::new();
         let mut collect = |v: &Vec<u32>| candidates.extend_from_slice(v);
         if let Some(p) = a.principal {
@@ -382,11 +534,11 @@ impl RuleSet {
         }
         candidates.sort_unstable();
         candidates.dedup();
-        // Merge the two ascending lists, evaluating in config order.
+        // Merge the two ascending lists.
         let (mut i, mut j) = (0, 0);
         loop {
             let next = match (candidates.get(i), self.always.get(j)) {
-                (None, None) => return None,
+                (None, None) => return,
                 (Some(&c), None) => {
                     i += 1;
                     c
@@ -408,23 +560,84 @@ impl RuleSet {
                     }
                 }
             };
-            let rule = self.rules.get(usize::try_from(next).ok()?)?;
-            if rule.matches(a, action, unknown) {
-                return Some(rule);
+            if f(next) {
+                return;
             }
         }
+    }
+
+    /// The first rule, in config order, that fully matches.
+    fn first_match(
+        &self,
+        a: &Attrs<'_>,
+        action: RuleAction,
+        unknown: UnknownCertAge,
+    ) -> Option<&CompiledRule> {
+        if self.rules.is_empty() {
+            return None;
+        }
+        let mut found = None;
+        self.for_each_candidate(a, |i| {
+            found = usize::try_from(i)
+                .ok()
+                .and_then(|i| self.rules.get(i))
+                .filter(|rule| rule.matches(a, action, unknown));
+            found.is_some()
+        });
+        found
+    }
+
+    /// The rules whose `from` the peer of `a` satisfies, in config order.
+    fn source_matching(&self, a: &Attrs<'_>) -> Box<[u32]> {
+        let mut out = Vec::new();
+        if self.rules.is_empty() {
+            return out.into_boxed_slice();
+        }
+        self.for_each_candidate(a, |i| {
+            if usize::try_from(i)
+                .ok()
+                .and_then(|i| self.rules.get(i))
+                .is_some_and(|rule| rule.source_matches(a))
+            {
+                out.push(i);
+            }
+            false
+        });
+        out.into_boxed_slice()
+    }
+
+    /// The first of `list` (rules whose `from` holds for this peer, from
+    /// [`RuleSet::source_matching`]) whose `to` and `when` hold.
+    fn first_of(
+        &self,
+        list: &[u32],
+        a: &Attrs<'_>,
+        action: RuleAction,
+        unknown: UnknownCertAge,
+    ) -> Option<&CompiledRule> {
+        list.iter()
+            .filter_map(|&i| self.rules.get(usize::try_from(i).ok()?))
+            .find(|rule| rule.request_matches(a, action, unknown))
     }
 }
 
 impl CompiledRule {
     fn matches(&self, a: &Attrs<'_>, action: RuleAction, unknown: UnknownCertAge) -> bool {
+        self.source_matches(a) && self.request_matches(a, action, unknown)
+    }
+
+    /// The peer side: depends only on the peer's identity.
+    fn source_matches(&self, a: &Attrs<'_>) -> bool {
         self.from
             .as_ref()
             .is_none_or(|s| s.iter().any(|s| s.matches(a)))
-            && self
-                .to
-                .as_ref()
-                .is_none_or(|o| o.iter().any(|o| o.matches(a, action)))
+    }
+
+    /// The request and certificate side.
+    fn request_matches(&self, a: &Attrs<'_>, action: RuleAction, unknown: UnknownCertAge) -> bool {
+        self.to
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|o| o.matches(a, action)))
             && self.when.holds(a.cert, action, unknown)
     }
 }

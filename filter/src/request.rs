@@ -80,23 +80,33 @@ pub fn path_without_query(path: &str) -> &str {
 /// guess (a DENY on `/admin*` must not be bypassed by `/x/../admin`).
 pub fn path_is_ambiguous(path: &str) -> bool {
     let bytes = path.as_bytes();
-    let encoded_separator = |at: usize| {
-        let hex = (
-            bytes.get(at + 1),
-            bytes.get(at + 2).map(u8::to_ascii_lowercase),
-        );
-        matches!(
-            hex,
-            (Some(b'2'), Some(b'f' | b'e')) | (Some(b'5'), Some(b'c'))
-        )
-    };
+    let dot_segment = |segment: &[u8]| segment == b"." || segment == b"..";
+    let mut segment_start = 0;
     for (at, &b) in bytes.iter().enumerate() {
-        if b == b'\\' || (b == b'%' && encoded_separator(at)) {
-            return true;
+        match b {
+            b'\\' => return true,
+            b'%' => {
+                let hex = (
+                    bytes.get(at + 1),
+                    bytes.get(at + 2).map(u8::to_ascii_lowercase),
+                );
+                if matches!(
+                    hex,
+                    (Some(b'2'), Some(b'f' | b'e')) | (Some(b'5'), Some(b'c'))
+                ) {
+                    return true;
+                }
+            }
+            b'/' => {
+                if dot_segment(bytes.get(segment_start..at).unwrap_or_default()) {
+                    return true;
+                }
+                segment_start = at + 1;
+            }
+            _ => {}
         }
     }
-    path.split('/')
-        .any(|segment| segment == "." || segment == "..")
+    dot_segment(bytes.get(segment_start..).unwrap_or_default())
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 use meshward_filter::cert::{CertSource, CertValidity, PeerCert};
 use meshward_filter::config::{FilterType, Operation, PortText, Rule, RuleAction, Source, When};
+use meshward_filter::policy::PeerRulesCache;
 use meshward_filter::{Config, Mode, Peer, Policy, Request, UnixTime, UnknownCertAge, reference};
 use proptest::collection::vec;
 use proptest::option;
@@ -220,7 +221,9 @@ proptest! {
         reqs in vec(request(), 1..6),
     ) {
         let policy = Policy::compile(&cfg).unwrap();
+        let cache = PeerRulesCache::default();
         for peer in &peers {
+            let rules = policy.peer_rules(&peer.identity);
             for r in &reqs {
                 let req = if r.http {
                     Request::http(r.host, r.method, r.path, r.port)
@@ -230,7 +233,38 @@ proptest! {
                 let fast = policy.authorize(peer, &req, UnixTime(NOW));
                 let slow = reference::authorize(&cfg, peer, &req, UnixTime(NOW));
                 prop_assert_eq!(&fast, &slow, "peer {:?} request {:?}", peer, req);
+                // The per-identity rules (computed here, and through the
+                // cache, twice so the second is a hit) decide the same.
+                let with = policy.authorize_with(peer, &rules, &req, UnixTime(NOW));
+                prop_assert_eq!(&with, &slow, "peer rules: peer {:?} request {:?}", peer, req);
+                for _ in 0..2 {
+                    let cached = cache.authorize(&policy, peer, &req, UnixTime(NOW));
+                    prop_assert_eq!(&cached, &slow, "cache: peer {:?} request {:?}", peer, req);
+                }
             }
         }
+    }
+
+    /// Rules computed for one identity must never decide for another (a
+    /// peer would borrow another workload's ALLOW rules).
+    #[test]
+    fn peer_rules_of_another_identity_are_not_used(
+        cfg in config(),
+        a in peer(),
+        b in peer(),
+        r in request(),
+    ) {
+        let policy = Policy::compile(&cfg).unwrap();
+        let rules_of_a = policy.peer_rules(&a.identity);
+        let req = if r.http {
+            Request::http(r.host, r.method, r.path, r.port)
+        } else {
+            Request::tcp(r.port)
+        };
+        let slow = reference::authorize(&cfg, &b, &req, UnixTime(NOW));
+        prop_assert_eq!(&policy.authorize_with(&b, &rules_of_a, &req, UnixTime(NOW)), &slow);
+        // Nor rules of an older policy (a reconfigure).
+        let newer = Policy::compile(&cfg).unwrap();
+        prop_assert_eq!(&newer.authorize_with(&b, &policy.peer_rules(&b.identity), &req, UnixTime(NOW)), &slow);
     }
 }

@@ -7,7 +7,8 @@ use crate::UnixTime;
 use crate::cert::{self, CertSource, PeerCert};
 use crate::header_pairs;
 use crate::pattern::FixedState;
-use crate::peer::Peer;
+use crate::peer::{IdentityCache, Peer};
+use crate::policy::{PeerRules, PeerRulesCache, Policy};
 use crate::xfcc;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::LogLevel;
@@ -26,6 +27,8 @@ pub fn log(level: LogLevel, message: &str) {
 }
 
 thread_local! {
+    /// Peer identities by URI SAN, parsed once per VM.
+    static IDENTITIES: IdentityCache = IdentityCache::default();
     /// The proxy's log level and the host second ([`now`]) it was read in.
     static LOG_LEVEL: Cell<Option<(i64, u32)>> = const { Cell::new(None) };
     /// The last second [`now`] returned.
@@ -233,6 +236,10 @@ pub struct Connection {
     /// The peer as the policy sees it: its URI SAN parsed once per
     /// connection, with the validity from `connection.peer_certificate`.
     pub peer: Peer,
+    /// The peer's rules under the policy that last decided on this
+    /// connection (an HTTP connection's requests skip even the per-identity
+    /// cache lookup).
+    rules: RefCell<Option<Rc<PeerRules>>>,
 }
 
 impl Connection {
@@ -280,7 +287,9 @@ impl Connection {
         } else {
             None
         };
-        let peer = Peer::from_connection(mtls, uri_san.as_deref(), property_cert);
+        let peer = IDENTITIES.with(|cache| {
+            Peer::from_connection_cached(mtls, uri_san.as_deref(), property_cert, cache)
+        });
         Ok(Self {
             mtls,
             uri_san,
@@ -288,7 +297,19 @@ impl Connection {
             property_cert,
             port,
             peer,
+            rules: RefCell::new(None),
         })
+    }
+
+    /// `policy`'s rules for this connection's peer, from the connection,
+    /// else from `cache` (then kept on the connection).
+    pub fn rules(&self, policy: &Policy, cache: &PeerRulesCache) -> Option<Rc<PeerRules>> {
+        if let Some(rules) = self.rules.borrow().as_ref().filter(|r| r.is_for(policy)) {
+            return Some(Rc::clone(rules));
+        }
+        let rules = cache.rules(policy, &self.peer.identity);
+        self.rules.borrow_mut().clone_from(&rules);
+        rules
     }
 
     /// The peer certificate's validity, from the first source that has it:

@@ -6,7 +6,7 @@ use super::metrics::Metrics;
 use crate::cert::PeerCert;
 use crate::config::Mode;
 use crate::decision::{Decision, Verdict};
-use crate::policy::Policy;
+use crate::policy::{PeerRulesCache, Policy};
 use crate::request::Request;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -22,6 +22,7 @@ pub struct HttpFilter {
     metrics: Rc<Metrics>,
     in_flight: Rc<InFlight>,
     connections: Rc<ConnectionCache>,
+    peer_rules: Rc<PeerRulesCache>,
     /// Set while the request is paused for a ledger lookup.
     waiting: Option<(Inputs, Slot)>,
 }
@@ -32,12 +33,14 @@ impl HttpFilter {
         metrics: Rc<Metrics>,
         in_flight: Rc<InFlight>,
         connections: Rc<ConnectionCache>,
+        peer_rules: Rc<PeerRulesCache>,
     ) -> Self {
         Self {
             policy,
             metrics,
             in_flight,
             connections,
+            peer_rules,
             waiting: None,
         }
     }
@@ -142,7 +145,10 @@ impl HttpFilter {
             r.headers.path(),
             conn.port,
         );
-        let decision = policy.authorize(&peer, &request, now);
+        let decision = match conn.rules(policy, &self.peer_rules) {
+            Some(rules) => policy.authorize_with(&peer, &rules, &request, now),
+            None => policy.authorize(&peer, &request, now),
+        };
         self.metrics.decision(&decision, policy.mode(), conn.mtls);
         let who = conn.uri_san.as_deref().unwrap_or("(no peer identity)");
         let what = || {

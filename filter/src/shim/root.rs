@@ -7,7 +7,7 @@ use super::ledger::InFlight;
 use super::metrics::Metrics;
 use super::stream::TcpFilter;
 use crate::config::{ConfigError, FilterType};
-use crate::policy::Policy;
+use crate::policy::{PeerRulesCache, Policy};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel};
@@ -25,6 +25,8 @@ pub struct Root {
     in_flight: Rc<InFlight>,
     /// Connection facts shared by the requests of one connection.
     connections: Rc<ConnectionCache>,
+    /// Each peer identity's rules under the current policy.
+    peer_rules: Rc<PeerRulesCache>,
 }
 
 impl Root {
@@ -35,6 +37,7 @@ impl Root {
             metrics: Rc::new(Metrics::default()),
             in_flight: Rc::new(InFlight::default()),
             connections: Rc::new(ConnectionCache::default()),
+            peer_rules: Rc::new(PeerRulesCache::default()),
         }
     }
 
@@ -80,6 +83,7 @@ impl RootContext for Root {
                     ),
                 );
                 self.metrics.define_fixed();
+                self.peer_rules.clear();
                 self.policy = Some(Rc::new(policy));
                 true
             }
@@ -100,6 +104,7 @@ impl RootContext for Root {
             self.metrics.clone(),
             self.in_flight.clone(),
             self.connections.clone(),
+            self.peer_rules.clone(),
         )))
     }
 
@@ -108,6 +113,7 @@ impl RootContext for Root {
             self.policy.clone(),
             self.metrics.clone(),
             self.in_flight.clone(),
+            self.peer_rules.clone(),
         )))
     }
 

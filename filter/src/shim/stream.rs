@@ -15,7 +15,7 @@ use super::metrics::Metrics;
 use crate::cert::PeerCert;
 use crate::config::Mode;
 use crate::decision::Decision;
-use crate::policy::Policy;
+use crate::policy::{PeerRulesCache, Policy};
 use crate::request::Request;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, StreamContext};
@@ -35,6 +35,7 @@ pub struct TcpFilter {
     policy: Option<Rc<Policy>>,
     metrics: Rc<Metrics>,
     in_flight: Rc<InFlight>,
+    peer_rules: Rc<PeerRulesCache>,
     state: State,
     /// The connection facts kept while the ledger is asked.
     waiting: Option<(Connection, Slot)>,
@@ -48,11 +49,17 @@ enum Outcome {
 }
 
 impl TcpFilter {
-    pub fn new(policy: Option<Rc<Policy>>, metrics: Rc<Metrics>, in_flight: Rc<InFlight>) -> Self {
+    pub fn new(
+        policy: Option<Rc<Policy>>,
+        metrics: Rc<Metrics>,
+        in_flight: Rc<InFlight>,
+        peer_rules: Rc<PeerRulesCache>,
+    ) -> Self {
         Self {
             policy,
             metrics,
             in_flight,
+            peer_rules,
             state: State::Undecided,
             waiting: None,
         }
@@ -96,7 +103,9 @@ impl TcpFilter {
         now: crate::UnixTime,
     ) -> Outcome {
         let peer = conn.peer.with_cert(cert);
-        let decision = policy.authorize(&peer, &Request::tcp(conn.port), now);
+        let decision = self
+            .peer_rules
+            .authorize(policy, &peer, &Request::tcp(conn.port), now);
         self.metrics.decision(&decision, policy.mode(), conn.mtls);
         // Texts only for what is sent or logged: an allowed connection
         // formats nothing.
