@@ -6,14 +6,16 @@
 //! request on an established connection, the request view and the decision
 //! with the peer's rules from the per-identity cache (the peer was parsed
 //! when its connection was first seen); per TCP connection, the peer built
-//! from the URI SAN (SPIFFE parsing) as well. A second figure decides for an
-//! identity not in the cache (parsing, then `Policy::authorize`).
+//! from the URI SAN as well (its identity found in the per-VM identity
+//! cache). A second figure decides for an identity seen for the first time
+//! (SPIFFE parsing, then `Policy::authorize`).
 
 use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
+use meshward_filter::peer::IdentityCache;
 use meshward_filter::policy::PeerRulesCache;
 use meshward_filter::{Config, Peer, Policy, Request, UnixTime, Verdict, reference};
 use serde::Serialize;
@@ -222,13 +224,15 @@ pub fn native(rules: usize, kind: Kind, sampling: Sampling) -> anyhow::Result<Na
     ensure!(r == d, "reference {r:?} differs from compiled {d:?}");
 
     let cache = PeerRulesCache::default();
+    let identities = IdentityCache::default();
     let connection_peer = Peer::from_connection(true, Some(PEER_URI), None);
     let compiled_ns = time_per_iteration(sampling, || {
         let req = black_box(request(kind));
         let decision = match kind {
             Kind::Http => cache.authorize(&policy, black_box(&connection_peer), &req, NOW),
             Kind::Network => {
-                let peer = Peer::from_connection(true, Some(black_box(PEER_URI)), None);
+                let peer =
+                    Peer::from_connection_cached(true, Some(black_box(PEER_URI)), None, &identities);
                 cache.authorize(&policy, &peer, &req, NOW)
             }
         };

@@ -559,7 +559,8 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
          `PeerRulesCache::authorize` — the peer was parsed when its connection was first \
          seen, and its identity's rules (those whose `from` it satisfies) were computed on \
          its first decision, so only `to` / `when` are evaluated. Network, a new \
-         connection: the peer built from the URI SAN (SPIFFE parsing) as well.\n\
+         connection: the peer built from the URI SAN as well (its identity from the \
+         per-VM identity cache, as the shim does).\n\
          - **native, new identity**: the first decision for an identity not cached yet \
          (SPIFFE parsing, then `Policy::authorize` probing the pattern tables).\n\
          - **native linear**: the new-identity decision with `meshward_filter::reference::authorize`, the \
