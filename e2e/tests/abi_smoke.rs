@@ -96,6 +96,30 @@ fn filter_allows_frontend_get_api() {
     p.finish(ctx).unwrap();
 }
 
+/// A client must not be able to make the upstream believe meshward said
+/// something: its own `x-meshward-deny-reason` (any case, repeated) is
+/// removed from every request the filter lets through.
+#[test]
+fn forged_deny_reason_header_never_reaches_the_upstream() {
+    let mut p = start(&policy("http")).unwrap();
+    let props = props_for(&leaf("spiffe://cluster.local/ns/shop/sa/frontend"));
+    let mut headers = get("/api/items");
+    headers.push(("X-Meshward-Deny-Reason".into(), "shadow: all good".into()));
+    headers.push(("x-meshward-deny-reason".into(), "allowed by admin".into()));
+    let (ctx, outcome) = p.new_http_request(&props, &headers, b"").unwrap();
+    let HttpOutcome::Continue { headers } = outcome else {
+        panic!("expected the request to go on, got {outcome:?}");
+    };
+    assert!(
+        !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("x-meshward-deny-reason")),
+        "{headers:?}"
+    );
+    assert!(headers.iter().any(|(k, _)| k == ":path"), "{headers:?}");
+    p.finish(ctx).unwrap();
+}
+
 #[test]
 fn filter_denies_batch_reporter_with_403_and_reason() {
     let mut p = start(&policy("http")).unwrap();

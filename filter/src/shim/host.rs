@@ -162,10 +162,11 @@ impl RequestHeaders {
             has_deny_reason: false,
         };
         header_pairs::for_each_pair(&buf, |name, value| {
-            let slot = match buf.get(name).unwrap_or_default() {
-                b":authority" => &mut found.authority,
-                b":method" => &mut found.method,
-                b":path" => &mut found.path,
+            let name = buf.get(name).unwrap_or_default();
+            let slot = match name {
+                n if n.eq_ignore_ascii_case(b":authority") => &mut found.authority,
+                n if n.eq_ignore_ascii_case(b":method") => &mut found.method,
+                n if n.eq_ignore_ascii_case(b":path") => &mut found.path,
                 n if n.eq_ignore_ascii_case(b"x-forwarded-client-cert") => &mut found.xfcc,
                 n if n.eq_ignore_ascii_case(super::http::DENY_REASON_HEADER.as_bytes()) => {
                     found.has_deny_reason = true;
