@@ -231,8 +231,12 @@ pub fn native(rules: usize, kind: Kind, sampling: Sampling) -> anyhow::Result<Na
         let decision = match kind {
             Kind::Http => cache.authorize(&policy, black_box(&connection_peer), &req, NOW),
             Kind::Network => {
-                let peer =
-                    Peer::from_connection_cached(true, Some(black_box(PEER_URI)), None, &identities);
+                let peer = Peer::from_connection_cached(
+                    true,
+                    Some(black_box(PEER_URI)),
+                    None,
+                    &identities,
+                );
                 cache.authorize(&policy, &peer, &req, NOW)
             }
         };
