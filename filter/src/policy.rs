@@ -53,8 +53,9 @@ pub struct Policy {
 /// Source of [`Policy`] ids.
 static NEXT_POLICY_ID: AtomicU64 = AtomicU64::new(1);
 
-/// The rules of a policy whose `from` side one peer identity satisfies, per
-/// action, in config order. `from` depends only on the identity (principal,
+/// The rules of a policy with a `from` side that one peer identity
+/// satisfies, per action, in config order (rules without `from` match every
+/// peer and are kept once, in the policy). `from` depends only on the identity (principal,
 /// namespace, trust domain), so this is computed once per identity and a
 /// decision then evaluates only `to` and `when` of these rules — no pattern
 /// table is probed for the peer on the request path. Tied to the policy and
@@ -87,6 +88,11 @@ impl PeerRules {
 
 /// Most identities a [`PeerRulesCache`] keeps before starting over.
 pub const PEER_RULES_CACHE_ENTRIES: usize = 1024;
+
+/// Rule indices (all actions) above which an identity's [`PeerRules`] are
+/// used for the decision at hand but not kept in a [`PeerRulesCache`]:
+/// entries × this × 4 bytes bounds the cache (4 MiB).
+pub const PEER_RULES_MAX_KEPT: usize = 1024;
 
 /// [`PeerRules`] by SPIFFE principal, for one thread (a proxy-wasm VM is
 /// single-threaded). A sidecar sees few distinct peer identities, each on
@@ -127,11 +133,15 @@ impl PeerRulesCache {
             Some(rules) if rules.is_for(policy) => rules,
             _ => {
                 let rules = Rc::new(policy.peer_rules(identity));
-                let mut entries = self.entries.borrow_mut();
-                if entries.len() >= PEER_RULES_CACHE_ENTRIES {
-                    entries.clear();
+                // An identity matching very many rules is not kept: the
+                // cache's memory stays bounded (≤ entries × this).
+                if rules.len() <= PEER_RULES_MAX_KEPT {
+                    let mut entries = self.entries.borrow_mut();
+                    if entries.len() >= PEER_RULES_CACHE_ENTRIES {
+                        entries.clear();
+                    }
+                    entries.insert(id.principal().into(), Rc::clone(&rules));
                 }
-                entries.insert(id.principal().into(), Rc::clone(&rules));
                 rules
             }
         })
@@ -161,6 +171,9 @@ struct RuleSet {
     by_trust_domain: PatternMap<Vec<u32>>,
     /// Rules that are candidates for every peer, ascending.
     always: Vec<u32>,
+    /// Rules without `from` (they match every peer), ascending: not copied
+    /// into each identity's [`PeerRules`].
+    universal: Vec<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -494,7 +507,10 @@ impl RuleSet {
         };
         let mut always = false;
         match &compiled.from {
-            None => always = true,
+            None => {
+                always = true;
+                self.universal.push(index);
+            }
             Some(sources) => {
                 for src in sources {
                     let (map, set) = if let Some(set) = &src.principals {
@@ -587,7 +603,8 @@ impl RuleSet {
         found
     }
 
-    /// The rules whose `from` the peer of `a` satisfies, in config order.
+    /// The rules with a `from` that the peer of `a` satisfies, in config
+    /// order (rules without `from` are [`RuleSet::universal`]).
     fn source_matching(&self, a: &Attrs<'_>) -> Box<[u32]> {
         let mut out = Vec::new();
         if self.rules.is_empty() {
@@ -597,7 +614,7 @@ impl RuleSet {
             if usize::try_from(i)
                 .ok()
                 .and_then(|i| self.rules.get(i))
-                .is_some_and(|rule| rule.source_matches(a))
+                .is_some_and(|rule| rule.from.is_some() && rule.source_matches(a))
             {
                 out.push(i);
             }
@@ -606,8 +623,9 @@ impl RuleSet {
         out.into_boxed_slice()
     }
 
-    /// The first of `list` (rules whose `from` holds for this peer, from
-    /// [`RuleSet::source_matching`]) whose `to` and `when` hold.
+    /// The first rule, in config order, of `list` (rules whose `from` holds
+    /// for this peer, from [`RuleSet::source_matching`]) and of the
+    /// universal rules, whose `to` and `when` hold.
     fn first_of(
         &self,
         list: &[u32],
@@ -615,9 +633,29 @@ impl RuleSet {
         action: RuleAction,
         unknown: UnknownCertAge,
     ) -> Option<&CompiledRule> {
-        list.iter()
-            .filter_map(|&i| self.rules.get(usize::try_from(i).ok()?))
-            .find(|rule| rule.request_matches(a, action, unknown))
+        let (mut i, mut j) = (0, 0);
+        loop {
+            let next = match (list.get(i), self.universal.get(j)) {
+                (None, None) => return None,
+                (Some(&p), Some(&u)) if u < p => {
+                    j += 1;
+                    u
+                }
+                (Some(&p), _) => {
+                    i += 1;
+                    p
+                }
+                (None, Some(&u)) => {
+                    j += 1;
+                    u
+                }
+            };
+            if let Some(rule) = self.rules.get(usize::try_from(next).ok()?)
+                && rule.request_matches(a, action, unknown)
+            {
+                return Some(rule);
+            }
+        }
     }
 }
 
