@@ -50,6 +50,11 @@ impl CertDigest {
         Self(Sha256::digest(der).into())
     }
 
+    /// The 32 bytes (what the SQLite ledger stores).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// Lowercase hex, 64 characters.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
