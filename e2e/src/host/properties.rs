@@ -96,12 +96,8 @@ impl Properties {
         self.lookup(&raw_of_segments(path)).map(|v| v.into_owned())
     }
 
-    /// The encoded value at a raw, NUL-separated path (what the guest sends).
-    pub fn get_raw(&self, raw: &[u8]) -> Option<Vec<u8>> {
-        self.lookup(raw).map(|v| v.encode())
-    }
-
-    /// [`Properties::get_raw`] appended to `out`; `false` when not found.
+    /// Appends the encoded value at a raw, NUL-separated path (what the
+    /// guest sends) to `out`; `false` when not found.
     pub fn encode_raw_into(&self, raw: &[u8], out: &mut Vec<u8>) -> bool {
         match self.lookup(raw) {
             Some(v) => {
