@@ -187,6 +187,11 @@ fn init_logs(
     Some(guard)
 }
 
+/// mimalloc instead of glibc malloc: per-request allocations (h2 frames,
+/// protobuf, DER) cost ~10 % of the signer's CPU with glibc's allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
