@@ -6,6 +6,7 @@
 //! and hold even on a machine other processes are using.
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
@@ -71,6 +72,68 @@ pub fn measure(seconds: u32) -> anyhow::Result<OpensslSpeed> {
         p256,
         rsa2048,
     })
+}
+
+/// The signer's own crypto (ring, in this process, one thread): P-256 sign
+/// and verify rates per CPU-second of the measuring thread, each timed for
+/// about `seconds`. The signer verifies each CSR and signs each leaf with
+/// exactly these calls, so `1 / verify_and_sign_per_s` is the crypto part of
+/// a certificate's signer CPU.
+pub fn ring_p256(seconds: f64) -> anyhow::Result<Rates> {
+    std::thread::spawn(move || ring_p256_on_this_thread(seconds))
+        .join()
+        .map_err(|_| anyhow::anyhow!("the ring measuring thread panicked"))?
+}
+
+fn ring_p256_on_this_thread(seconds: f64) -> anyhow::Result<Rates> {
+    use ring::rand::SystemRandom;
+    use ring::signature::{
+        ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair,
+        UnparsedPublicKey,
+    };
+    let rng = SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
+        .map_err(|_| anyhow::anyhow!("generating a P-256 key"))?;
+    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+        .map_err(|_| anyhow::anyhow!("loading the P-256 key"))?;
+    // About the size of a leaf's TBSCertificate / a CSR's CertificationRequestInfo.
+    let message = [0x5a_u8; 400];
+    let signature = key
+        .sign(&rng, &message)
+        .map_err(|_| anyhow::anyhow!("signing"))?;
+    let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key().as_ref());
+    let budget = Duration::from_secs_f64(seconds.max(0.05));
+    let sign_per_s = per_cpu_second(budget, || key.sign(&rng, &message).is_ok())?;
+    let verify_per_s = per_cpu_second(budget, || {
+        public.verify(&message, signature.as_ref()).is_ok()
+    })?;
+    Ok(Rates {
+        sign_per_s,
+        verify_per_s,
+    })
+}
+
+/// Runs `op` for about `budget` of wall time; operations per CPU-second of
+/// this thread (`/proc/thread-self/stat`). Every call must succeed.
+fn per_cpu_second(budget: Duration, mut op: impl FnMut() -> bool) -> anyhow::Result<f64> {
+    let cpu = || crate::signer_proc::process_cpu_time("/proc/thread-self/stat");
+    let (cpu0, t0) = (cpu()?, Instant::now());
+    let mut done: u64 = 0;
+    while t0.elapsed() < budget {
+        for _ in 0..64 {
+            if !op() {
+                bail!("a ring operation failed while being timed");
+            }
+        }
+        done += 64;
+    }
+    let used = cpu()?.saturating_sub(cpu0).as_secs_f64();
+    // /proc counts in clock ticks (10 ms): a thread descheduled for the whole
+    // budget would read 0.
+    if used <= 0.0 {
+        bail!("no CPU time measured for the ring operations");
+    }
+    Ok(done as f64 / used)
 }
 
 /// Parse the machine-readable summary lines of `openssl speed -mr`:

@@ -282,6 +282,9 @@ pub struct WasmCost {
     /// reads the connection's facts); `decision_ns` is a request on an
     /// established connection.
     pub decision_new_connection_ns: Option<Summary>,
+    /// ns per decision of the ABI floor module (`abi_floor.wat`): the same
+    /// callback making the same host calls, and nothing else.
+    pub abi_floor_ns: Summary,
     /// ns per request / connection (whole stream lifecycle).
     pub stream_ns: Summary,
     /// Guest linear memory right after `proxy_on_configure` (bytes).

@@ -84,6 +84,10 @@ pub struct Throughput {
     pub loadgen_cores: f64,
     /// Certificates per signer CPU-second.
     pub certs_per_signer_cpu_s: f64,
+    /// Signer CPU per certificate in the kernel (µs): system calls, TCP on
+    /// loopback (including delivering what the signer sends), file writes
+    /// and fsyncs of the ledger.
+    pub signer_kernel_us_per_cert: f64,
     /// `RESOURCE_EXHAUSTED` answers (retried after a short jittered pause).
     pub resource_exhausted: u64,
     /// Other failures (connection or refusal).
@@ -206,11 +210,11 @@ pub async fn throughput(
 
     // CPU readings at the window's edges.
     tokio::time::sleep_until(t0.into()).await;
-    let signer_cpu0 = signer.cpu_time()?;
+    let signer_cpu0 = signer.cpu_times()?;
     let own_cpu0 = process_cpu_time("/proc/self/stat")?;
     let real_t0 = Instant::now();
     tokio::time::sleep_until(t1.into()).await;
-    let signer_cpu1 = signer.cpu_time()?;
+    let signer_cpu1 = signer.cpu_times()?;
     let own_cpu1 = process_cpu_time("/proc/self/stat")?;
     let measured = real_t0.elapsed().as_secs_f64().max(1e-9);
 
@@ -220,7 +224,8 @@ pub async fn throughput(
     }
     let issued = counters.issued.load(Ordering::Relaxed);
     let window_s = window.as_secs_f64();
-    let signer_cpu = signer_cpu1.saturating_sub(signer_cpu0).as_secs_f64();
+    let signer_used = signer_cpu1.since(signer_cpu0);
+    let signer_cpu = signer_used.total().as_secs_f64();
     let first_error = first_error.lock().ok().and_then(|e| e.clone());
     Ok(Throughput {
         concurrency,
@@ -232,6 +237,11 @@ pub async fn throughput(
         loadgen_cores: own_cpu1.saturating_sub(own_cpu0).as_secs_f64() / measured,
         certs_per_signer_cpu_s: if signer_cpu > 0.0 {
             issued as f64 / signer_cpu
+        } else {
+            0.0
+        },
+        signer_kernel_us_per_cert: if issued > 0 {
+            signer_used.system.as_secs_f64() * 1e6 / issued as f64
         } else {
             0.0
         },

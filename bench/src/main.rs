@@ -77,11 +77,16 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 !args.no_ledger,
             ))?;
             let bound = bound::measure(config.openssl.seconds).ok();
+            let ring = bound::ring_p256(f64::from(config.openssl.seconds)).ok();
             for row in &rows {
                 let ratio = bound.as_ref().map(|o| report::ratio_per_used_core(o, row));
+                let split = bound
+                    .as_ref()
+                    .zip(ring.as_ref())
+                    .and_then(|(o, ring)| report::CpuSplit::of(o, ring, row));
                 println!(
                     "{}",
-                    serde_json::json!({"key": row.key, "ledger": row.ledger, "run": row.run, "ratio_per_used_core": ratio})
+                    serde_json::json!({"key": row.key, "ledger": row.ledger, "run": row.run, "ratio_per_used_core": ratio, "cpu_split": split})
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -364,6 +369,15 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
+    info!("ring P-256 sign and verify");
+    let ring_p256 = match bound::ring_p256(f64::from(config.openssl.seconds)) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            skipped.push(format!("ring P-256 rates: {e:#}"));
+            None
+        }
+    };
+
     info!("filter decision cost");
     let (native, wasm, wasm_size, filter_skipped) = filter_costs(&config, true);
     let native = native?;
@@ -403,6 +417,7 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
         mode: if args.check { "check" } else { "full" },
         machine,
         openssl,
+        ring_p256,
         signer,
         signer_max_concurrent_requests: config.signer.max_concurrent_requests,
         restart,

@@ -113,6 +113,8 @@ pub struct Results {
     pub machine: Machine,
     /// `openssl speed`.
     pub openssl: Option<OpensslSpeed>,
+    /// ring's P-256 rates in this process (the signer's crypto).
+    pub ring_p256: Option<Rates>,
     /// Throughput rows.
     pub signer: Vec<SignerRow>,
     /// Throughput runs' `max_concurrent_requests`.
@@ -166,6 +168,47 @@ fn rates(openssl: &OpensslSpeed, key: KeyType) -> Rates {
 /// scaled by the cores the signer actually used in the window.
 pub fn ratio_per_used_core(openssl: &OpensslSpeed, row: &SignerRow) -> f64 {
     row.run.certs_per_signer_cpu_s / bound_per_core(openssl, row.key)
+}
+
+/// Where one P-256 certificate's signer CPU goes, and the highest ratio the
+/// signer could reach if only the crypto and the kernel's part cost
+/// anything (every other user-space cost — TLS records, HTTP/2, protobuf,
+/// parsing, X.509 building, the ledger's SQLite work, logging — at zero).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CpuSplit {
+    /// Signer CPU per certificate (µs).
+    pub total_us: f64,
+    /// Of which in the kernel (µs).
+    pub kernel_us: f64,
+    /// ring's CSR verify + leaf sign (µs), measured in process.
+    pub crypto_us: f64,
+    /// The rest, in user space (µs).
+    pub other_user_us: f64,
+    /// The bound's time per certificate (µs): `openssl speed` verify + sign.
+    pub bound_us: f64,
+    /// `bound_us / (crypto_us + kernel_us)`.
+    pub ceiling: f64,
+}
+
+impl CpuSplit {
+    /// The split of a P-256 row; `None` for other keys or an empty run.
+    pub fn of(openssl: &OpensslSpeed, ring: &Rates, row: &SignerRow) -> Option<Self> {
+        if row.key != KeyType::P256 || row.run.certs_per_signer_cpu_s <= 0.0 {
+            return None;
+        }
+        let total_us = 1e6 / row.run.certs_per_signer_cpu_s;
+        let kernel_us = row.run.signer_kernel_us_per_cert;
+        let crypto_us = 1e6 / ring.verify_and_sign_per_s();
+        let bound_us = 1e6 / bound_per_core(openssl, KeyType::P256);
+        Some(Self {
+            total_us,
+            kernel_us,
+            crypto_us,
+            other_user_us: (total_us - kernel_us - crypto_us).max(0.0),
+            bound_us,
+            ceiling: bound_us / (crypto_us + kernel_us),
+        })
+    }
 }
 
 /// Signer certs/s over the bound times every core of the machine.
@@ -457,6 +500,49 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
             t.errors,
         );
     }
+    if let (Some(o), Some(ring)) = (&r.openssl, &r.ring_p256) {
+        let splits: Vec<(&SignerRow, CpuSplit)> = r
+            .signer
+            .iter()
+            .filter_map(|row| CpuSplit::of(o, ring, row).map(|c| (row, c)))
+            .collect();
+        if !splits.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n**Where a P-256 certificate's signer CPU goes** (µs of signer CPU per \
+                 certificate). *Kernel* is the signer's system time: socket calls and TCP on \
+                 loopback (there the sender's CPU also delivers each segment to the receiver), \
+                 epoll and futex wake-ups, the ledger's WAL writes and fsyncs. *Crypto* is \
+                 ring's CSR verify + leaf sign — the calls the signer makes — timed in this \
+                 process on one thread: sign {:.0}/s, verify {:.0}/s per CPU-second. \
+                 **Ceiling** = the bound's time per certificate ÷ (crypto + kernel): the \
+                 ratio the signer would reach if all its other user-space work (TLS records, \
+                 HTTP/2, gRPC, protobuf, CSR and PEM parsing, X.509 building, SQLite, \
+                 logging) cost nothing.\n",
+                ring.sign_per_s, ring.verify_per_s
+            );
+            let _ = writeln!(
+                s,
+                "| key | ledger | clients | signer CPU / cert | kernel | crypto (ring) | other user space | bound (openssl verify + sign) | ceiling |"
+            );
+            let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+            for (row, c) in splits {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:.2} |",
+                    row.key.label(),
+                    if row.ledger { "on" } else { "off" },
+                    row.run.concurrency,
+                    c.total_us,
+                    c.kernel_us,
+                    c.crypto_us,
+                    c.other_user_us,
+                    c.bound_us,
+                    c.ceiling,
+                );
+            }
+        }
+    }
     for row in &r.signer {
         if let Some(e) = &row.run.first_error {
             let _ = writeln!(
@@ -623,6 +709,46 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
         }
     }
     let _ = writeln!(s);
+    if r.wasm.iter().any(|w| w.abi_floor_ns.n > 0) {
+        let _ = writeln!(
+            s,
+            "**Where the wasm decision's time goes.** The *ABI floor* is `bench/src/abi_floor.wat` \
+             timed exactly like the plugin: a module whose callback makes the same host calls the \
+             plugin makes for this request or connection (HTTP: the request headers in one \
+             `proxy_get_header_map_pairs`, `connection.id`, the clock, two counter increments; \
+             network: four `connection.*` / `destination.port` properties, the clock, two \
+             increments) and nothing else — every answer still copied in through the guest's \
+             allocator (a bump pointer there). It is what any proxy-wasm plugin pays in this host \
+             for these reads. *Plugin's own work* = wasm decision − floor: parsing the answers, \
+             the caches, the policy, metric bookkeeping, in wasm.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| decision | rules | wasm decision p50 | ABI floor p50 | plugin's own work | native compiled p50 | own work / native | floor / native |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for kind in Kind::ALL {
+            for n in r.native.iter().filter(|n| n.kind == kind) {
+                let Some(w) = find_wasm(r, kind, n.rules).filter(|w| w.abi_floor_ns.n > 0) else {
+                    continue;
+                };
+                let own = (w.decision_ns.p50 - w.abi_floor_ns.p50).max(0.0);
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} | {:.1}× | {:.1}× |",
+                    kind.label(),
+                    n.rules,
+                    ns(w.decision_ns.p50),
+                    ns(w.abi_floor_ns.p50),
+                    ns(own),
+                    ns(n.compiled_ns.p50),
+                    own / n.compiled_ns.p50,
+                    w.abi_floor_ns.p50 / n.compiled_ns.p50,
+                );
+            }
+        }
+        let _ = writeln!(s);
+    }
 
     // 4. Size and memory.
     let _ = writeln!(s, "## 4. Plugin size and memory\n");
@@ -696,6 +822,7 @@ mod tests {
                 signer_cores,
                 loadgen_cores: 0.0,
                 certs_per_signer_cpu_s: certs_per_s / signer_cores,
+                signer_kernel_us_per_cert: 20.0,
                 resource_exhausted: 0,
                 errors: 0,
                 first_error: None,
@@ -715,11 +842,32 @@ mod tests {
     }
 
     #[test]
+    fn cpu_split_ceiling_counts_only_crypto_and_kernel() {
+        let o = openssl();
+        // ring: 1/(1/40000 + 1/20000) = 13 333/s → 75 µs of crypto per cert.
+        let ring = Rates {
+            sign_per_s: 40_000.0,
+            verify_per_s: 20_000.0,
+        };
+        // 5 000 certs per CPU-second = 200 µs, of which 20 µs in the kernel.
+        let c = CpuSplit::of(&o, &ring, &row(5_000.0, 1.0)).unwrap();
+        assert!((c.total_us - 200.0).abs() < 1e-6);
+        assert!((c.crypto_us - 75.0).abs() < 1e-6);
+        assert!((c.other_user_us - 105.0).abs() < 1e-6);
+        // Bound 10 000/s = 100 µs; ceiling 100 / (75 + 20).
+        assert!((c.ceiling - 100.0 / 95.0).abs() < 1e-9);
+        let mut rsa = row(5_000.0, 1.0);
+        rsa.key = KeyType::Rsa2048;
+        assert!(CpuSplit::of(&o, &ring, &rsa).is_none());
+    }
+
+    #[test]
     fn unmeasured_targets_fail_their_check() {
         let results = Results {
             mode: "check",
             machine: Machine::describe("ext4".to_string()),
             openssl: Some(openssl()),
+            ring_p256: None,
             signer: vec![row(9_000.0, 1.0)],
             signer_max_concurrent_requests: 1024,
             restart: None,

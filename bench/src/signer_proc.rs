@@ -128,9 +128,14 @@ impl ChildSigner {
         self.child.id()
     }
 
-    /// CPU time (user + system, all threads) the signer has used so far.
+    /// CPU time (user and system, all threads) the signer has used so far.
+    pub fn cpu_times(&self) -> anyhow::Result<CpuTimes> {
+        process_cpu_times(&format!("/proc/{}/stat", self.child.id()))
+    }
+
+    /// [`ChildSigner::cpu_times`], user + system.
     pub fn cpu_time(&self) -> anyhow::Result<Duration> {
-        process_cpu_time(&format!("/proc/{}/stat", self.child.id()))
+        Ok(self.cpu_times()?.total())
     }
 }
 
@@ -212,18 +217,53 @@ pub fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// utime + stime of a process from its `/proc/<pid>/stat`.
-pub fn process_cpu_time(stat_path: &str) -> anyhow::Result<Duration> {
-    let text =
-        std::fs::read_to_string(stat_path).with_context(|| format!("reading {stat_path}"))?;
-    let ticks = parse_stat_ticks(&text).with_context(|| format!("parsing {stat_path}"))?;
-    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks()))
+/// CPU time of a process (or thread) in user space and in the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTimes {
+    /// `utime`.
+    pub user: Duration,
+    /// `stime`: system calls, page faults, and on loopback the receiving
+    /// side's TCP processing of what this process sends.
+    pub system: Duration,
 }
 
-/// utime + stime (clock ticks) from the text of `/proc/<pid>/stat`. The
+impl CpuTimes {
+    /// User + system.
+    pub fn total(self) -> Duration {
+        self.user + self.system
+    }
+
+    /// What was used since `earlier`.
+    pub fn since(self, earlier: CpuTimes) -> CpuTimes {
+        CpuTimes {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+        }
+    }
+}
+
+/// utime and stime from `/proc/<pid>/stat` (or `/proc/thread-self/stat`).
+pub fn process_cpu_times(stat_path: &str) -> anyhow::Result<CpuTimes> {
+    let text =
+        std::fs::read_to_string(stat_path).with_context(|| format!("reading {stat_path}"))?;
+    let (user, system) =
+        parse_stat_user_system(&text).with_context(|| format!("parsing {stat_path}"))?;
+    let ticks = clock_ticks();
+    Ok(CpuTimes {
+        user: Duration::from_secs_f64(user as f64 / ticks),
+        system: Duration::from_secs_f64(system as f64 / ticks),
+    })
+}
+
+/// utime + stime of a process from its `/proc/<pid>/stat`.
+pub fn process_cpu_time(stat_path: &str) -> anyhow::Result<Duration> {
+    Ok(process_cpu_times(stat_path)?.total())
+}
+
+/// (utime, stime) in clock ticks from the text of `/proc/<pid>/stat`. The
 /// command name may hold spaces and parentheses, so fields are counted from
 /// the last `)`.
-pub fn parse_stat_ticks(text: &str) -> anyhow::Result<u64> {
+pub fn parse_stat_user_system(text: &str) -> anyhow::Result<(u64, u64)> {
     let after = text
         .rfind(')')
         .and_then(|i| text.get(i + 1..))
@@ -232,7 +272,7 @@ pub fn parse_stat_ticks(text: &str) -> anyhow::Result<u64> {
     let fields: Vec<&str> = after.split_whitespace().collect();
     let utime: u64 = fields.get(11).context("no utime")?.parse()?;
     let stime: u64 = fields.get(12).context("no stime")?.parse()?;
-    Ok(utime + stime)
+    Ok((utime, stime))
 }
 
 /// The `meshward-signer` binary next to this one (same target dir).
@@ -266,9 +306,9 @@ mod tests {
     fn stat_ticks_survive_a_command_name_with_spaces_and_parens() {
         let text =
             "1234 (tokio (rt) w) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 37 0 0 20 0 9 0 1 0 0";
-        assert_eq!(parse_stat_ticks(text).unwrap(), 287);
-        assert!(parse_stat_ticks("1234 (x) S 1").is_err());
-        assert!(parse_stat_ticks("no paren").is_err());
+        assert_eq!(parse_stat_user_system(text).unwrap(), (250, 37));
+        assert!(parse_stat_user_system("1234 (x) S 1").is_err());
+        assert!(parse_stat_user_system("no paren").is_err());
     }
 
     #[test]

@@ -14,6 +14,15 @@ use crate::filter_cost::{
     time_part_of_iteration, time_per_iteration,
 };
 
+/// See the module's comments: the host calls of the plugin's decision, and
+/// nothing else.
+const ABI_FLOOR_WAT: &str = include_str!("abi_floor.wat");
+
+/// The ABI floor module (`abi_floor.wat`) in the binary format.
+pub fn abi_floor_wasm() -> anyhow::Result<Vec<u8>> {
+    wat::parse_str(ABI_FLOOR_WAT).map_err(|e| anyhow::anyhow!("abi_floor.wat: {e}"))
+}
+
 fn properties() -> Properties {
     let mut p = Properties::new();
     p.set_int("connection.id", 1)
@@ -134,11 +143,17 @@ pub fn measure(
         "{} contexts left open",
         plugin.open_contexts()
     );
+    // The same callback, host and properties, with a module that only makes
+    // the plugin's host calls.
+    let mut floor = Plugin::load(&abi_floor_wasm()?, &json)
+        .map_err(|e| anyhow::anyhow!("loading the ABI floor module: {e}"))?;
+    let abi_floor_ns = time_decision(&mut floor, kind, sampling, &props, &headers, false)?;
     Ok(WasmCost {
         rules,
         kind,
         decision_ns,
         decision_new_connection_ns,
+        abi_floor_ns,
         stream_ns,
         memory_after_configure,
         configure_ms,
@@ -199,4 +214,29 @@ fn time_decision(
         anyhow::bail!("the plugin failed while its decision was timed: {e}");
     }
     timed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The floor module loads in the host and lets the bench's request and
+    /// connection through, so its timing measures the callback it should.
+    #[test]
+    fn abi_floor_module_continues_requests_and_connections() {
+        let wasm = abi_floor_wasm().unwrap();
+        let mut floor = Plugin::load(&wasm, "{}").unwrap();
+        let props = properties();
+        let (ctx, outcome) = floor.new_http_request(&props, &headers(), b"").unwrap();
+        assert!(matches!(outcome, HttpOutcome::Continue { .. }), "{outcome:?}");
+        floor.finish(ctx).unwrap();
+        let (ctx, outcome) = floor.new_connection(&props).unwrap();
+        assert_eq!(outcome, ConnOutcome::Continue);
+        floor.finish_connection(ctx).unwrap();
+        assert!(!floor.has_failed());
+        // Both decisions counted, through metric ids defined at configure.
+        let text = floor.metrics_prometheus();
+        assert!(text.contains("meshward_abi_floor_decisions 2"), "{text}");
+        assert!(text.contains("meshward_abi_floor_cert_unknown 2"), "{text}");
+    }
 }
