@@ -16,7 +16,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
 
 /// A host call failed or returned something outside the contract.
 #[derive(Debug)]
@@ -121,13 +120,10 @@ pub fn property_u64(path: Prop) -> Result<Option<u64>, HostError> {
 
 /// `proxy_get_current_time_nanoseconds`, in Unix seconds.
 pub fn now() -> Result<UnixTime, HostError> {
-    let t =
-        hostcalls::get_current_time().map_err(|s| HostError(format!("get_current_time: {s:?}")))?;
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| HostError("host clock is before 1970".into()))?
-        .as_secs();
-    let secs = i64::try_from(secs).map_err(|_| HostError("host clock out of range".into()))?;
+    let nanos = abi::current_time_nanos()
+        .map_err(|status| HostError(format!("get_current_time: status {status}")))?;
+    let secs = i64::try_from(nanos / 1_000_000_000)
+        .map_err(|_| HostError("host clock out of range".into()))?;
     LAST_SECOND.with(|s| s.set(secs));
     Ok(UnixTime(secs))
 }
