@@ -525,7 +525,10 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
                 s,
                 "| key | ledger | clients | signer CPU / cert | kernel | crypto (ring) | other user space | bound (openssl verify + sign) | ceiling |"
             );
-            let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+            let _ = writeln!(
+                s,
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            );
             for (row, c) in splits {
                 let _ = writeln!(
                     s,
@@ -726,7 +729,10 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
             s,
             "| decision | rules | wasm decision p50 | ABI floor p50 | plugin's own work | native compiled p50 | own work / native | floor / native |"
         );
-        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        let _ = writeln!(
+            s,
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
         for kind in Kind::ALL {
             for n in r.native.iter().filter(|n| n.kind == kind) {
                 let Some(w) = find_wasm(r, kind, n.rules).filter(|w| w.abi_floor_ns.n > 0) else {

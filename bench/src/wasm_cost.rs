@@ -228,7 +228,10 @@ mod tests {
         let mut floor = Plugin::load(&wasm, "{}").unwrap();
         let props = properties();
         let (ctx, outcome) = floor.new_http_request(&props, &headers(), b"").unwrap();
-        assert!(matches!(outcome, HttpOutcome::Continue { .. }), "{outcome:?}");
+        assert!(
+            matches!(outcome, HttpOutcome::Continue { .. }),
+            "{outcome:?}"
+        );
         floor.finish(ctx).unwrap();
         let (ctx, outcome) = floor.new_connection(&props).unwrap();
         assert_eq!(outcome, ConnOutcome::Continue);

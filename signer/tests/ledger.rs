@@ -128,6 +128,7 @@ async fn crash_between_sign_and_record_never_hands_out_unrecorded_cert() {
     let reopened = SqliteLedger::open(&SqliteOptions {
         path: path.clone(),
         busy_timeout: Duration::from_secs(1),
+        commit_delay: Duration::ZERO,
     })
     .unwrap();
     for handed_out in [&first.leaf, &second.leaf] {

@@ -79,6 +79,7 @@ async fn root_rotation_publishes_new_root_first_switches_after_overlap_and_retir
     let ledger = SqliteLedger::open(&SqliteOptions {
         path: tmp.path().join("ledger.sqlite"),
         busy_timeout: Duration::from_secs(1),
+        commit_delay: Duration::ZERO,
     })
     .unwrap();
     let old_root = ca.trust_anchors();
@@ -206,6 +207,7 @@ async fn old_root_is_not_retired_before_max_ttl_even_with_an_empty_ledger() {
     let empty = SqliteLedger::open(&SqliteOptions {
         path: tmp.path().join("l.sqlite"),
         busy_timeout: Duration::from_secs(1),
+        commit_delay: Duration::ZERO,
     })
     .unwrap();
     let bound = t0 + 24 * H + 60;

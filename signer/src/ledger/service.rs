@@ -21,6 +21,10 @@ use super::{
     lookup_response,
 };
 
+/// Largest `[ledger] commit_delay` accepted (PostgreSQL's `commit_delay`
+/// has the same ceiling).
+pub const MAX_COMMIT_DELAY: Duration = Duration::from_millis(100);
+
 /// `[ledger]`: the issuance ledger.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -39,6 +43,11 @@ pub struct LedgerConfig {
     /// How long a write waits for a database lock before the issuance fails.
     #[serde(with = "humantime_serde")]
     pub busy_timeout: Duration,
+    /// While issuances arrive concurrently, how long the writer gathers
+    /// records before one group commit (one fsync for all of them); `0s`
+    /// commits at once. At most [`MAX_COMMIT_DELAY`].
+    #[serde(with = "humantime_serde")]
+    pub commit_delay: Duration,
     /// Distinct namespace label values in metrics; more share `_other`.
     pub max_namespace_labels: usize,
 }
@@ -51,6 +60,7 @@ impl Default for LedgerConfig {
             retention: Duration::from_secs(30 * 24 * 3600),
             prune_interval: Duration::from_secs(3600),
             busy_timeout: Duration::from_secs(5),
+            commit_delay: Duration::from_millis(1),
             max_namespace_labels: 200,
         }
     }
@@ -99,6 +109,16 @@ impl LedgerService {
                 reason: "max_namespace_labels and prune_interval must be positive".to_string(),
             });
         }
+        if config.commit_delay > MAX_COMMIT_DELAY {
+            return Err(LedgerError::Open {
+                path: "[ledger]".to_string(),
+                reason: format!(
+                    "commit_delay {} is above {} (every concurrent issuance waits it)",
+                    humantime::format_duration(config.commit_delay),
+                    humantime::format_duration(MAX_COMMIT_DELAY)
+                ),
+            });
+        }
         let path = config
             .path
             .clone()
@@ -108,6 +128,7 @@ impl LedgerService {
             &SqliteOptions {
                 path: path.clone(),
                 busy_timeout: config.busy_timeout,
+                commit_delay: config.commit_delay,
             },
             Some(metrics.clone()),
         )?;
@@ -207,4 +228,22 @@ async fn lookup(
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         axum::Json(body),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_delay_above_the_ceiling_is_refused_and_the_ceiling_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = LedgerConfig {
+            commit_delay: MAX_COMMIT_DELAY + Duration::from_millis(1),
+            ..LedgerConfig::default()
+        };
+        let err = LedgerService::open(&config, dir.path()).unwrap_err();
+        assert!(err.to_string().contains("commit_delay 101ms"), "{err}");
+        config.commit_delay = MAX_COMMIT_DELAY;
+        assert!(LedgerService::open(&config, dir.path()).unwrap().is_some());
+    }
 }
