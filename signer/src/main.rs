@@ -159,7 +159,8 @@ impl ServeArgs {
 /// one `write` (one line per syscall otherwise costs as much as a TLS
 /// handshake's worth of CPU under load). The returned guard flushes the
 /// queue when `main` ends. Lines beyond the queue's capacity (128 Ki) are
-/// dropped, never blocking a request on a slow log pipe.
+/// dropped, never blocking a request on a slow log pipe, and counted in
+/// `meshward_signer_log_lines_dropped_total`.
 fn init_logs(
     format: LogFormat,
     buffered: bool,
@@ -179,6 +180,7 @@ fn init_logs(
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .finish(std::io::BufWriter::new(std::io::stdout()));
+    meshward_signer::metrics::report_dropped_log_lines(writer.error_counter());
     let builder = builder.with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),

@@ -6,9 +6,15 @@
 //! - `meshward_signer_issuance_duration_seconds`: time to answer an issued
 //!   request (authn + CSR checks + signing);
 //! - `meshward_signer_ca_cert_expiry_timestamp_seconds`: notAfter of the
-//!   signing CA certificate, Unix seconds (alert when it nears `time()`).
+//!   signing CA certificate, Unix seconds (alert when it nears `time()`);
+//! - `meshward_signer_log_lines_dropped_total`: log lines `serve`'s
+//!   non-blocking writer dropped because its queue was full (0 when logs
+//!   are written directly).
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -54,6 +60,33 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+/// The dropped-line counter of the process's non-blocking log writer.
+static DROPPED_LOG_LINES: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+
+/// Makes `meshward_signer_log_lines_dropped_total` report the lines the
+/// writer behind `counter` drops. Set once per process (`serve` does); later
+/// calls are ignored.
+pub fn report_dropped_log_lines(counter: tracing_appender::non_blocking::ErrorCounter) {
+    let _ = DROPPED_LOG_LINES.set(counter);
+}
+
+/// Reads [`DROPPED_LOG_LINES`] at every scrape.
+#[derive(Debug)]
+struct DroppedLogLines;
+
+impl EncodeMetric for DroppedLogLines {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let dropped = DROPPED_LOG_LINES
+            .get()
+            .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX));
+        encoder.encode_counter::<NoLabelSet, _, u64>(&dropped, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
 /// The signer's metrics and their registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -91,6 +124,11 @@ impl Metrics {
             "ca_cert_expiry_timestamp_seconds",
             "notAfter of the signing CA certificate (Unix seconds)",
             ca_expiry.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log writer's queue was full",
+            DroppedLogLines,
         );
         // Every outcome is present from the start, so rate() works at once.
         for o in [
@@ -144,5 +182,54 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::mpsc;
+
+    /// A log sink that blocks every write until its sender is dropped, so
+    /// the writer's queue fills up.
+    struct Stalled(mpsc::Receiver<()>);
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.recv();
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn log_lines_dropped_by_a_full_writer_queue_are_exported() {
+        let (release, stalled) = mpsc::channel::<()>();
+        let (mut writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(true)
+            .buffered_lines_limit(2)
+            .finish(Stalled(stalled));
+        report_dropped_log_lines(writer.error_counter());
+        for _ in 0..10 {
+            writer.write_all(b"a log line\n").unwrap();
+        }
+        let dropped = writer.error_counter().dropped_lines();
+        // Two lines fit in the queue and at most one is held by the sink.
+        assert!(dropped >= 7, "{dropped}");
+        let metrics = Metrics::new();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &metrics.registry).unwrap();
+        assert!(
+            out.contains(&format!(
+                "meshward_signer_log_lines_dropped_total {dropped}\n"
+            )),
+            "{out}"
+        );
+        drop(release);
+        drop(guard);
     }
 }
