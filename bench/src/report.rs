@@ -428,8 +428,9 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
          `authn.token_cache_ttl`, as for an istio-agent retrying with its token), verifies the \
          CSR signature, checks the CSR, signs the leaf, records it in the SQLite ledger when \
          the ledger is on (`synchronous=FULL`; a writer thread commits every record waiting \
-         in one transaction and answers each request after that commit) and logs it (JSON, \
-         through a writer thread).\n",
+         in one transaction — while records arrive concurrently it first gathers them for \
+         `[ledger] commit_delay`, 1 ms — and answers each request after that commit) and \
+         logs it (JSON, through a writer thread). The signer binary allocates with mimalloc.\n",
         r.signer_max_concurrent_requests,
         m.cores,
         humantime::format_duration(config.signer.window),
