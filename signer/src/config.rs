@@ -79,6 +79,11 @@ pub struct ServerConfig {
     pub dns_names: Vec<String>,
     /// Requests handled at once; beyond this, RESOURCE_EXHAUSTED at once.
     pub max_concurrent_requests: usize,
+    /// Pending-connection queue of the gRPC listener (`listen(2)` backlog;
+    /// the kernel caps it at `net.core.somaxconn`). When every agent of a
+    /// node pool reconnects at once, connections beyond it are dropped at
+    /// SYN and retried by the client a second or more later.
+    pub listen_backlog: u32,
     /// Validity of the serving certificate (re-made at each start).
     #[serde(with = "human")]
     pub serving_cert_ttl: Duration,
@@ -293,6 +298,7 @@ impl Default for ServerConfig {
                 "localhost".to_string(),
             ],
             max_concurrent_requests: 256,
+            listen_backlog: 4096,
             serving_cert_ttl: Duration::from_secs(30 * 24 * HOUR),
         }
     }
@@ -403,6 +409,12 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "server.max_concurrent_requests must be at least 1".to_string(),
             ));
+        }
+        if !(1..=65_535).contains(&self.server.listen_backlog) {
+            return Err(ConfigError::Invalid(format!(
+                "server.listen_backlog {} must be between 1 and 65535",
+                self.server.listen_backlog
+            )));
         }
         match (self.ca.backend.as_str(), &self.ca.cacerts, &self.ca.vault) {
             ("builtin", _, _) | ("cacerts", Some(_), _) | ("vault", _, Some(_)) => {}
@@ -594,6 +606,16 @@ mod tests {
         )
         .unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn listen_backlog_outside_the_kernel_range_is_refused() {
+        for bad in [0, 65_536] {
+            let c = Config::from_toml(&format!("[server]\nlisten_backlog = {bad}\n"), "inline")
+                .unwrap();
+            let err = c.validate().unwrap_err();
+            assert!(err.to_string().contains("listen_backlog"), "{err}");
+        }
     }
 
     #[test]

@@ -207,8 +207,12 @@ impl Signer {
         let metrics = Arc::new(metrics);
         metrics.set_ca_expiry(issuer.signing_validity().not_after.unix_timestamp());
 
-        let grpc_listener = bind("gRPC", config.server.grpc_addr).await?;
-        let admin_listener = bind("admin", config.server.admin_addr).await?;
+        let grpc_listener = bind(
+            "gRPC",
+            config.server.grpc_addr,
+            config.server.listen_backlog,
+        )?;
+        let admin_listener = bind("admin", config.server.admin_addr, ADMIN_BACKLOG)?;
         let grpc_addr = local_addr("gRPC", &grpc_listener, config.server.grpc_addr)?;
         let admin_addr = local_addr("admin", &admin_listener, config.server.admin_addr)?;
 
@@ -541,10 +545,26 @@ fn read(path: &std::path::Path) -> Result<String, StartError> {
     })
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { what, addr, source })
+/// The admin port's backlog (scrapes and probes; std's default).
+const ADMIN_BACKLOG: u32 = 1024;
+
+/// A listener on `addr` with `backlog` pending connections (the kernel caps
+/// it at `net.core.somaxconn`), `SO_REUSEADDR` as std sets it.
+pub(crate) fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+    backlog: u32,
+) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind { what, addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(backlog).map_err(err)
 }
 
 fn local_addr(
@@ -655,5 +675,52 @@ impl Stopper {
     /// Ask the signer to stop.
     pub fn stop(&self) {
         let _ = self.0.send(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    /// Opens connections to `addr` (nobody accepts them) until one is not
+    /// established within `timeout` or `max` are; how many were.
+    fn queued_connections(addr: SocketAddr, max: usize, timeout: Duration) -> usize {
+        let mut open = Vec::new();
+        while open.len() < max {
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(s) => open.push(s),
+                Err(_) => break,
+            }
+        }
+        open.len()
+    }
+
+    /// A mass restart opens one connection per agent at once: those the
+    /// accept loop has not reached yet must wait in the listen queue, not be
+    /// dropped at SYN (the agent would retry only a second or more later).
+    #[tokio::test]
+    async fn connection_storm_within_the_listen_backlog_is_queued_not_dropped() {
+        let localhost = SocketAddr::from(([127, 0, 0, 1], 0));
+        let wide = bind("test", localhost, 256).unwrap();
+        let wide_addr = wide.local_addr().unwrap();
+        let queued = tokio::task::spawn_blocking(move || {
+            queued_connections(wide_addr, 200, Duration::from_secs(2))
+        })
+        .await
+        .unwrap();
+        assert_eq!(queued, 200, "connections dropped below the backlog");
+
+        // The backlog is what bounds it: a queue of 4 turns the rest away.
+        let narrow = bind("test", localhost, 4).unwrap();
+        let narrow_addr = narrow.local_addr().unwrap();
+        let queued = tokio::task::spawn_blocking(move || {
+            queued_connections(narrow_addr, 50, Duration::from_millis(300))
+        })
+        .await
+        .unwrap();
+        assert!(queued < 50, "a backlog of 4 queued {queued} connections");
+        drop((wide, narrow));
     }
 }
