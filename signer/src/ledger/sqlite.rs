@@ -72,17 +72,6 @@ pub struct SqliteOptions {
     pub commit_delay: Duration,
 }
 
-impl SqliteOptions {
-    /// `path` with a 5 s busy timeout and no commit delay.
-    pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self {
-            path: path.into(),
-            busy_timeout: Duration::from_secs(5),
-            commit_delay: Duration::ZERO,
-        }
-    }
-}
-
 type Reply<T> = oneshot::Sender<Result<T, LedgerError>>;
 
 /// Work for the writer thread.
