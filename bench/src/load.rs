@@ -88,6 +88,11 @@ pub struct Throughput {
     /// loopback (including delivering what the signer sends), file writes
     /// and fsyncs of the ledger.
     pub signer_kernel_us_per_cert: f64,
+    /// Ledger group commits per second in the window (one fsync each), from
+    /// the signer's `/metrics`; `None` with the ledger off.
+    pub ledger_commits_per_s: Option<f64>,
+    /// Records per group commit in the window.
+    pub ledger_records_per_commit: Option<f64>,
     /// `RESOURCE_EXHAUSTED` answers (retried after a short jittered pause).
     pub resource_exhausted: u64,
     /// Other failures (connection or refusal).
@@ -210,11 +215,13 @@ pub async fn throughput(
 
     // CPU readings at the window's edges.
     tokio::time::sleep_until(t0.into()).await;
+    let commits0 = ledger_commits_now(signer).await;
     let signer_cpu0 = signer.cpu_times()?;
     let own_cpu0 = process_cpu_time("/proc/self/stat")?;
     let real_t0 = Instant::now();
     tokio::time::sleep_until(t1.into()).await;
     let signer_cpu1 = signer.cpu_times()?;
+    let commits1 = ledger_commits_now(signer).await;
     let own_cpu1 = process_cpu_time("/proc/self/stat")?;
     let measured = real_t0.elapsed().as_secs_f64().max(1e-9);
 
@@ -225,6 +232,10 @@ pub async fn throughput(
     let issued = counters.issued.load(Ordering::Relaxed);
     let window_s = window.as_secs_f64();
     let signer_used = signer_cpu1.since(signer_cpu0);
+    let commits = commits0
+        .zip(commits1)
+        .map(|((r0, c0), (r1, c1))| (r1 - r0, c1 - c0))
+        .filter(|&(_, c)| c > 0.0);
     let signer_cpu = signer_used.total().as_secs_f64();
     let first_error = first_error.lock().ok().and_then(|e| e.clone());
     Ok(Throughput {
@@ -245,6 +256,8 @@ pub async fn throughput(
         } else {
             0.0
         },
+        ledger_commits_per_s: commits.map(|(_, c)| c / measured),
+        ledger_records_per_commit: commits.map(|(r, c)| r / c),
         resource_exhausted: counters.exhausted.load(Ordering::Relaxed),
         errors: counters.errors.load(Ordering::Relaxed),
         first_error,
@@ -400,6 +413,16 @@ fn note(slot: &std::sync::Mutex<Option<String>>, text: String) {
     {
         *s = Some(text);
     }
+}
+
+/// The ledger's (records, commits) so far; `None` when the signer has no
+/// ledger or its `/metrics` cannot be read (the figures are then omitted).
+async fn ledger_commits_now(signer: &ChildSigner) -> Option<(f64, f64)> {
+    let admin = signer.admin_addr?;
+    let text = crate::signer_proc::scrape_metrics(admin, Duration::from_secs(5))
+        .await
+        .ok()?;
+    crate::signer_proc::ledger_commits(&text)
 }
 
 #[cfg(test)]

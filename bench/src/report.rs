@@ -462,17 +462,19 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
              signer CPU-second ÷ bound per core. This is the issuance efficiency against \
              raw crypto; 1.0 would mean TLS, HTTP/2, protobuf, JWT, CSR parsing, X.509 \
              building, the ledger and logging cost nothing. The machine ratio divides \
-             wall-clock certs/s by the bound × all {} cores.\n",
+             wall-clock certs/s by the bound × all {} cores. Ledger commits/s and records per \
+             commit come from the signer's own `meshward_signer_ledger_commit_group_size` \
+             over the window (one fsync per commit).\n",
             m.cores, m.cores
         );
     }
     let _ = writeln!(
         s,
-        "| key | ledger | clients | certs/s | p50 ms | p99 ms | signer cores | loadgen cores | certs / signer CPU-s | ratio (per used core) | ratio (whole machine) | RESOURCE_EXHAUSTED | errors |"
+        "| key | ledger | clients | certs/s | p50 ms | p99 ms | signer cores | loadgen cores | certs / signer CPU-s | ratio (per used core) | ratio (whole machine) | ledger commits/s | records / commit | RESOURCE_EXHAUSTED | errors |"
     );
     let _ = writeln!(
         s,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for row in &r.signer {
         let t = &row.run;
@@ -485,7 +487,7 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {} |",
             row.key.label(),
             if row.ledger { "on" } else { "off" },
             t.concurrency,
@@ -497,6 +499,10 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
             t.certs_per_signer_cpu_s,
             rc,
             rm,
+            t.ledger_commits_per_s
+                .map_or("–".to_string(), |c| format!("{c:.0}")),
+            t.ledger_records_per_commit
+                .map_or("–".to_string(), |r| format!("{r:.1}")),
             t.resource_exhausted,
             t.errors,
         );
@@ -830,6 +836,8 @@ mod tests {
                 loadgen_cores: 0.0,
                 certs_per_signer_cpu_s: certs_per_s / signer_cores,
                 signer_kernel_us_per_cert: 20.0,
+                ledger_commits_per_s: None,
+                ledger_records_per_commit: None,
                 resource_exhausted: 0,
                 errors: 0,
                 first_error: None,

@@ -39,6 +39,8 @@ pub struct ChildSigner {
     child: Child,
     /// The CA API address.
     pub grpc_addr: SocketAddr,
+    /// The admin address (`/metrics`), when the serving line gave it.
+    pub admin_addr: Option<SocketAddr>,
     /// The CA's roots, to verify the serving certificate.
     pub roots_pem: String,
     /// Mints tokens the signer accepts.
@@ -104,7 +106,7 @@ impl ChildSigner {
         if let Some(err) = child.stderr.take() {
             drain(err, tx);
         }
-        let grpc_addr = match wait_for_serving(&rx, Duration::from_secs(120)) {
+        let (grpc_addr, admin_addr) = match wait_for_serving(&rx, Duration::from_secs(120)) {
             Ok(a) => a,
             Err(e) => {
                 let _ = child.kill();
@@ -117,6 +119,7 @@ impl ChildSigner {
         Ok(Self {
             child,
             grpc_addr,
+            admin_addr,
             roots_pem,
             tokens,
             _dir: dir,
@@ -161,7 +164,11 @@ fn drain(stream: impl std::io::Read + Send + 'static, tx: mpsc::Sender<String>) 
     });
 }
 
-fn wait_for_serving(rx: &mpsc::Receiver<String>, timeout: Duration) -> anyhow::Result<SocketAddr> {
+/// The gRPC and admin addresses, once the signer reports serving.
+fn wait_for_serving(
+    rx: &mpsc::Receiver<String>,
+    timeout: Duration,
+) -> anyhow::Result<(SocketAddr, Option<SocketAddr>)> {
     let deadline = std::time::Instant::now() + timeout;
     let mut last = Vec::new();
     loop {
@@ -182,7 +189,7 @@ fn wait_for_serving(rx: &mpsc::Receiver<String>, timeout: Duration) -> anyhow::R
             }
         };
         if let Some(addr) = serving_addr(&line) {
-            return Ok(addr);
+            return Ok((addr, serving_field(&line, "admin_addr")));
         }
         last.push(line);
         if last.len() > 20 {
@@ -193,12 +200,61 @@ fn wait_for_serving(rx: &mpsc::Receiver<String>, timeout: Duration) -> anyhow::R
 
 /// The gRPC address from the signer's JSON "meshward-signer serving" log line.
 pub fn serving_addr(line: &str) -> Option<SocketAddr> {
+    serving_field(line, "grpc_addr")
+}
+
+/// An address field of the "meshward-signer serving" log line.
+fn serving_field(line: &str, field: &str) -> Option<SocketAddr> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     let fields = v.get("fields")?;
     if fields.get("message")?.as_str()? != "meshward-signer serving" {
         return None;
     }
-    fields.get("grpc_addr")?.as_str()?.parse().ok()
+    fields.get(field)?.as_str()?.parse().ok()
+}
+
+/// `GET /metrics` from a signer's admin port (HTTP/1.0, so the body is not
+/// chunked), bounded by `timeout`.
+pub async fn scrape_metrics(admin: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(admin).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: signer\r\n\r\n")
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        anyhow::Ok(response)
+    };
+    let response = tokio::time::timeout(timeout, fetch)
+        .await
+        .context("scraping the signer's /metrics timed out")??;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("no HTTP header end in the /metrics answer")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!(
+            "/metrics answered {}",
+            head.lines().next().unwrap_or_default()
+        );
+    }
+    Ok(body.to_string())
+}
+
+/// The ledger's group commits so far, from `/metrics` text: (records, commits)
+/// — `meshward_signer_ledger_commit_group_size` sum and count.
+pub fn ledger_commits(metrics: &str) -> Option<(f64, f64)> {
+    let value = |name: &str| {
+        metrics.lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+    };
+    Some((
+        value("meshward_signer_ledger_commit_group_size_sum")?,
+        value("meshward_signer_ledger_commit_group_size_count")?,
+    ))
 }
 
 /// Kernel clock ticks per second (`getconf CLK_TCK`; 100 on Linux when unknown).
@@ -319,5 +375,16 @@ mod tests {
             r#"{"fields":{"message":"created a new built-in CA","grpc_addr":"127.0.0.1:1"}}"#;
         assert_eq!(serving_addr(other), None);
         assert_eq!(serving_addr("not json"), None);
+    }
+
+    #[test]
+    fn ledger_commits_are_read_from_the_group_size_histogram() {
+        let text = "# TYPE meshward_signer_ledger_commit_group_size histogram
+meshward_signer_ledger_commit_group_size_sum 27051.0
+meshward_signer_ledger_commit_group_size_count 6126
+meshward_signer_ledger_commit_group_size_bucket{le=\"1.0\"} 3
+";
+        assert_eq!(ledger_commits(text), Some((27051.0, 6126.0)));
+        assert_eq!(ledger_commits("meshward_signer_requests_total 5\n"), None);
     }
 }
