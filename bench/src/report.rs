@@ -224,6 +224,17 @@ fn find_wasm(r: &Results, kind: Kind, rules: usize) -> Option<&WasmCost> {
     r.wasm.iter().find(|n| n.kind == kind && n.rules == rules)
 }
 
+/// The filter-cost rows in report order (HTTP, then network; by rules):
+/// each native measurement with the wasm one of the same kind and size.
+fn filter_rows(r: &Results) -> impl Iterator<Item = (Kind, &NativeCost, Option<&WasmCost>)> {
+    Kind::ALL.into_iter().flat_map(move |kind| {
+        r.native
+            .iter()
+            .filter(move |n| n.kind == kind)
+            .map(move |n| (kind, n, find_wasm(r, kind, n.rules)))
+    })
+}
+
 /// The targets, on what was measured. A target whose inputs were not
 /// measured is a failed check (the check says so).
 pub fn checks(r: &Results, t: &Targets) -> Vec<Check> {
@@ -692,31 +703,28 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
         s,
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
-    for kind in Kind::ALL {
-        for n in r.native.iter().filter(|n| n.kind == kind) {
-            let w = find_wasm(r, kind, n.rules);
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} | {} | {:.1}× | {} | {} | {} | {} | {} | {} |",
-                kind.label(),
-                n.rules,
-                ns(n.compiled_ns.p50),
-                ns(n.compiled_ns.p99),
-                ns(n.new_identity_ns.p50),
-                ns(n.linear_ns.p50),
-                n.linear_ns.p50 / n.new_identity_ns.p50,
-                w.map_or("–".to_string(), |w| ns(w.decision_ns.p50)),
-                w.map_or("–".to_string(), |w| ns(w.decision_ns.p99)),
-                w.map_or("–".to_string(), |w| format!(
-                    "{:.1}×",
-                    w.decision_ns.p50 / n.compiled_ns.p50
-                )),
-                w.and_then(|w| w.decision_new_connection_ns.as_ref())
-                    .map_or("–".to_string(), |d| ns(d.p50)),
-                w.map_or("–".to_string(), |w| ns(w.stream_ns.p50)),
-                w.map_or("–".to_string(), |w| ns(w.stream_ns.p99)),
-            );
-        }
+    for (kind, n, w) in filter_rows(r) {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {:.1}× | {} | {} | {} | {} | {} | {} |",
+            kind.label(),
+            n.rules,
+            ns(n.compiled_ns.p50),
+            ns(n.compiled_ns.p99),
+            ns(n.new_identity_ns.p50),
+            ns(n.linear_ns.p50),
+            n.linear_ns.p50 / n.new_identity_ns.p50,
+            w.map_or("–".to_string(), |w| ns(w.decision_ns.p50)),
+            w.map_or("–".to_string(), |w| ns(w.decision_ns.p99)),
+            w.map_or("–".to_string(), |w| format!(
+                "{:.1}×",
+                w.decision_ns.p50 / n.compiled_ns.p50
+            )),
+            w.and_then(|w| w.decision_new_connection_ns.as_ref())
+                .map_or("–".to_string(), |d| ns(d.p50)),
+            w.map_or("–".to_string(), |w| ns(w.stream_ns.p50)),
+            w.map_or("–".to_string(), |w| ns(w.stream_ns.p99)),
+        );
     }
     let _ = writeln!(s);
     if r.wasm.iter().any(|w| w.abi_floor_ns.n > 0) {
@@ -740,25 +748,23 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
             s,
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
-        for kind in Kind::ALL {
-            for n in r.native.iter().filter(|n| n.kind == kind) {
-                let Some(w) = find_wasm(r, kind, n.rules).filter(|w| w.abi_floor_ns.n > 0) else {
-                    continue;
-                };
-                let own = (w.decision_ns.p50 - w.abi_floor_ns.p50).max(0.0);
-                let _ = writeln!(
-                    s,
-                    "| {} | {} | {} | {} | {} | {} | {:.1}× | {:.1}× |",
-                    kind.label(),
-                    n.rules,
-                    ns(w.decision_ns.p50),
-                    ns(w.abi_floor_ns.p50),
-                    ns(own),
-                    ns(n.compiled_ns.p50),
-                    own / n.compiled_ns.p50,
-                    w.abi_floor_ns.p50 / n.compiled_ns.p50,
-                );
-            }
+        for (kind, n, w) in filter_rows(r) {
+            let Some(w) = w.filter(|w| w.abi_floor_ns.n > 0) else {
+                continue;
+            };
+            let own = (w.decision_ns.p50 - w.abi_floor_ns.p50).max(0.0);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {:.1}× | {:.1}× |",
+                kind.label(),
+                n.rules,
+                ns(w.decision_ns.p50),
+                ns(w.abi_floor_ns.p50),
+                ns(own),
+                ns(n.compiled_ns.p50),
+                own / n.compiled_ns.p50,
+                w.abi_floor_ns.p50 / n.compiled_ns.p50,
+            );
         }
         let _ = writeln!(s);
     }

@@ -684,17 +684,25 @@ mod tests {
     use std::net::TcpStream;
     use std::time::Duration;
 
-    /// Opens connections to `addr` (nobody accepts them) until one is not
-    /// established within `timeout` or `max` are; how many were.
-    fn queued_connections(addr: SocketAddr, max: usize, timeout: Duration) -> usize {
-        let mut open = Vec::new();
-        while open.len() < max {
-            match TcpStream::connect_timeout(&addr, timeout) {
-                Ok(s) => open.push(s),
-                Err(_) => break,
+    /// Binds with `backlog`, never accepts, and opens connections until one
+    /// is not established within `timeout` or `max` are; how many were.
+    async fn queued_connections(backlog: u32, max: usize, timeout: Duration) -> usize {
+        let listener = bind("test", SocketAddr::from(([127, 0, 0, 1], 0)), backlog).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let queued = tokio::task::spawn_blocking(move || {
+            let mut open = Vec::new();
+            while open.len() < max {
+                match TcpStream::connect_timeout(&addr, timeout) {
+                    Ok(s) => open.push(s),
+                    Err(_) => break,
+                }
             }
-        }
-        open.len()
+            open.len()
+        })
+        .await
+        .unwrap();
+        drop(listener);
+        queued
     }
 
     /// A mass restart opens one connection per agent at once: those the
@@ -702,25 +710,11 @@ mod tests {
     /// dropped at SYN (the agent would retry only a second or more later).
     #[tokio::test]
     async fn connection_storm_within_the_listen_backlog_is_queued_not_dropped() {
-        let localhost = SocketAddr::from(([127, 0, 0, 1], 0));
-        let wide = bind("test", localhost, 256).unwrap();
-        let wide_addr = wide.local_addr().unwrap();
-        let queued = tokio::task::spawn_blocking(move || {
-            queued_connections(wide_addr, 200, Duration::from_secs(2))
-        })
-        .await
-        .unwrap();
+        let queued = queued_connections(256, 200, Duration::from_secs(2)).await;
         assert_eq!(queued, 200, "connections dropped below the backlog");
 
         // The backlog is what bounds it: a queue of 4 turns the rest away.
-        let narrow = bind("test", localhost, 4).unwrap();
-        let narrow_addr = narrow.local_addr().unwrap();
-        let queued = tokio::task::spawn_blocking(move || {
-            queued_connections(narrow_addr, 50, Duration::from_millis(300))
-        })
-        .await
-        .unwrap();
+        let queued = queued_connections(4, 50, Duration::from_millis(300)).await;
         assert!(queued < 50, "a backlog of 4 queued {queued} connections");
-        drop((wide, narrow));
     }
 }
