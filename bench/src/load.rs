@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use crate::signer_proc::{ChildSigner, process_cpu_time};
+use crate::signer_proc::{ChildSigner, Memory, process_cpu_time};
 use crate::stats::{Summary, millis};
 use crate::workload::Workload;
 
@@ -93,6 +93,9 @@ pub struct Throughput {
     pub ledger_commits_per_s: Option<f64>,
     /// Records per group commit in the window.
     pub ledger_records_per_commit: Option<f64>,
+    /// The signer's resident memory at the window's end, and its peak since
+    /// it started (this signer served the smaller concurrencies first).
+    pub signer_memory: Option<Memory>,
     /// `RESOURCE_EXHAUSTED` answers (retried after a short jittered pause).
     pub resource_exhausted: u64,
     /// Other failures (connection or refusal).
@@ -224,6 +227,7 @@ pub async fn throughput(
     let commits1 = ledger_commits_now(signer).await;
     let own_cpu1 = process_cpu_time("/proc/self/stat")?;
     let measured = real_t0.elapsed().as_secs_f64().max(1e-9);
+    let signer_memory = signer.memory().ok();
 
     let mut latencies = Vec::new();
     while let Some(joined) = set.join_next().await {
@@ -258,6 +262,7 @@ pub async fn throughput(
         },
         ledger_commits_per_s: commits.map(|(_, c)| c / measured),
         ledger_records_per_commit: commits.map(|(r, c)| r / c),
+        signer_memory,
         resource_exhausted: counters.exhausted.load(Ordering::Relaxed),
         errors: counters.errors.load(Ordering::Relaxed),
         first_error,
@@ -292,6 +297,9 @@ pub struct Restart {
     pub first_error: Option<String>,
     /// Signer CPU over the whole restart, in cores.
     pub signer_cores: f64,
+    /// The signer's resident memory after the restart, and its peak (a fresh
+    /// signer: the peak is the restart's).
+    pub signer_memory: Option<Memory>,
 }
 
 /// All `workloads.len()` clients start at the same instant: connect, send
@@ -386,6 +394,7 @@ pub async fn mass_restart(
     }
     let wall = started.elapsed().as_secs_f64().max(1e-9);
     let cpu = signer.cpu_time()?.saturating_sub(cpu0).as_secs_f64();
+    let signer_memory = signer.memory().ok();
     let summary = Summary::of(&mut times);
     let clients = workloads.len();
     Ok(Restart {
@@ -403,6 +412,7 @@ pub async fn mass_restart(
         other_failures: counters.errors.load(Ordering::Relaxed),
         first_error: first_error.lock().ok().and_then(|e| e.clone()),
         signer_cores: cpu / wall,
+        signer_memory,
     })
 }
 

@@ -9,6 +9,7 @@ mod cli;
 mod config;
 mod filter_cost;
 mod load;
+mod manifest;
 mod report;
 mod signer_proc;
 mod stats;
@@ -411,6 +412,13 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
     };
     drop(rt);
 
+    let signer_memory_limit = match manifest::signer_memory_limit() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            skipped.push(format!("the signer Deployment's memory limit: {e:#}"));
+            None
+        }
+    };
     let mut machine = machine;
     machine.loadavg_end = report::loadavg();
     let results = Results {
@@ -421,6 +429,7 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
         signer,
         signer_max_concurrent_requests: config.signer.max_concurrent_requests,
         restart,
+        signer_memory_limit,
         native,
         wasm,
         wasm_size,

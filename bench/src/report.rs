@@ -9,6 +9,8 @@ use crate::bound::{OpensslSpeed, Rates};
 use crate::config::{BenchConfig, Targets};
 use crate::filter_cost::{Kind, NativeCost, WasmCost};
 use crate::load::{Restart, Throughput};
+use crate::manifest::MemoryLimit;
+use crate::signer_proc::Memory;
 use crate::stats::Summary;
 use crate::workload::KeyType;
 
@@ -121,6 +123,8 @@ pub struct Results {
     pub signer_max_concurrent_requests: usize,
     /// Mass restart.
     pub restart: Option<Restart>,
+    /// The memory limit the shipped signer Deployment sets.
+    pub signer_memory_limit: Option<MemoryLimit>,
     /// Native filter cost.
     pub native: Vec<NativeCost>,
     /// Wasm filter cost.
@@ -339,6 +343,22 @@ pub fn checks(r: &Results, t: &Targets) -> Vec<Check> {
         }
     }
 
+    let name = "signer peak resident memory (every signer run)".to_string();
+    let (peak, limit) = (peak_signer_memory(r), &r.signer_memory_limit);
+    let target = limit.as_ref().map_or_else(
+        || "≤ the signer Deployment's memory limit".to_string(),
+        |l| format!("≤ {} (Deployment limit)", l.quantity),
+    );
+    match (peak, limit) {
+        (Some((bytes, during)), Some(l)) => out.push(Check {
+            name,
+            value: format!("{:.0} MiB ({during})", Memory::mib(bytes)),
+            target,
+            ok: bytes <= l.bytes,
+        }),
+        _ => out.push(missing(name, target)),
+    }
+
     let name = ".wasm size".to_string();
     let target = format!("≤ {} KiB", t.wasm_kib);
     match r.wasm_size {
@@ -351,6 +371,33 @@ pub fn checks(r: &Results, t: &Targets) -> Vec<Check> {
         None => out.push(missing(name, target)),
     }
     out
+}
+
+/// The highest peak resident memory of any signer this run started, and
+/// which run it was.
+fn peak_signer_memory(r: &Results) -> Option<(u64, String)> {
+    let throughput = r.signer.iter().filter_map(|row| {
+        row.run.signer_memory.map(|m| {
+            (
+                m.peak_rss,
+                format!(
+                    "{}, ledger {}, up to {} clients",
+                    row.key.label(),
+                    if row.ledger { "on" } else { "off" },
+                    row.run.concurrency
+                ),
+            )
+        })
+    });
+    let restart = r.restart.iter().filter_map(|x| {
+        x.signer_memory
+            .map(|m| (m.peak_rss, format!("mass restart of {}", x.clients)))
+    });
+    throughput.chain(restart).max_by_key(|(bytes, _)| *bytes)
+}
+
+fn mib(m: Option<Memory>, f: impl Fn(Memory) -> u64) -> String {
+    m.map_or("–".to_string(), |m| format!("{:.0}", Memory::mib(f(m))))
 }
 
 fn ms(s: &Option<Summary>, f: impl Fn(&Summary) -> f64) -> String {
@@ -475,17 +522,19 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
              building, the ledger and logging cost nothing. The machine ratio divides \
              wall-clock certs/s by the bound × all {} cores. Ledger commits/s and records per \
              commit come from the signer's own `meshward_signer_ledger_commit_group_size` \
-             over the window (one fsync per commit).\n",
+             over the window (one fsync per commit). Resident memory is the signer's \
+             `VmRSS` at the window's end and its `VmHWM` (peak since start; one signer serves \
+             a key type's concurrencies in this order, so the peak covers the smaller ones too).\n",
             m.cores, m.cores
         );
     }
     let _ = writeln!(
         s,
-        "| key | ledger | clients | certs/s | p50 ms | p99 ms | signer cores | loadgen cores | certs / signer CPU-s | ratio (per used core) | ratio (whole machine) | ledger commits/s | records / commit | RESOURCE_EXHAUSTED | errors |"
+        "| key | ledger | clients | certs/s | p50 ms | p99 ms | signer cores | loadgen cores | certs / signer CPU-s | ratio (per used core) | ratio (whole machine) | ledger commits/s | records / commit | RSS MiB | peak RSS MiB | RESOURCE_EXHAUSTED | errors |"
     );
     let _ = writeln!(
         s,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for row in &r.signer {
         let t = &row.run;
@@ -498,7 +547,7 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.key.label(),
             if row.ledger { "on" } else { "off" },
             t.concurrency,
@@ -514,6 +563,8 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
                 .map_or("–".to_string(), |c| format!("{c:.0}")),
             t.ledger_records_per_commit
                 .map_or("–".to_string(), |r| format!("{r:.1}")),
+            mib(t.signer_memory, |m| m.rss),
+            mib(t.signer_memory, |m| m.peak_rss),
             t.resource_exhausted,
             t.errors,
         );
@@ -641,6 +692,22 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
                 s,
                 "| signer CPU during the restart | {:.2} cores |",
                 x.signer_cores
+            );
+            let _ = writeln!(
+                s,
+                "| signer peak resident memory (VmHWM) | {} MiB{} |",
+                mib(x.signer_memory, |m| m.peak_rss),
+                r.signer_memory_limit
+                    .as_ref()
+                    .map_or(String::new(), |l| format!(
+                        " (Deployment limit {})",
+                        l.quantity
+                    ))
+            );
+            let _ = writeln!(
+                s,
+                "| signer resident memory after it (VmRSS) | {} MiB |",
+                mib(x.signer_memory, |m| m.rss),
             );
             if let Some(e) = &x.first_error {
                 let _ = writeln!(s, "\nFirst error: `{e}`");
@@ -844,6 +911,10 @@ mod tests {
                 signer_kernel_us_per_cert: 20.0,
                 ledger_commits_per_s: None,
                 ledger_records_per_commit: None,
+                signer_memory: Some(Memory {
+                    rss: 30 << 20,
+                    peak_rss: 40 << 20,
+                }),
                 resource_exhausted: 0,
                 errors: 0,
                 first_error: None,
@@ -892,6 +963,7 @@ mod tests {
             signer: vec![row(9_000.0, 1.0)],
             signer_max_concurrent_requests: 1024,
             restart: None,
+            signer_memory_limit: None,
             native: Vec::new(),
             wasm: Vec::new(),
             wasm_size: Some(300 * 1024),
@@ -902,8 +974,52 @@ mod tests {
         let by = |prefix: &str| checks.iter().find(|c| c.name.starts_with(prefix)).unwrap();
         assert!(by("signer / bound").ok);
         assert!(by(".wasm size").ok);
+        // No manifest limit to compare with: not measured, so not met.
+        assert!(!by("signer peak resident memory").ok);
         let wasm = by("wasm median");
         assert!(!wasm.ok);
         assert_eq!(wasm.value, "not measured");
+    }
+
+    #[test]
+    fn signer_peak_memory_above_the_deployment_limit_fails_its_check() {
+        let mut big = row(9_000.0, 1.0);
+        big.run.concurrency = 512;
+        big.run.signer_memory = Some(Memory {
+            rss: 50 << 20,
+            peak_rss: 70 << 20,
+        });
+        let mut results = Results {
+            mode: "check",
+            machine: Machine::describe("ext4".to_string()),
+            openssl: Some(openssl()),
+            ring_p256: None,
+            signer: vec![row(9_000.0, 1.0), big],
+            signer_max_concurrent_requests: 1024,
+            restart: None,
+            signer_memory_limit: None,
+            native: Vec::new(),
+            wasm: Vec::new(),
+            wasm_size: None,
+            skipped: Vec::new(),
+        };
+        let targets = BenchConfig::defaults().unwrap().targets;
+        let memory = |r: &Results| {
+            checks(r, &targets)
+                .into_iter()
+                .find(|c| c.name.starts_with("signer peak resident memory"))
+                .unwrap()
+        };
+        let limit = |q: &str| MemoryLimit {
+            quantity: q.to_string(),
+            bytes: crate::manifest::parse_quantity(q).unwrap(),
+            source: "test".to_string(),
+        };
+        results.signer_memory_limit = Some(limit("64Mi"));
+        let over = memory(&results);
+        assert!(!over.ok, "{over:?}");
+        assert_eq!(over.value, "70 MiB (P-256, ledger on, up to 512 clients)");
+        results.signer_memory_limit = Some(limit("70Mi"));
+        assert!(memory(&results).ok);
     }
 }

@@ -140,6 +140,52 @@ impl ChildSigner {
     pub fn cpu_time(&self) -> anyhow::Result<Duration> {
         Ok(self.cpu_times()?.total())
     }
+
+    /// The signer's resident memory now and at its peak so far.
+    pub fn memory(&self) -> anyhow::Result<Memory> {
+        let path = format!("/proc/{}/status", self.child.id());
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        parse_status_memory(&text).with_context(|| format!("parsing {path}"))
+    }
+}
+
+/// Resident memory of a process, from `/proc/<pid>/status`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Memory {
+    /// `VmRSS`: resident now (bytes).
+    pub rss: u64,
+    /// `VmHWM`: the most it has been resident since it started (bytes) — what
+    /// a container memory limit must leave room for.
+    pub peak_rss: u64,
+}
+
+impl Memory {
+    /// Bytes as MiB, for the report.
+    pub fn mib(bytes: u64) -> f64 {
+        bytes as f64 / (1024.0 * 1024.0)
+    }
+}
+
+/// `VmRSS` and `VmHWM` (reported in kB) from the text of `/proc/<pid>/status`.
+pub fn parse_status_memory(text: &str) -> anyhow::Result<Memory> {
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .with_context(|| format!("no {name}"))?;
+        let kb = line
+            .trim()
+            .strip_suffix("kB")
+            .with_context(|| format!("{name} is not in kB: {line:?}"))?
+            .trim()
+            .parse::<u64>()
+            .with_context(|| format!("{name}: {line:?}"))?;
+        Ok(kb.saturating_mul(1024))
+    };
+    Ok(Memory {
+        rss: field("VmRSS")?,
+        peak_rss: field("VmHWM")?,
+    })
 }
 
 impl Drop for ChildSigner {
@@ -365,6 +411,20 @@ mod tests {
         assert_eq!(parse_stat_user_system(text).unwrap(), (250, 37));
         assert!(parse_stat_user_system("1234 (x) S 1").is_err());
         assert!(parse_stat_user_system("no paren").is_err());
+    }
+
+    #[test]
+    fn resident_and_peak_memory_are_read_from_proc_status() {
+        let text = "Name:\tmeshward-signer\nVmPeak:\t  900000 kB\nVmHWM:\t   61440 kB\nVmRSS:\t   40960 kB\nThreads:\t5\n";
+        assert_eq!(
+            parse_status_memory(text).unwrap(),
+            Memory {
+                rss: 40 * 1024 * 1024,
+                peak_rss: 60 * 1024 * 1024
+            }
+        );
+        assert!(parse_status_memory("VmRSS:\t1 kB\n").is_err());
+        assert!(parse_status_memory("VmRSS:\t1 MB\nVmHWM:\t1 kB\n").is_err());
     }
 
     #[test]
