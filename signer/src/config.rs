@@ -84,6 +84,26 @@ pub struct ServerConfig {
     /// node pool reconnects at once, connections beyond it are dropped at
     /// SYN and retried by the client a second or more later.
     pub listen_backlog: u32,
+    /// Connections open on the gRPC port at once (TLS handshakes included).
+    /// At the limit the signer stops accepting, so further connections wait
+    /// in the listen backlog: a connection needs no credentials, and each
+    /// costs ~35 KiB, so without a bound a flood of them is an OOM kill.
+    pub max_connections: usize,
+    /// A connection is sent GOAWAY this long after it was accepted (agents
+    /// reconnect when they next need a certificate); `0s`: never.
+    #[serde(with = "human")]
+    pub max_connection_age: Duration,
+    /// After `max_connection_age`, how long a connection may finish what it
+    /// is doing (an issuance, a `WatchBundle` stream) before it is closed.
+    #[serde(with = "human")]
+    pub max_connection_age_grace: Duration,
+    /// HTTP/2 ping interval on idle gRPC connections, to find peers that are
+    /// gone without closing (a deleted node); `0s`: no pings.
+    #[serde(with = "human")]
+    pub keepalive_interval: Duration,
+    /// A connection whose ping is not answered within this is closed.
+    #[serde(with = "human")]
+    pub keepalive_timeout: Duration,
     /// Validity of the serving certificate (re-made at each start).
     #[serde(with = "human")]
     pub serving_cert_ttl: Duration,
@@ -273,6 +293,9 @@ fn default_jwt_skew() -> Duration {
 
 const HOUR: u64 = 3600;
 
+/// Highest `server.max_connections`: a million connections is ~35 GiB.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -299,6 +322,11 @@ impl Default for ServerConfig {
             ],
             max_concurrent_requests: 256,
             listen_backlog: 4096,
+            max_connections: 8192,
+            max_connection_age: Duration::from_secs(30 * 60),
+            max_connection_age_grace: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
             serving_cert_ttl: Duration::from_secs(30 * 24 * HOUR),
         }
     }
@@ -415,6 +443,24 @@ impl Config {
                 "server.listen_backlog {} must be between 1 and 65535",
                 self.server.listen_backlog
             )));
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.server.max_connections) {
+            return Err(ConfigError::Invalid(format!(
+                "server.max_connections {} must be between 1 and {MAX_CONNECTIONS}",
+                self.server.max_connections
+            )));
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.bundle.endpoint_max_connections) {
+            return Err(ConfigError::Invalid(format!(
+                "bundle.endpoint_max_connections {} must be between 1 and {MAX_CONNECTIONS}",
+                self.bundle.endpoint_max_connections
+            )));
+        }
+        if !self.server.keepalive_interval.is_zero() && self.server.keepalive_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "server.keepalive_timeout must be above 0s when keepalive_interval is set"
+                    .to_string(),
+            ));
         }
         match (self.ca.backend.as_str(), &self.ca.cacerts, &self.ca.vault) {
             ("builtin", _, _) | ("cacerts", Some(_), _) | ("vault", _, Some(_)) => {}
@@ -606,6 +652,42 @@ mod tests {
         )
         .unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn max_connections_of_zero_or_absurd_and_keepalive_without_timeout_are_refused() {
+        for bad in [0, MAX_CONNECTIONS + 1] {
+            let err = Config::from_toml(&format!("[server]\nmax_connections = {bad}\n"), "inline")
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(err.to_string().contains("max_connections"), "{err}");
+            let err = Config::from_toml(
+                &format!("[bundle]\nendpoint_max_connections = {bad}\n"),
+                "inline",
+            )
+            .unwrap()
+            .validate()
+            .unwrap_err();
+            assert!(
+                err.to_string().contains("endpoint_max_connections"),
+                "{err}"
+            );
+        }
+        let err = Config::from_toml(
+            "[server]\nkeepalive_interval = \"10s\"\nkeepalive_timeout = \"0s\"\n",
+            "inline",
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("keepalive_timeout"), "{err}");
+        let off = Config::from_toml(
+            "[server]\nkeepalive_interval = \"0s\"\nmax_connection_age = \"0s\"\n",
+            "inline",
+        )
+        .unwrap();
+        off.validate().unwrap();
     }
 
     #[test]

@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::observer::IssuanceObserver;
 use crate::policy::namespaces::{KubeNamespaceLabels, NamespaceLabels};
 use crate::server::ca_service::{CaPipeline, CaService, to_pem};
+use crate::server::connections::ConnectionLimit;
 use crate::server::serving::{
     IssuerFingerprint, ServingCertResolver, ServingError, ServingParams, issue_serving_identity,
     spawn_serving_renewal,
@@ -204,6 +205,19 @@ impl Signer {
         if let Some(m) = &token_cache_metrics {
             m.register(metrics.registry_mut());
         }
+        let connection_limit = ConnectionLimit::new(
+            config.server.max_connections,
+            (!config.server.max_connection_age.is_zero())
+                .then(|| config.server.max_connection_age + config.server.max_connection_age_grace),
+        );
+        connection_limit.register(metrics.registry_mut(), "grpc");
+        let endpoint_limit = ConnectionLimit::new(
+            config.bundle.endpoint_max_connections,
+            Some(crate::bundle::endpoint::CONNECTION_LIFETIME),
+        );
+        if config.bundle.endpoint_addr.is_some() {
+            endpoint_limit.register(metrics.registry_mut(), "bundle_endpoint");
+        }
         let metrics = Arc::new(metrics);
         metrics.set_ca_expiry(issuer.signing_validity().not_after.unix_timestamp());
 
@@ -276,15 +290,28 @@ impl Signer {
             trust_domain.as_ref(),
             issuer.trust_anchors(),
             serving_certs.clone(),
+            endpoint_limit,
             shutdown_rx.clone(),
         )
         .await?;
 
-        let router = tonic::transport::Server::builder()
+        let server = &config.server;
+        let mut builder = tonic::transport::Server::builder();
+        if !server.max_connection_age.is_zero() {
+            // GOAWAY at the age; `Limited` closes what is left after the grace
+            // (tonic's own grace would skip the GOAWAY).
+            builder = builder.max_connection_age(server.max_connection_age);
+        }
+        if !server.keepalive_interval.is_zero() {
+            builder = builder
+                .http2_keepalive_interval(Some(server.keepalive_interval))
+                .http2_keepalive_timeout(Some(server.keepalive_timeout));
+        }
+        let router = builder
             .add_service(IstioCertificateServiceServer::new(service))
             .add_service(bundle.grpc_service());
         let mut rx = shutdown_rx.clone();
-        let incoming = tls_incoming(grpc_listener, tls, shutdown_rx.clone());
+        let incoming = tls_incoming(grpc_listener, tls, connection_limit, shutdown_rx.clone());
         let grpc_task = tokio::spawn(async move {
             let result = router
                 .serve_with_incoming_shutdown(incoming, async move {

@@ -5,5 +5,6 @@
 //! certificate from the signer's own CA.
 
 pub mod ca_service;
+pub mod connections;
 pub mod serving;
 pub mod tls;

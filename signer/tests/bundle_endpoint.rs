@@ -240,3 +240,47 @@ async fn bundle_dir_sink_is_written_at_start_and_on_change() {
     assert_eq!(doc.spiffe_sequence, current.sequence() + 1);
     h.signer.shutdown().await.unwrap();
 }
+
+/// Attack: a flood of connections to the bundle endpoint — the port
+/// federated trust domains reach, often from outside the cluster — holding
+/// the signer's memory. At `bundle.endpoint_max_connections` it stops
+/// accepting; when the flood goes, fetches work again.
+#[tokio::test]
+async fn connection_flood_on_the_bundle_endpoint_is_bounded_by_endpoint_max_connections() {
+    let h = Harness::start_with(|c| {
+        c.bundle.endpoint_addr = Some("127.0.0.1:0".parse().unwrap());
+        c.bundle.endpoint_max_connections = 2;
+    })
+    .await;
+    let addr = h.signer.bundle_endpoint().unwrap();
+    let mut flood = Vec::new();
+    for _ in 0..10 {
+        flood.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let gauge = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("meshward_signer_bundle_endpoint_connections "))
+            .map(|v| v.trim().to_string())
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while gauge(&h.metrics().await).as_deref() != Some("2") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            gauge(&h.metrics().await)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let blocked = tokio::time::timeout(Duration::from_millis(700), https_get(&h, "/")).await;
+    assert!(blocked.is_err(), "a fetch got through past 2 connections");
+    let text = h.metrics().await;
+    assert_eq!(gauge(&text).as_deref(), Some("2"), "{text}");
+    assert!(text.contains("meshward_signer_bundle_endpoint_connections_max 2\n"));
+
+    drop(flood);
+    let (status, _, body) = tokio::time::timeout(Duration::from_secs(10), https_get(&h, "/"))
+        .await
+        .expect("no fetch within 10 s after the flood closed");
+    assert_eq!(status, 200, "{body}");
+    h.signer.shutdown().await.unwrap();
+}

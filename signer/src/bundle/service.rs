@@ -36,6 +36,10 @@ pub struct BundleConfig {
     /// SPIFFE bundle endpoint over HTTPS (serving certificate from this CA:
     /// the `https_spiffe` profile), e.g. `0.0.0.0:8443`.
     pub endpoint_addr: Option<SocketAddr>,
+    /// Connections the bundle endpoint holds at once (TLS handshakes
+    /// included); at the limit it stops accepting. Each connection is closed
+    /// after 60 s at most.
+    pub endpoint_max_connections: usize,
     /// `ca rotate-root` without `--overlap`: how long the new root is
     /// published before issuance switches to it.
     #[serde(with = "humantime_serde")]
@@ -69,6 +73,7 @@ impl Default for BundleConfig {
             resync_interval: Duration::from_secs(60),
             dir: None,
             endpoint_addr: None,
+            endpoint_max_connections: 1024,
             rotation_overlap: Duration::from_secs(24 * 3600),
             rotation_check_interval: Duration::from_secs(30),
             configmap: None,
@@ -97,6 +102,7 @@ impl BundleService {
         trust_domain: &str,
         roots: Vec<CertificateDer<'static>>,
         serving: Arc<dyn rustls::server::ResolvesServerCert>,
+        endpoint_limit: crate::server::connections::ConnectionLimit,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, BundleError> {
         let sequence = u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(1);
@@ -139,7 +145,7 @@ impl BundleService {
             let stop = shutdown.clone();
             tracing::info!(addr = %local, "SPIFFE bundle endpoint (HTTPS) serving");
             tasks.push(tokio::spawn(async move {
-                endpoint::serve_https(listener, tls, ch, stop)
+                endpoint::serve_https(listener, tls, ch, endpoint_limit, stop)
                     .await
                     .map_err(|e| e.to_string())
             }));

@@ -10,7 +10,9 @@
 //!   [`crate::authn::client_cert::ClientCertAuthenticator`], which refuses
 //!   with an UNAUTHENTICATED status that says why;
 //! - handshakes run concurrently, each with a timeout, so a slow client
-//!   cannot stall the accept loop.
+//!   cannot stall the accept loop;
+//! - at most `server.max_connections` connections at once
+//!   ([`super::connections`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,13 +29,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, warn};
+use tracing::debug;
+
+use super::connections::{BoundedAccept, ConnectionLimit, Limited};
 
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Pause after a failed `accept` (e.g. out of file descriptors).
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Why TLS could not be configured.
 #[derive(Debug, thiserror::Error)]
@@ -144,43 +145,26 @@ pub fn server_config(certs: Arc<dyn ResolvesServerCert>) -> Result<rustls::Serve
     Ok(config)
 }
 
-/// Accept TCP connections, handshake each in its own task, and yield the
-/// TLS streams until `shutdown` turns true.
+/// Accept TCP connections while `limit` has a free slot, handshake each in
+/// its own task, and yield the TLS streams (each holding its slot) until
+/// `shutdown` turns true.
 pub fn tls_incoming(
     listener: TcpListener,
     config: rustls::ServerConfig,
+    limit: ConnectionLimit,
     mut shutdown: watch::Receiver<bool>,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> ReceiverStream<Result<Limited<TlsStream<TcpStream>>, std::io::Error>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = mpsc::channel(64);
+    let mut accept = BoundedAccept::new(listener, limit, "gRPC", "server.max_connections");
     tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => break,
-                a = listener.accept() => a,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off a little
-                    // instead of spinning on accept.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                    continue;
-                }
-            };
-            // tonic only disables Nagle on sockets it binds itself; without
-            // this every unary response waits for the peer's delayed ACK
-            // (~40 ms), which capped throughput at concurrency / 45 ms.
-            if let Err(e) = tcp.set_nodelay(true) {
-                debug!(%peer, error = %e, "TCP_NODELAY not set");
-            }
+        while let Some((tcp, peer, slot)) = accept.next(&mut shutdown).await {
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send(Ok(Limited::new(stream, slot))).await;
                     }
                     Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => debug!(%peer, "TLS handshake timed out"),

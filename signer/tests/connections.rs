@@ -1,0 +1,295 @@
+//! The gRPC port's connection bounds on a running signer: a connection needs
+//! no credentials, so connections alone must not be able to take the
+//! signer's memory or its accept loop (`server.max_connections`,
+//! `max_connection_age` + grace, HTTP/2 keepalive).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+#[path = "support/harness.rs"]
+mod harness;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use harness::Harness;
+use meshward_proto::meshward::v1::WatchBundleRequest;
+use meshward_proto::meshward::v1::trust_bundle_service_client::TrustBundleServiceClient;
+use meshward_signer::client::CaClient;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+/// A sample of `/metrics` (no labels).
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse::<f64>()
+            .ok()
+    })
+}
+
+/// Poll `/metrics` (every 50 ms, for at most `within`) until `name` is `want`.
+async fn wait_for_sample(h: &Harness, name: &str, want: f64, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let text = h.metrics().await;
+        let got = sample(&text, name);
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} is {got:?}, not {want}, after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A CA client connected within `within`, or `None`.
+async fn try_connect(h: &Harness, within: Duration) -> Option<CaClient> {
+    tokio::time::timeout(
+        within,
+        CaClient::connect(h.signer.grpc_addr(), h.signer.roots_pem(), "localhost"),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+}
+
+/// Attack: open connections (no TLS, no token — nothing is checked before a
+/// request) until the signer runs out of memory. At `max_connections` the
+/// signer stops accepting: the flood waits in the listen backlog, agents
+/// already connected keep being served, and a slot freed is a slot for the
+/// next agent.
+#[tokio::test]
+async fn unauthenticated_connection_flood_waits_in_the_backlog_beyond_max_connections() {
+    let h = Harness::start_with(|c| c.server.max_connections = 3).await;
+    // The harness's own client holds one slot; two idle TCP connections
+    // (they never start TLS) take the rest.
+    let addr = h.signer.grpc_addr();
+    let mut flood = Vec::new();
+    for _ in 0..2 {
+        flood.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    wait_for_sample(
+        &h,
+        "meshward_signer_grpc_connections",
+        3.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    // More of the flood: the kernel queues them; the signer does not take them.
+    for _ in 0..20 {
+        flood.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    assert!(
+        try_connect(&h, Duration::from_millis(700)).await.is_none(),
+        "an agent got a fourth connection past max_connections = 3"
+    );
+    let text = h.metrics().await;
+    assert_eq!(sample(&text, "meshward_signer_grpc_connections"), Some(3.0));
+    assert_eq!(
+        sample(&text, "meshward_signer_grpc_connections_max"),
+        Some(3.0)
+    );
+    assert!(
+        sample(&text, "meshward_signer_grpc_connection_limit_waits_total").unwrap() >= 1.0,
+        "{text}"
+    );
+
+    // A connected agent is still served.
+    h.issue("shop", "web", &h.opts("shop", "web"))
+        .await
+        .unwrap();
+
+    // The flood goes away: its slots come back and a new agent gets one.
+    drop(flood);
+    let late = try_connect(&h, Duration::from_secs(5))
+        .await
+        .expect("no connection within 5 s after the flood closed");
+    let key = meshward_signer::client::WorkloadKey::generate(
+        meshward_signer::client::WorkloadKeyType::EcdsaP256,
+    )
+    .unwrap();
+    late.request_certificate(&key, &harness::id("shop", "late"), &h.opts("shop", "late"))
+        .await
+        .unwrap();
+    h.signer.shutdown().await.unwrap();
+}
+
+/// Attack: hold a slot for good with a stream that never ends (a
+/// `WatchBundle` watcher that ignores GOAWAY). At `max_connection_age` the
+/// signer sends GOAWAY; after the grace it closes the connection itself.
+#[tokio::test]
+async fn a_stream_cannot_hold_its_connection_past_max_connection_age_and_grace() {
+    let h = Harness::start_with(|c| {
+        c.server.max_connection_age = Duration::from_secs(1);
+        c.server.max_connection_age_grace = Duration::from_secs(1);
+    })
+    .await;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(h.signer.roots_pem()))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://{}", h.signer.grpc_addr()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut stream = TrustBundleServiceClient::new(channel)
+        .watch_bundle(WatchBundleRequest {
+            trust_domain: "cluster.local".to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap();
+    assert!(matches!(first, Ok(Some(_))), "{first:?}");
+    let started = tokio::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(15), stream.message())
+        .await
+        .expect("the watch stream outlived max_connection_age + grace by 13 s");
+    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "ended only after {:?}",
+        started.elapsed()
+    );
+    let text = h.metrics().await;
+    assert!(
+        sample(
+            &text,
+            "meshward_signer_grpc_connections_closed_at_max_age_total"
+        )
+        .unwrap()
+            >= 1.0,
+        "{text}"
+    );
+    h.signer.shutdown().await.unwrap();
+}
+
+/// An agent's idle connection is let go at `max_connection_age` (GOAWAY, no
+/// request cut), and the agent's next request simply reconnects.
+#[tokio::test]
+async fn idle_agent_connections_are_released_at_max_connection_age_and_reconnect() {
+    let h = Harness::start_with(|c| {
+        c.server.max_connection_age = Duration::from_secs(1);
+        c.server.max_connection_age_grace = Duration::from_secs(30);
+    })
+    .await;
+    h.issue("shop", "web", &h.opts("shop", "web"))
+        .await
+        .unwrap();
+    wait_for_sample(
+        &h,
+        "meshward_signer_grpc_connections",
+        0.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let text = h.metrics().await;
+    assert_eq!(
+        sample(
+            &text,
+            "meshward_signer_grpc_connections_closed_at_max_age_total"
+        ),
+        Some(0.0),
+        "an idle connection closes at GOAWAY, not at the grace's end"
+    );
+    h.issue("shop", "web", &h.opts("shop", "web"))
+        .await
+        .unwrap();
+    h.signer.shutdown().await.unwrap();
+}
+
+/// Attack (or a deleted node): a peer that completes TLS and HTTP/2 and then
+/// goes silent — it never answers a ping. HTTP/2 keepalive finds it and the
+/// signer frees its slot.
+#[tokio::test]
+async fn a_silent_peer_that_never_answers_pings_is_disconnected_by_keepalive() {
+    let h = Harness::start_with(|c| {
+        c.server.max_connection_age = Duration::ZERO;
+        c.server.keepalive_interval = Duration::from_secs(1);
+        c.server.keepalive_timeout = Duration::from_secs(1);
+    })
+    .await;
+    wait_for_sample(
+        &h,
+        "meshward_signer_grpc_connections",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in pem::parse_many(h.signer.roots_pem()).unwrap() {
+        roots
+            .add(rustls_pki_types::CertificateDer::from(cert.into_contents()))
+            .unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(h.signer.grpc_addr())
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    // The client preface and an empty SETTINGS frame, then silence.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    wait_for_sample(
+        &h,
+        "meshward_signer_grpc_connections",
+        2.0,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    // Read (so the socket sees the close) but never answer: the pings go
+    // unacknowledged and the signer hangs up.
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the silent peer was still connected after 15 s"
+    );
+    // The harness's client answers its pings and stays.
+    wait_for_sample(
+        &h,
+        "meshward_signer_grpc_connections",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    h.issue("shop", "web", &h.opts("shop", "web"))
+        .await
+        .unwrap();
+    h.signer.shutdown().await.unwrap();
+}
