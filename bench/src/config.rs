@@ -68,6 +68,8 @@ pub struct RestartBench {
     pub enabled: bool,
     /// Clients starting at once.
     pub clients: usize,
+    /// Further runs with these many clients (a whole mesh restarting).
+    pub also_clients: Vec<usize>,
     /// Their key type.
     pub key_type: KeyType,
     /// `server.max_concurrent_requests` (the signer's default is 256).
@@ -202,6 +204,10 @@ impl BenchConfig {
         );
         anyhow::ensure!(self.restart.clients > 0, "restart.clients must be > 0");
         anyhow::ensure!(
+            !self.restart.also_clients.contains(&0),
+            "restart.also_clients: 0 clients"
+        );
+        anyhow::ensure!(
             self.restart.backoff_multiplier >= 1.0,
             "restart.backoff_multiplier must be ≥ 1"
         );
@@ -234,6 +240,7 @@ mod tests {
         assert_eq!(c.signer.key_types, vec![KeyType::P256, KeyType::Rsa2048]);
         assert_eq!(c.filter.rules, vec![10, 1_000, 10_000]);
         assert_eq!(c.restart.clients, 2_000);
+        assert_eq!(c.restart.also_clients, vec![10_000]);
         assert_eq!(c.targets.p256_ratio, 0.8);
         assert!(c.signer.max_concurrent_requests >= 512);
     }

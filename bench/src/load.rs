@@ -300,6 +300,12 @@ pub struct Restart {
     /// The signer's resident memory after the restart, and its peak (a fresh
     /// signer: the peak is the restart's).
     pub signer_memory: Option<Memory>,
+    /// The signer's `meshward_signer_grpc_connection_limit_waits_total` at
+    /// the end: how often its accept loop had every connection slot taken
+    /// (`server.max_connections`) and let connections wait in the backlog.
+    pub connection_limit_waits: Option<f64>,
+    /// The signer's `server.max_connections`, from its `/metrics`.
+    pub max_connections: Option<f64>,
 }
 
 /// All `workloads.len()` clients start at the same instant: connect, send
@@ -395,6 +401,17 @@ pub async fn mass_restart(
     let wall = started.elapsed().as_secs_f64().max(1e-9);
     let cpu = signer.cpu_time()?.saturating_sub(cpu0).as_secs_f64();
     let signer_memory = signer.memory().ok();
+    let metrics = match signer.admin_addr {
+        Some(admin) => crate::signer_proc::scrape_metrics(admin, Duration::from_secs(5))
+            .await
+            .ok(),
+        None => None,
+    };
+    let sample = |name: &str| {
+        metrics
+            .as_deref()
+            .and_then(|m| crate::signer_proc::metric_sample(m, name))
+    };
     let summary = Summary::of(&mut times);
     let clients = workloads.len();
     Ok(Restart {
@@ -413,6 +430,8 @@ pub async fn mass_restart(
         first_error: first_error.lock().ok().and_then(|e| e.clone()),
         signer_cores: cpu / wall,
         signer_memory,
+        connection_limit_waits: sample("meshward_signer_grpc_connection_limit_waits_total"),
+        max_connections: sample("meshward_signer_grpc_connections_max"),
     })
 }
 

@@ -98,7 +98,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 config.restart.clients = n;
             }
             let rt = runtime()?;
-            let r = rt.block_on(mass_restart(&config))?;
+            let r = rt.block_on(mass_restart(&config, config.restart.clients))?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -197,11 +197,11 @@ async fn signer_throughput(
     Ok(rows)
 }
 
-async fn mass_restart(config: &BenchConfig) -> anyhow::Result<load::Restart> {
+async fn mass_restart(config: &BenchConfig, clients: usize) -> anyhow::Result<load::Restart> {
     let r = &config.restart;
     let workloads = {
         let config = config.clone();
-        let (kind, n) = (r.key_type, r.clients);
+        let (kind, n) = (r.key_type, clients);
         tokio::task::spawn_blocking(move || prepare(kind, n, &config)).await??
     };
     let setup = SignerSetup {
@@ -404,12 +404,14 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
             false,
         ))?);
     }
-    let restart = if config.restart.enabled {
-        info!(clients = config.restart.clients, "mass restart");
-        Some(rt.block_on(mass_restart(&config))?)
-    } else {
-        None
-    };
+    let mut restart = Vec::new();
+    if config.restart.enabled {
+        for &clients in std::iter::once(&config.restart.clients).chain(&config.restart.also_clients)
+        {
+            info!(clients, "mass restart");
+            restart.push(rt.block_on(mass_restart(&config, clients))?);
+        }
+    }
     drop(rt);
 
     let signer_memory_limit = match manifest::signer_memory_limit() {

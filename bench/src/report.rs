@@ -121,8 +121,8 @@ pub struct Results {
     pub signer: Vec<SignerRow>,
     /// Throughput runs' `max_concurrent_requests`.
     pub signer_max_concurrent_requests: usize,
-    /// Mass restart.
-    pub restart: Option<Restart>,
+    /// Mass restarts (the issue's size first).
+    pub restart: Vec<Restart>,
     /// The memory limit the shipped signer Deployment sets.
     pub signer_memory_limit: Option<MemoryLimit>,
     /// Native filter cost.
@@ -629,88 +629,95 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
 
     // 2. Restart.
     let _ = writeln!(s, "## 2. Mass restart\n");
-    match &r.restart {
+    match r.restart.first() {
         Some(x) => {
             let _ = writeln!(
                 s,
-                "{} clients ({} CSRs, one TLS connection each, made at the start like a \
+                "N clients ({} CSRs, one TLS connection each, made at the start like a \
                  restarted agent) start at the same instant against a fresh signer with the \
-                 default `server.max_concurrent_requests = {}`. A client answered \
-                 `RESOURCE_EXHAUSTED` (or failing to connect) waits an exponential backoff \
-                 with jitter — attempt k waits uniformly in [d/2, d], d = min({:.0} ms · {}^k, {:.0} ms), \
-                 in the spirit of istio-agent's jittered exponential backoff — and tries again.\n",
-                x.clients,
+                 default `server.max_concurrent_requests = {}` and `server.max_connections`. \
+                 A client answered `RESOURCE_EXHAUSTED` (or failing to connect) waits an \
+                 exponential backoff with jitter — attempt k waits uniformly in [d/2, d], \
+                 d = min({:.0} ms · {}^k, {:.0} ms), in the spirit of istio-agent's jittered \
+                 exponential backoff — and tries again. A connection beyond \
+                 `max_connections` waits in the listen backlog until a slot frees (the \
+                 signer's `meshward_signer_grpc_connection_limit_waits_total`). Peak memory is \
+                 the fresh signer's `VmHWM`.\n",
                 config.restart.key_type.label(),
                 x.max_concurrent_requests,
                 x.backoff.initial.as_secs_f64() * 1e3,
                 x.backoff.multiplier,
                 x.backoff.max.as_secs_f64() * 1e3,
             );
-            let _ = writeln!(s, "| | |\n| --- | ---: |");
-            let _ = writeln!(
-                s,
-                "| clients holding a certificate | {} / {} |",
-                x.succeeded, x.clients
-            );
-            let _ = writeln!(
-                s,
-                "| time until all hold one | {} |",
+            let header: String = r
+                .restart
+                .iter()
+                .map(|x| format!(" {} clients |", x.clients))
+                .collect();
+            let _ = writeln!(s, "| |{header}");
+            let _ = writeln!(s, "| --- |{}", " ---: |".repeat(r.restart.len()));
+            let row = |s: &mut String, name: &str, f: &dyn Fn(&Restart) -> String| {
+                let cells: String = r.restart.iter().map(|x| format!(" {} |", f(x))).collect();
+                let _ = writeln!(s, "| {name} |{cells}");
+            };
+            row(&mut s, "clients holding a certificate", &|x| {
+                format!("{} / {}", x.succeeded, x.clients)
+            });
+            row(&mut s, "time until all hold one", &|x| {
                 x.all_done_s
                     .map_or("not all did".to_string(), |v| format!("{v:.2} s"))
+            });
+            row(&mut s, "time to certificate p50", &|x| {
+                format!("{} ms", ms(&x.time_to_cert_ms, |s| s.p50))
+            });
+            row(&mut s, "time to certificate p99", &|x| {
+                format!("{} ms", ms(&x.time_to_cert_ms, |s| s.p99))
+            });
+            row(
+                &mut s,
+                "clients answered RESOURCE_EXHAUSTED at least once (and retried)",
+                &|x| x.clients_exhausted.to_string(),
             );
-            let _ = writeln!(
-                s,
-                "| time to certificate p50 | {} ms |",
-                ms(&x.time_to_cert_ms, |s| s.p50)
+            row(&mut s, "RESOURCE_EXHAUSTED answers in total", &|x| {
+                x.exhausted_responses.to_string()
+            });
+            row(&mut s, "failed connection attempts (retried)", &|x| {
+                x.connect_failures.to_string()
+            });
+            row(&mut s, "other failed requests (retried)", &|x| {
+                x.other_failures.to_string()
+            });
+            row(
+                &mut s,
+                "times the signer's accept loop waited for a connection slot",
+                &|x| {
+                    x.connection_limit_waits.map_or("–".to_string(), |w| {
+                        format!(
+                            "{w:.0} (max_connections {})",
+                            x.max_connections
+                                .map_or("?".to_string(), |m| format!("{m:.0}"))
+                        )
+                    })
+                },
             );
-            let _ = writeln!(
-                s,
-                "| time to certificate p99 | {} ms |",
-                ms(&x.time_to_cert_ms, |s| s.p99)
+            row(&mut s, "signer CPU during the restart", &|x| {
+                format!("{:.2} cores", x.signer_cores)
+            });
+            let limit = r.signer_memory_limit.as_ref().map_or(String::new(), |l| {
+                format!(" (Deployment limit {})", l.quantity)
+            });
+            row(
+                &mut s,
+                &format!("signer peak resident memory (VmHWM){limit}"),
+                &|x| format!("{} MiB", mib(x.signer_memory, |m| m.peak_rss)),
             );
-            let _ = writeln!(
-                s,
-                "| clients answered RESOURCE_EXHAUSTED at least once (and retried) | {} |",
-                x.clients_exhausted
-            );
-            let _ = writeln!(
-                s,
-                "| RESOURCE_EXHAUSTED answers in total | {} |",
-                x.exhausted_responses
-            );
-            let _ = writeln!(
-                s,
-                "| failed connection attempts (retried) | {} |",
-                x.connect_failures
-            );
-            let _ = writeln!(
-                s,
-                "| other failed requests (retried) | {} |",
-                x.other_failures
-            );
-            let _ = writeln!(
-                s,
-                "| signer CPU during the restart | {:.2} cores |",
-                x.signer_cores
-            );
-            let _ = writeln!(
-                s,
-                "| signer peak resident memory (VmHWM) | {} MiB{} |",
-                mib(x.signer_memory, |m| m.peak_rss),
-                r.signer_memory_limit
-                    .as_ref()
-                    .map_or(String::new(), |l| format!(
-                        " (Deployment limit {})",
-                        l.quantity
-                    ))
-            );
-            let _ = writeln!(
-                s,
-                "| signer resident memory after it (VmRSS) | {} MiB |",
-                mib(x.signer_memory, |m| m.rss),
-            );
-            if let Some(e) = &x.first_error {
-                let _ = writeln!(s, "\nFirst error: `{e}`");
+            row(&mut s, "signer resident memory after it (VmRSS)", &|x| {
+                format!("{} MiB", mib(x.signer_memory, |m| m.rss))
+            });
+            for x in &r.restart {
+                if let Some(e) = &x.first_error {
+                    let _ = writeln!(s, "\nFirst error ({} clients): `{e}`", x.clients);
+                }
             }
             let _ = writeln!(s);
         }
@@ -962,7 +969,7 @@ mod tests {
             ring_p256: None,
             signer: vec![row(9_000.0, 1.0)],
             signer_max_concurrent_requests: 1024,
-            restart: None,
+            restart: Vec::new(),
             signer_memory_limit: None,
             native: Vec::new(),
             wasm: Vec::new(),
@@ -996,7 +1003,7 @@ mod tests {
             ring_p256: None,
             signer: vec![row(9_000.0, 1.0), big],
             signer_max_concurrent_requests: 1024,
-            restart: None,
+            restart: Vec::new(),
             signer_memory_limit: None,
             native: Vec::new(),
             wasm: Vec::new(),
@@ -1021,5 +1028,75 @@ mod tests {
         assert_eq!(over.value, "70 MiB (P-256, ledger on, up to 512 clients)");
         results.signer_memory_limit = Some(limit("70Mi"));
         assert!(memory(&results).ok);
+    }
+
+    fn restart(clients: usize, peak_mib: u64, waits: f64) -> Restart {
+        let mut times: Vec<f64> = (1..=clients).map(|i| i as f64).collect();
+        Restart {
+            clients,
+            max_concurrent_requests: 256,
+            backoff: crate::load::Backoff {
+                initial: std::time::Duration::from_millis(100),
+                max: std::time::Duration::from_secs(5),
+                multiplier: 2.0,
+            },
+            succeeded: clients,
+            all_done_s: Some(clients as f64 / 1e3),
+            time_to_cert_ms: Summary::of(&mut times),
+            clients_exhausted: 0,
+            exhausted_responses: 0,
+            connect_failures: 0,
+            other_failures: 0,
+            first_error: None,
+            signer_cores: 1.0,
+            signer_memory: Some(Memory {
+                rss: 20 << 20,
+                peak_rss: peak_mib << 20,
+            }),
+            connection_limit_waits: Some(waits),
+            max_connections: Some(8192.0),
+        }
+    }
+
+    #[test]
+    fn every_restart_size_gets_a_column_and_the_largest_peak_is_checked() {
+        let results = Results {
+            mode: "full",
+            machine: Machine::describe("ext4".to_string()),
+            openssl: None,
+            ring_p256: None,
+            signer: vec![row(9_000.0, 1.0)],
+            signer_max_concurrent_requests: 1024,
+            restart: vec![restart(2_000, 110, 0.0), restart(10_000, 350, 1735.0)],
+            signer_memory_limit: Some(MemoryLimit {
+                quantity: "512Mi".to_string(),
+                bytes: 512 << 20,
+                source: "test".to_string(),
+            }),
+            native: Vec::new(),
+            wasm: Vec::new(),
+            wasm_size: None,
+            skipped: Vec::new(),
+        };
+        let config = BenchConfig::defaults().unwrap();
+        let checks = checks(&results, &config.targets);
+        let text = markdown(&results, &config, &checks);
+        assert!(
+            text.contains("| | 2000 clients | 10000 clients |\n"),
+            "{text}"
+        );
+        assert!(text.contains("| clients holding a certificate | 2000 / 2000 | 10000 / 10000 |"));
+        assert!(text.contains(
+            "| times the signer's accept loop waited for a connection slot | 0 (max_connections 8192) | 1735 (max_connections 8192) |"
+        ));
+        assert!(text.contains(
+            "| signer peak resident memory (VmHWM) (Deployment limit 512Mi) | 110 MiB | 350 MiB |"
+        ));
+        let memory = checks
+            .iter()
+            .find(|c| c.name.starts_with("signer peak resident memory"))
+            .unwrap();
+        assert!(memory.ok);
+        assert_eq!(memory.value, "350 MiB (mass restart of 10000)");
     }
 }

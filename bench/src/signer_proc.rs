@@ -290,17 +290,19 @@ pub async fn scrape_metrics(admin: SocketAddr, timeout: Duration) -> anyhow::Res
 /// The ledger's group commits so far, from `/metrics` text: (records, commits)
 /// — `meshward_signer_ledger_commit_group_size` sum and count.
 pub fn ledger_commits(metrics: &str) -> Option<(f64, f64)> {
-    let value = |name: &str| {
-        metrics.lines().find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        })
-    };
     Some((
-        value("meshward_signer_ledger_commit_group_size_sum")?,
-        value("meshward_signer_ledger_commit_group_size_count")?,
+        metric_sample(metrics, "meshward_signer_ledger_commit_group_size_sum")?,
+        metric_sample(metrics, "meshward_signer_ledger_commit_group_size_count")?,
     ))
+}
+
+/// The value of an unlabelled sample `name` in `/metrics` text.
+pub fn metric_sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    })
 }
 
 /// Kernel clock ticks per second (`getconf CLK_TCK`; 100 on Linux when unknown).
