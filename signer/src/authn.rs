@@ -52,6 +52,21 @@ pub struct CallerIdentity {
     pub service_account: String,
     /// How it was proved.
     pub method: AuthMethod,
+    /// The pod a bound service-account token was issued to (its
+    /// `kubernetes.io` claim), when it names one: how a node agent's node
+    /// is found.
+    pub pod: Option<PodBinding>,
+}
+
+/// The pod (and node, when the token says) a service-account token is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodBinding {
+    /// Pod name (in the caller's namespace).
+    pub name: String,
+    /// Pod UID: a pod re-created under the same name has another.
+    pub uid: String,
+    /// Node name, in tokens of clusters that add it (Kubernetes ≥ 1.30).
+    pub node: Option<String>,
 }
 
 impl CallerIdentity {
@@ -76,6 +91,7 @@ impl CallerIdentity {
             namespace: namespace.to_string(),
             service_account: service_account.to_string(),
             method,
+            pod: None,
         })
     }
 }

@@ -170,6 +170,15 @@ pub struct AuthnConfig {
     /// istio-csr's `--ca-trusted-node-accounts`). Everyone else who sets it
     /// is refused.
     pub trusted_node_accounts: Vec<String>,
+    /// Where a node agent's `ImpersonatedIdentity` is checked against its
+    /// node: the identity needs a pod on the agent's node (istiod's node
+    /// authorizer). Required with `trusted_node_accounts`, unless
+    /// `unbound_node_agents`.
+    pub node_authorization: Option<NodeAuthorizationConfig>,
+    /// Let trusted node agents have any identity, on any node, without
+    /// asking the API server (a cluster whose tokens name no pod, a test
+    /// mesh). One compromised node agent then holds every identity.
+    pub unbound_node_agents: bool,
     /// Accept a client certificate from this CA instead of a token (renewal
     /// over mTLS; the caller can only get its own identity again).
     pub mtls_renewal: bool,
@@ -231,6 +240,41 @@ pub struct JwtIssuerConfig {
 
 /// How to reach a Kubernetes API server.
 pub type TokenReviewConfig = KubeApiConfig;
+
+/// `[authn.node_authorization]`: the API server that says which node a node
+/// agent's pod runs on and which pods run there (the signer needs `get` and
+/// `list` on `pods`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAuthorizationConfig {
+    /// API server URL, e.g. `https://kubernetes.default.svc`.
+    pub api_server: String,
+    /// PEM CA bundle of the API server.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// File with the bearer token the signer calls the API with.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// How long a node's pod list (and an agent's node) is reused. A miss
+    /// re-lists the node's pods once if the list is older than 1 s.
+    #[serde(with = "human", default = "default_pod_cache")]
+    pub pod_cache: Duration,
+}
+
+fn default_pod_cache() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl NodeAuthorizationConfig {
+    /// The API connection part.
+    pub fn kube_api(&self) -> KubeApiConfig {
+        KubeApiConfig {
+            api_server: self.api_server.clone(),
+            ca_file: self.ca_file.clone(),
+            token_file: self.token_file.clone(),
+        }
+    }
+}
 
 /// How to reach a Kubernetes API server (TokenReview, namespace labels).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -364,6 +408,8 @@ impl Default for AuthnConfig {
     fn default() -> Self {
         Self {
             trusted_node_accounts: Vec::new(),
+            node_authorization: None,
+            unbound_node_agents: false,
             mtls_renewal: true,
             token_cache_ttl: Duration::from_secs(60),
             token_cache_entries: 100_000,
@@ -432,6 +478,18 @@ impl Config {
                     )));
                 }
             }
+        }
+        if !self.authn.trusted_node_accounts.is_empty()
+            && self.authn.node_authorization.is_none()
+            && !self.authn.unbound_node_agents
+        {
+            return Err(ConfigError::Invalid(
+                "authn.trusted_node_accounts needs [authn.node_authorization] (the API server \
+                 that shows an impersonated identity has a pod on the node agent's node), or \
+                 authn.unbound_node_agents = true to let a node agent have any identity on any \
+                 node"
+                    .to_string(),
+            ));
         }
         if self.server.max_concurrent_requests == 0 {
             return Err(ConfigError::Invalid(
@@ -652,6 +710,33 @@ mod tests {
         )
         .unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn trusted_node_agents_need_node_binding_or_an_explicit_opt_out() {
+        let base = "[authn]\ntrusted_node_accounts = [\"istio-system/ztunnel\"]\n";
+        let err = Config::from_toml(base, "inline")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("authn.node_authorization"),
+            "{err}"
+        );
+        let opted_out = format!("{base}unbound_node_agents = true\n");
+        Config::from_toml(&opted_out, "inline")
+            .unwrap()
+            .validate()
+            .unwrap();
+        let bound = format!(
+            "{base}[authn.node_authorization]\napi_server = \"https://kubernetes.default.svc\"\n"
+        );
+        let c = Config::from_toml(&bound, "inline").unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.authn.node_authorization.unwrap().pod_cache,
+            Duration::from_secs(5)
+        );
     }
 
     #[test]

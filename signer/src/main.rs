@@ -310,8 +310,10 @@ fn explain(
     writeln!(
         out,
         "node agent:        {}",
-        if node_agent {
-            "yes: may request other identities with ImpersonatedIdentity"
+        if node_agent && config.authn.node_authorization.is_some() {
+            "yes: may request, with ImpersonatedIdentity, the identities of pods on its own node"
+        } else if node_agent {
+            "yes: may request ANY identity with ImpersonatedIdentity (authn.unbound_node_agents)"
         } else {
             "no: ImpersonatedIdentity is refused (PERMISSION_DENIED)"
         }

@@ -15,6 +15,7 @@
 //! [`tiers`] chooses the TTLs and allowed key types per namespace.
 
 pub mod namespaces;
+pub mod nodes;
 pub mod tiers;
 
 use std::time::Duration;

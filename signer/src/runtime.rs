@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::authn::cache::TokenCacheOptions;
@@ -29,6 +29,7 @@ use crate::issuer::builtin::{BuiltinError, BuiltinIssuer, BuiltinOptions};
 use crate::metrics::Metrics;
 use crate::observer::IssuanceObserver;
 use crate::policy::namespaces::{KubeNamespaceLabels, NamespaceLabels};
+use crate::policy::nodes::{KubeNodeAuthorizer, NodeAuthorizer};
 use crate::server::ca_service::{CaPipeline, CaService, to_pem};
 use crate::server::connections::ConnectionLimit;
 use crate::server::serving::{
@@ -261,8 +262,22 @@ impl Signer {
             };
             info!(namespaces = %t.namespaces, selector = ?t.selector, policy = %effective.describe(), "issuance policy tier");
         }
+        let node_authorizer: Option<Arc<dyn NodeAuthorizer>> =
+            match &config.authn.node_authorization {
+                Some(n) => Some(Arc::new(KubeNodeAuthorizer::new(
+                    crate::kube_api::client(&n.kube_api()).map_err(|e| {
+                        ConfigError::Invalid(format!("authn.node_authorization: {e}"))
+                    })?,
+                    n.pod_cache,
+                ))),
+                None => None,
+            };
         if !config.authn.trusted_node_accounts.is_empty() {
-            info!(accounts = ?config.authn.trusted_node_accounts, "trusted node agents (may use ImpersonatedIdentity)");
+            if node_authorizer.is_some() {
+                info!(accounts = ?config.authn.trusted_node_accounts, "trusted node agents (may use ImpersonatedIdentity for pods on their own node)");
+            } else {
+                warn!(accounts = ?config.authn.trusted_node_accounts, "trusted node agents may use ImpersonatedIdentity for ANY identity on any node (authn.unbound_node_agents = true)");
+            }
         }
         let pipeline = Arc::new(CaPipeline {
             trust_domain: trust_domain.clone(),
@@ -270,6 +285,7 @@ impl Signer {
             issuer: issuer.clone(),
             policy,
             trusted_node_accounts: config.trusted_node_accounts(),
+            node_authorizer,
             namespace_labels,
             observers: self
                 .observers

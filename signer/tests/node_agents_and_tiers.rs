@@ -25,6 +25,8 @@ const HOUR: u64 = 3600;
 
 fn tiers(c: &mut Config) {
     c.authn.trusted_node_accounts = vec!["istio-system/ztunnel".to_string()];
+    // Node binding has its own tests below, against a fake API server.
+    c.authn.unbound_node_agents = true;
     c.policy.tiers = vec![
         TierConfig {
             name: "critical".into(),
@@ -356,6 +358,7 @@ fn policy_explain_shows_tier_ttls_keys_and_node_agents() {
         r#"
 [authn]
 trusted_node_accounts = ["istio-system/ztunnel"]
+unbound_node_agents = true
 [[policy.tiers]]
 name = "critical"
 namespaces = ["payments"]

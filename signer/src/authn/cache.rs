@@ -217,6 +217,7 @@ mod tests {
             issuer: "https://kubernetes.default.svc".into(),
             namespace: "shop".into(),
             service_account: sa.into(),
+            pod: None,
         }
     }
 

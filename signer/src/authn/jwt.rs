@@ -27,7 +27,9 @@ use super::cache::{self, TokenCache, TokenCacheOptions, TokenWindow};
 use super::keys::{JwtAlgorithm, VerificationKey};
 use super::oidc::DiscoveredKeys;
 use super::token_review::TokenReviewer;
-use super::{AuthMethod, Authenticator, AuthnError, AuthnFuture, CallerIdentity, Credentials};
+use super::{
+    AuthMethod, Authenticator, AuthnError, AuthnFuture, CallerIdentity, Credentials, PodBinding,
+};
 
 /// Longest token accepted (real service-account tokens are ~1 KiB).
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -115,12 +117,18 @@ struct KubernetesClaim {
     namespace: Option<String>,
     #[serde(default)]
     serviceaccount: Option<NamedRef>,
+    #[serde(default)]
+    pod: Option<NamedRef>,
+    #[serde(default)]
+    node: Option<NamedRef>,
 }
 
 #[derive(Deserialize)]
 struct NamedRef {
     #[serde(default)]
     name: Option<String>,
+    #[serde(default)]
+    uid: Option<String>,
 }
 
 /// A token whose signature and claims verified.
@@ -132,6 +140,9 @@ pub struct VerifiedToken {
     pub namespace: String,
     /// Service account.
     pub service_account: String,
+    /// The pod the token is bound to, if its `kubernetes.io` claim names one
+    /// (with its UID).
+    pub pod: Option<PodBinding>,
 }
 
 impl JwtAuthenticator {
@@ -297,6 +308,14 @@ impl JwtAuthenticator {
             let (ns, sa) = rest.split_once(':')?;
             Some((ns.to_string(), sa.to_string()))
         });
+        let pod = claims.kubernetes.as_ref().and_then(|k| {
+            let pod = k.pod.as_ref()?;
+            Some(PodBinding {
+                name: pod.name.clone()?,
+                uid: pod.uid.clone()?,
+                node: k.node.as_ref().and_then(|n| n.name.clone()),
+            })
+        });
         let from_k8s = claims
             .kubernetes
             .and_then(|k| Some((k.namespace?, k.serviceaccount?.name?)));
@@ -328,6 +347,7 @@ impl JwtAuthenticator {
             issuer: iss.to_string(),
             namespace,
             service_account,
+            pod,
         };
         // TokenReview answers are not cached: a deleted pod's token must stop
         // working at once.
@@ -360,14 +380,16 @@ impl Authenticator for JwtAuthenticator {
             let verified = self
                 .verify(token, credentials.cluster_id.as_deref(), now_unix)
                 .await?;
-            CallerIdentity::for_service_account(
+            let mut caller = CallerIdentity::for_service_account(
                 &self.trust_domain,
                 &verified.namespace,
                 &verified.service_account,
                 AuthMethod::Jwt {
                     issuer: verified.issuer,
                 },
-            )
+            )?;
+            caller.pod = verified.pod;
+            Ok(caller)
         })
     }
 }

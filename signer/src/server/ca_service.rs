@@ -23,6 +23,7 @@ use crate::metrics::{Metrics, Outcome};
 use crate::observer::{IssuanceEvent, IssuanceObserver};
 use crate::policy::PolicyError;
 use crate::policy::namespaces::NamespaceLabels;
+use crate::policy::nodes::{NodeAuthorizer, NodeRefusal};
 use crate::policy::tiers::IssuancePolicy;
 
 /// Request-metadata Struct key with which a node agent (ztunnel) asks for
@@ -112,6 +113,9 @@ pub struct CaPipeline {
     /// `(namespace, service account)` of node agents allowed to use
     /// `ImpersonatedIdentity`.
     pub trusted_node_accounts: Vec<(String, String)>,
+    /// Binds a node agent's `ImpersonatedIdentity` to its node; `None` only
+    /// with `authn.unbound_node_agents`.
+    pub node_authorizer: Option<Arc<dyn NodeAuthorizer>>,
     /// Namespace labels, for tiers with a `namespace_selector`.
     pub namespace_labels: Option<Arc<dyn NamespaceLabels>>,
     /// Run after each issuance.
@@ -162,6 +166,28 @@ impl CaPipeline {
         let with_caller = |r: Refusal| (r, Some(caller.clone()));
 
         let target = self.target_identity(&caller, req).map_err(with_caller)?;
+        if target.spiffe_id != caller.spiffe_id
+            && let Some(nodes) = &self.node_authorizer
+        {
+            let node = nodes
+                .authorize(&caller, &target.namespace, &target.service_account)
+                .await
+                .map_err(|e| {
+                    with_caller(match e {
+                        NodeRefusal::Denied(m) => Refusal::new(Code::PermissionDenied, m),
+                        NodeRefusal::Unavailable(m) => Refusal::new(
+                            Code::Unavailable,
+                            format!("cannot check the node agent's node: {m}"),
+                        ),
+                    })
+                })?;
+            info!(
+                node_agent = %caller.spiffe_id,
+                impersonated = %target.spiffe_id,
+                %node,
+                "node agent's identity request is for a pod on its node"
+            );
+        }
 
         let validated = csr::validate(req.csr.as_bytes()).map_err(|e| with_caller(e.into()))?;
         if validated.spiffe_id.trust_domain() != &self.trust_domain {
