@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::observer::IssuanceObserver;
 use crate::policy::namespaces::{KubeNamespaceLabels, NamespaceLabels};
 use crate::policy::nodes::{KubeNodeAuthorizer, NodeAuthorizer};
-use crate::server::ca_service::{CaPipeline, CaService, to_pem};
+use crate::server::ca_service::{CaPipeline, CaService, MAX_REQUEST_MESSAGE_BYTES, to_pem};
 use crate::server::connections::ConnectionLimit;
 use crate::server::serving::{
     IssuerFingerprint, ServingCertResolver, ServingError, ServingParams, issue_serving_identity,
@@ -324,7 +324,10 @@ impl Signer {
                 .http2_keepalive_timeout(Some(server.keepalive_timeout));
         }
         let router = builder
-            .add_service(IstioCertificateServiceServer::new(service))
+            .add_service(
+                IstioCertificateServiceServer::new(service)
+                    .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES),
+            )
             .add_service(bundle.grpc_service());
         let mut rx = shutdown_rx.clone();
         let incoming = tls_incoming(grpc_listener, tls, connection_limit, shutdown_rx.clone());

@@ -502,6 +502,27 @@ async fn csr_over_64_kib_is_refused() {
     assert_refused(r, Code::InvalidArgument, "more than the 65536 allowed");
 }
 
+/// Attack: request messages far beyond any CSR (tonic would buffer up to
+/// 4 MiB per stream before the service, and its concurrency bound, sees the
+/// request). The signer refuses them from the gRPC length prefix and keeps
+/// serving.
+#[tokio::test]
+async fn oversized_grpc_message_is_refused_before_it_is_buffered() {
+    let h = Harness::start().await;
+    let good = csr_pem(&p256(), "default", "sleep");
+    let huge = format!("{good}{}", "\n".repeat(1024 * 1024));
+    let r = h.send_csr(&huge, "default", "sleep").await;
+    assert_refused(r, Code::OutOfRange, "message length too large");
+    // A CSR at the CSR limit still reaches the CSR check (and its clear
+    // INVALID_ARGUMENT), and the signer keeps serving.
+    let at_limit = format!("{good}{}", "\n".repeat(64 * 1024));
+    let r = h.send_csr(&at_limit, "default", "sleep").await;
+    assert_refused(r, Code::InvalidArgument, "more than the 65536 allowed");
+    h.issue("default", "sleep", &h.opts("default", "sleep"))
+        .await
+        .unwrap();
+}
+
 // ---------- TTL ----------
 
 #[tokio::test]

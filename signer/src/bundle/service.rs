@@ -182,6 +182,8 @@ impl BundleService {
         WatchBundleService::new(self.channel.clone())
             .with_shutdown(self.shutdown.clone())
             .into_server()
+            // A WatchBundleRequest is a trust domain name.
+            .max_decoding_message_size(4096)
     }
 
     /// The background tasks (sinks, endpoint); they end on shutdown.

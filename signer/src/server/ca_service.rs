@@ -30,6 +30,13 @@ use crate::policy::tiers::IssuancePolicy;
 /// another workload's certificate (Istio `security.ImpersonatedIdentity`).
 pub const IMPERSONATED_IDENTITY_KEY: &str = "ImpersonatedIdentity";
 
+/// Largest `CreateCertificate` request message decoded: a CSR at its limit
+/// ([`csr::MAX_CSR_BYTES`]) plus metadata fits twice over. tonic's default is
+/// 4 MiB, buffered per stream before the request reaches the service (and its
+/// concurrency bound), so a few connections declaring 4 MiB messages on each
+/// of their streams could hold gigabytes.
+pub const MAX_REQUEST_MESSAGE_BYTES: usize = 2 * csr::MAX_CSR_BYTES;
+
 /// A refused request: the gRPC code, the reason, and the metrics outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
