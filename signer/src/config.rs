@@ -89,6 +89,11 @@ pub struct ServerConfig {
     /// in the listen backlog: a connection needs no credentials, and each
     /// costs ~35 KiB, so without a bound a flood of them is an OOM kill.
     pub max_connections: usize,
+    /// HTTP/2 streams (requests) open at once on one connection (advertised
+    /// as SETTINGS_MAX_CONCURRENT_STREAMS; tonic's default is no limit). An
+    /// istio-agent sends one request at a time; ztunnel, for the pods of its
+    /// node, a few dozen.
+    pub max_concurrent_streams: u32,
     /// A connection is sent GOAWAY this long after it was accepted (agents
     /// reconnect when they next need a certificate); `0s`: never.
     #[serde(with = "human")]
@@ -367,6 +372,7 @@ impl Default for ServerConfig {
             max_concurrent_requests: 256,
             listen_backlog: 4096,
             max_connections: 8192,
+            max_concurrent_streams: 100,
             max_connection_age: Duration::from_secs(30 * 60),
             max_connection_age_grace: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
@@ -512,6 +518,12 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "bundle.endpoint_max_connections {} must be between 1 and {MAX_CONNECTIONS}",
                 self.bundle.endpoint_max_connections
+            )));
+        }
+        if !(1..=10_000).contains(&self.server.max_concurrent_streams) {
+            return Err(ConfigError::Invalid(format!(
+                "server.max_concurrent_streams {} must be between 1 and 10000",
+                self.server.max_concurrent_streams
             )));
         }
         if !self.server.keepalive_interval.is_zero() && self.server.keepalive_timeout.is_zero() {
@@ -741,6 +753,16 @@ mod tests {
 
     #[test]
     fn max_connections_of_zero_or_absurd_and_keepalive_without_timeout_are_refused() {
+        for bad in [0, 10_001] {
+            let err = Config::from_toml(
+                &format!("[server]\nmax_concurrent_streams = {bad}\n"),
+                "inline",
+            )
+            .unwrap()
+            .validate()
+            .unwrap_err();
+            assert!(err.to_string().contains("max_concurrent_streams"), "{err}");
+        }
         for bad in [0, MAX_CONNECTIONS + 1] {
             let err = Config::from_toml(&format!("[server]\nmax_connections = {bad}\n"), "inline")
                 .unwrap()

@@ -312,7 +312,8 @@ impl Signer {
         .await?;
 
         let server = &config.server;
-        let mut builder = tonic::transport::Server::builder();
+        let mut builder = tonic::transport::Server::builder()
+            .max_concurrent_streams(server.max_concurrent_streams);
         if !server.max_connection_age.is_zero() {
             // GOAWAY at the age; `Limited` closes what is left after the grace
             // (tonic's own grace would skip the GOAWAY).

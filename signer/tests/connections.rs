@@ -211,6 +211,67 @@ async fn idle_agent_connections_are_released_at_max_connection_age_and_reconnect
     h.signer.shutdown().await.unwrap();
 }
 
+/// A TLS connection to the gRPC port with ALPN h2 and nothing sent yet.
+async fn raw_h2_tls(h: &Harness) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in pem::parse_many(h.signer.roots_pem()).unwrap() {
+        roots
+            .add(rustls_pki_types::CertificateDer::from(cert.into_contents()))
+            .unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(h.signer.grpc_addr())
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Attack: one connection opening thousands of streams at once, each a
+/// request the signer buffers (tonic's default is no limit). The signer's
+/// first SETTINGS frame caps them at `server.max_concurrent_streams`, which
+/// h2 enforces (a stream beyond it is refused).
+#[tokio::test]
+async fn one_connection_cannot_open_more_streams_than_max_concurrent_streams() {
+    let h = Harness::start_with(|c| c.server.max_concurrent_streams = 7).await;
+    let mut tls = raw_h2_tls(&h).await;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    // The server's first frame is its SETTINGS: 9-byte header, then 6-byte
+    // (id, value) pairs.
+    let mut header = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut header))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(header[3], 0x4, "first frame is SETTINGS: {header:?}");
+    let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+    let mut payload = vec![0u8; len];
+    tls.read_exact(&mut payload).await.unwrap();
+    let settings: Vec<(u16, u32)> = payload
+        .chunks_exact(6)
+        .map(|c| {
+            (
+                u16::from_be_bytes([c[0], c[1]]),
+                u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+            )
+        })
+        .collect();
+    // SETTINGS_MAX_CONCURRENT_STREAMS = 0x3.
+    assert!(settings.contains(&(0x3, 7)), "{settings:?}");
+    h.signer.shutdown().await.unwrap();
+}
+
 /// Attack (or a deleted node): a peer that completes TLS and HTTP/2 and then
 /// goes silent — it never answers a ping. HTTP/2 keepalive finds it and the
 /// signer frees its slot.
@@ -230,27 +291,7 @@ async fn a_silent_peer_that_never_answers_pings_is_disconnected_by_keepalive() {
     )
     .await;
 
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in pem::parse_many(h.signer.roots_pem()).unwrap() {
-        roots
-            .add(rustls_pki_types::CertificateDer::from(cert.into_contents()))
-            .unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(h.signer.grpc_addr())
-        .await
-        .unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
+    let mut tls = raw_h2_tls(&h).await;
     // The client preface and an empty SETTINGS frame, then silence.
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
         .await
