@@ -476,7 +476,7 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
         "The release `meshward-signer` binary runs as a **child process** (its own tokio \
          runtime and CPU accounting, read from `/proc/<pid>/stat`) on 127.0.0.1 with a \
          fresh built-in CA whose key type is the CSRs' key type, JSON logs at `info`, \
-         and `server.max_concurrent_requests = {}` so no request is refused. \
+         and `server.max_concurrent_requests = {}` so no request is refused (and the per-pod issuance rate limit off: each client re-asks for its identity in a loop). \
          The load generator (`meshward-bench load`, same machine, same {} cores) opens one TLS \
          connection per client, like one istio-agent each, and sends `CreateCertificate` in a \
          closed loop with a service-account JWT (ES256) and a CSR made before the clock \

@@ -80,6 +80,9 @@ impl ChildSigner {
         config.ca.data_dir = dir.path().join("ca");
         config.ca.key_algorithm = setup.ca_key;
         config.ledger.enabled = setup.ledger;
+        // Each closed-loop client re-asks for its identity hundreds of times
+        // a second; the per-pod rate limit would refuse all but the first.
+        config.policy.rate_limit_burst = 0;
         for j in &mut config.authn.jwt {
             j.jwks_file = None;
             j.public_key_file = Some(key_file.clone());

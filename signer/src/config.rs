@@ -163,6 +163,13 @@ pub struct PolicyConfig {
     /// How long namespace labels are cached.
     #[serde(with = "human")]
     pub namespace_label_cache: Duration,
+    /// Certificates one pod may ask for at once (per identity it asks for),
+    /// before `rate_limit_interval` applies; 0 = no limit.
+    pub rate_limit_burst: u32,
+    /// After the burst, one more request per this long per pod and identity;
+    /// `0s` = no limit. Past it: RESOURCE_EXHAUSTED before the CSR is parsed.
+    #[serde(with = "human")]
+    pub rate_limit_interval: Duration,
 }
 
 /// Authentication settings.
@@ -406,6 +413,8 @@ impl Default for PolicyConfig {
             tiers: Vec::new(),
             kubernetes: None,
             namespace_label_cache: Duration::from_secs(60),
+            rate_limit_burst: 10,
+            rate_limit_interval: Duration::from_secs(60),
         }
     }
 }
@@ -474,7 +483,24 @@ impl Config {
                 humantime::format_duration(p.max_ttl)
             )));
         }
-        self.issuance_policy()?;
+        let policy = self.issuance_policy()?;
+        if self.policy.rate_limit_burst > 0 && !self.policy.rate_limit_interval.is_zero() {
+            let shortest = policy
+                .tiers
+                .iter()
+                .map(|t| t.ttl.default_ttl)
+                .chain([policy.base.ttl.default_ttl])
+                .min()
+                .unwrap_or(policy.base.ttl.default_ttl);
+            if self.policy.rate_limit_interval > shortest / 4 {
+                return Err(ConfigError::Invalid(format!(
+                    "policy.rate_limit_interval {} is more than a quarter of the shortest default \
+                     TTL ({}): agents rotating at half their TTL would be throttled",
+                    humantime::format_duration(self.policy.rate_limit_interval),
+                    humantime::format_duration(shortest)
+                )));
+            }
+        }
         for a in &self.authn.trusted_node_accounts {
             match a.split_once('/') {
                 Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {}
@@ -722,6 +748,33 @@ mod tests {
         )
         .unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn a_rate_limit_slower_than_rotation_is_refused() {
+        let err = Config::from_toml(
+            "[policy]\ndefault_ttl = \"1h\"\nmax_ttl = \"1h\"\nrate_limit_interval = \"20m\"\n",
+            "inline",
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("rate_limit_interval"), "{err}");
+        Config::from_toml(
+            "[policy]\ndefault_ttl = \"1h\"\nmax_ttl = \"1h\"\nrate_limit_interval = \"15m\"\n",
+            "inline",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        // Off: no constraint.
+        Config::from_toml(
+            "[policy]\ndefault_ttl = \"1h\"\nmax_ttl = \"1h\"\nrate_limit_burst = 0\nrate_limit_interval = \"2h\"\n",
+            "inline",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
     }
 
     #[test]

@@ -32,8 +32,10 @@ pub enum Outcome {
     PermissionDenied,
     /// INVALID_ARGUMENT.
     InvalidArgument,
-    /// RESOURCE_EXHAUSTED.
+    /// RESOURCE_EXHAUSTED: the signer at its concurrent request limit.
     ResourceExhausted,
+    /// RESOURCE_EXHAUSTED: the calling pod past its issuance rate.
+    RateLimited,
     /// UNAVAILABLE.
     Unavailable,
     /// INTERNAL.
@@ -49,6 +51,7 @@ impl Outcome {
             Outcome::PermissionDenied => "permission_denied",
             Outcome::InvalidArgument => "invalid_argument",
             Outcome::ResourceExhausted => "resource_exhausted",
+            Outcome::RateLimited => "rate_limited",
             Outcome::Unavailable => "unavailable",
             Outcome::Internal => "internal",
         }
@@ -137,6 +140,7 @@ impl Metrics {
             Outcome::PermissionDenied,
             Outcome::InvalidArgument,
             Outcome::ResourceExhausted,
+            Outcome::RateLimited,
             Outcome::Unavailable,
             Outcome::Internal,
         ] {

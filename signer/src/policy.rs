@@ -16,6 +16,7 @@
 
 pub mod namespaces;
 pub mod nodes;
+pub mod rate;
 pub mod tiers;
 
 use std::time::Duration;

@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::observer::IssuanceObserver;
 use crate::policy::namespaces::{KubeNamespaceLabels, NamespaceLabels};
 use crate::policy::nodes::{KubeNodeAuthorizer, NodeAuthorizer};
+use crate::policy::rate::IssuanceRateLimit;
 use crate::server::ca_service::{CaPipeline, CaService, MAX_REQUEST_MESSAGE_BYTES, to_pem};
 use crate::server::connections::ConnectionLimit;
 use crate::server::serving::{
@@ -286,6 +287,10 @@ impl Signer {
             policy,
             trusted_node_accounts: config.trusted_node_accounts(),
             node_authorizer,
+            rate_limit: IssuanceRateLimit::new(
+                config.policy.rate_limit_burst,
+                config.policy.rate_limit_interval,
+            ),
             namespace_labels,
             observers: self
                 .observers

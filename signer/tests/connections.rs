@@ -269,6 +269,8 @@ async fn one_connection_cannot_open_more_streams_than_max_concurrent_streams() {
         .collect();
     // SETTINGS_MAX_CONCURRENT_STREAMS = 0x3.
     assert!(settings.contains(&(0x3, 7)), "{settings:?}");
+    // Closed first: a graceful shutdown waits for open connections.
+    drop(tls);
     h.signer.shutdown().await.unwrap();
 }
 

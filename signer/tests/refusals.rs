@@ -523,6 +523,56 @@ async fn oversized_grpc_message_is_refused_before_it_is_buffered() {
         .unwrap();
 }
 
+/// Attack: one pod (a crash loop, or a compromised workload) asking for its
+/// certificate in a loop, spending the signer's CPU and filling the ledger.
+/// Past its burst it is refused RESOURCE_EXHAUSTED before its CSR is parsed;
+/// other replicas of the same service account keep their own buckets.
+#[tokio::test]
+async fn a_pod_asking_in_a_loop_is_throttled_without_starving_other_pods() {
+    let h = Harness::start_with(|c| {
+        c.policy.rate_limit_burst = 3;
+        c.policy.rate_limit_interval = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    let pod_token = |name: &str, uid: &str| {
+        let mut claims =
+            h.tokens
+                .service_account_claims("shop", "web", "istio-ca", now_unix(), 3600);
+        claims["kubernetes.io"]["pod"] = json!({"name": name, "uid": uid});
+        CallOptions {
+            token: Some(h.tokens.sign_claims(&claims).unwrap()),
+            ..CallOptions::default()
+        }
+    };
+    let looping = pod_token("web-1", "uid-web-1");
+    for _ in 0..3 {
+        h.issue("shop", "web", &looping).await.unwrap();
+    }
+    let r = h.issue("shop", "web", &looping).await;
+    assert_refused(
+        r,
+        Code::ResourceExhausted,
+        "pod web-1 asked for spiffe://cluster.local/ns/shop/sa/web more often",
+    );
+    // Refused before the CSR is looked at: garbage gets the same answer.
+    let r = h.client.create_certificate("not a CSR", &looping).await;
+    assert_refused(r, Code::ResourceExhausted, "retry in");
+
+    // Another replica of the same Deployment is served.
+    h.issue("shop", "web", &pod_token("web-2", "uid-web-2"))
+        .await
+        .unwrap();
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("meshward_signer_requests_total{outcome=\"rate_limited\"} 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("meshward_signer_requests_total{outcome=\"resource_exhausted\"} 0\n"),
+        "rate limiting is not overload: {metrics}"
+    );
+}
+
 // ---------- TTL ----------
 
 #[tokio::test]

@@ -68,6 +68,9 @@ impl LocalSigner {
         config.policy.max_ttl = max_ttl;
         config.policy.default_ttl = max_ttl;
         config.policy.backdate = Duration::from_secs(1);
+        // Seconds-long certificates: the per-pod rate limit follows them
+        // (at most a quarter of the TTL, as the signer requires).
+        config.policy.rate_limit_interval = (max_ttl / 4).min(config.policy.rate_limit_interval);
         let mut issuer = JwtIssuerConfig::new(TOKEN_ISSUER);
         issuer.public_key_file = Some(key_file);
         config.authn.jwt = vec![issuer];

@@ -24,6 +24,7 @@ use crate::observer::{IssuanceEvent, IssuanceObserver};
 use crate::policy::PolicyError;
 use crate::policy::namespaces::NamespaceLabels;
 use crate::policy::nodes::{NodeAuthorizer, NodeRefusal};
+use crate::policy::rate::IssuanceRateLimit;
 use crate::policy::tiers::IssuancePolicy;
 
 /// Request-metadata Struct key with which a node agent (ztunnel) asks for
@@ -44,6 +45,8 @@ pub struct Refusal {
     pub code: Code,
     /// Human-readable reason (sent to the client and logged).
     pub message: String,
+    /// The metrics outcome when it is not the code's.
+    outcome: Option<Outcome>,
 }
 
 impl Refusal {
@@ -51,10 +54,14 @@ impl Refusal {
         Self {
             code,
             message: message.into(),
+            outcome: None,
         }
     }
 
     fn outcome(&self) -> Outcome {
+        if let Some(o) = self.outcome {
+            return o;
+        }
         match self.code {
             Code::Unauthenticated => Outcome::Unauthenticated,
             Code::PermissionDenied => Outcome::PermissionDenied,
@@ -123,6 +130,8 @@ pub struct CaPipeline {
     /// Binds a node agent's `ImpersonatedIdentity` to its node; `None` only
     /// with `authn.unbound_node_agents`.
     pub node_authorizer: Option<Arc<dyn NodeAuthorizer>>,
+    /// Issuance rate per pod; `None`: no limit.
+    pub rate_limit: Option<IssuanceRateLimit>,
     /// Namespace labels, for tiers with a `namespace_selector`.
     pub namespace_labels: Option<Arc<dyn NamespaceLabels>>,
     /// Run after each issuance.
@@ -194,6 +203,27 @@ impl CaPipeline {
                 %node,
                 "node agent's identity request is for a pod on its node"
             );
+        }
+
+        if let Some(limit) = &self.rate_limit
+            && let Err(wait) = limit.check(
+                &caller,
+                &target.spiffe_id.to_string(),
+                tokio::time::Instant::now(),
+            )
+        {
+            return Err(with_caller(Refusal {
+                outcome: Some(Outcome::RateLimited),
+                ..Refusal::new(
+                    Code::ResourceExhausted,
+                    format!(
+                        "pod {} asked for {} more often than policy.rate_limit_* allow; retry in {}s",
+                        caller.pod.as_ref().map_or("?", |p| p.name.as_str()),
+                        target.spiffe_id,
+                        wait.as_secs().max(1)
+                    ),
+                )
+            }));
         }
 
         let validated = csr::validate(req.csr.as_bytes()).map_err(|e| with_caller(e.into()))?;

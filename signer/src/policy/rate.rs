@@ -1,0 +1,193 @@
+//! Issuance rate per pod: a token bucket for each (pod, identity asked
+//! for). An istio-agent needs a certificate when its pod starts and at each
+//! rotation (hours apart), a restarting sidecar a few more; a pod asking in a
+//! loop — a crash loop, or a compromised workload — would otherwise spend the
+//! signer's CPU (a CSR verify and a signature each) and fill the ledger with
+//! records, at the expense of every other pod. Past its bucket it is answered
+//! RESOURCE_EXHAUSTED, before its CSR is even parsed.
+//!
+//! The pod is the one the caller's bound service-account token names (its
+//! UID); a node agent's buckets are per identity it asks for, so ztunnel
+//! serving a node's pods is not throttled as one caller. Callers whose token
+//! names no pod (legacy secret tokens, mTLS renewal by client certificate)
+//! are not limited: many replicas of a Deployment share one service account,
+//! and one bucket for all of them would throttle a rollout.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::authn::CallerIdentity;
+
+/// Buckets kept before the full (idle) ones are dropped.
+const PRUNE_ABOVE: usize = 100_000;
+
+/// A token bucket: `tokens` at `at`.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Per-pod issuance rate limit.
+#[derive(Debug)]
+pub struct IssuanceRateLimit {
+    burst: f64,
+    interval: Duration,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+impl IssuanceRateLimit {
+    /// `burst` requests at once, then one more per `interval`. `None` when
+    /// `interval` is zero or `burst` is 0 (no limit).
+    pub fn new(burst: u32, interval: Duration) -> Option<Self> {
+        (burst > 0 && !interval.is_zero()).then(|| Self {
+            burst: f64::from(burst),
+            interval,
+            buckets: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The bucket key: the caller's pod and the identity asked for; `None`
+    /// when the token names no pod.
+    fn key(caller: &CallerIdentity, target: &str) -> Option<String> {
+        caller
+            .pod
+            .as_ref()
+            .map(|p| format!("{}/{}\u{0}{}\u{0}{target}", caller.namespace, p.uid, p.name))
+    }
+
+    /// Take one request from the bucket of `caller` asking for `target` at
+    /// `now`; `Err(wait)` when it is empty (`wait`: until the next one).
+    pub fn check(
+        &self,
+        caller: &CallerIdentity,
+        target: &str,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        let Some(key) = Self::key(caller, target) else {
+            return Ok(());
+        };
+        let per_token = self.interval.as_secs_f64();
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if buckets.len() > PRUNE_ABOVE {
+            let (burst, interval) = (self.burst, per_token);
+            buckets.retain(|_, b| refill(*b, now, burst, interval) < burst);
+        }
+        let bucket = buckets.entry(key).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        let tokens = refill(*bucket, now, self.burst, per_token);
+        if tokens >= 1.0 {
+            *bucket = Bucket {
+                tokens: tokens - 1.0,
+                at: now,
+            };
+            Ok(())
+        } else {
+            *bucket = Bucket { tokens, at: now };
+            Err(Duration::from_secs_f64((1.0 - tokens) * per_token))
+        }
+    }
+
+    /// Buckets held (for tests and the log).
+    pub fn len(&self) -> usize {
+        self.buckets.lock().map(|b| b.len()).unwrap_or_default()
+    }
+
+    /// No bucket held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `b`'s tokens at `now`: one more per `interval` seconds, at most `burst`.
+fn refill(b: Bucket, now: Instant, burst: f64, interval: f64) -> f64 {
+    let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+    (b.tokens + elapsed / interval).min(burst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authn::{AuthMethod, PodBinding};
+    use spiffe::TrustDomain;
+
+    fn caller(pod: Option<&str>) -> CallerIdentity {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let mut c = CallerIdentity::for_service_account(
+            &td,
+            "shop",
+            "web",
+            AuthMethod::Jwt {
+                issuer: "k8s".into(),
+            },
+        )
+        .unwrap();
+        c.pod = pod.map(|uid| PodBinding {
+            name: "web-1".into(),
+            uid: uid.into(),
+            node: None,
+        });
+        c
+    }
+
+    #[test]
+    fn a_pod_gets_its_burst_then_one_per_interval() {
+        let limit = IssuanceRateLimit::new(3, Duration::from_secs(60)).unwrap();
+        let pod = caller(Some("uid-1"));
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            limit
+                .check(&pod, "spiffe://cluster.local/ns/shop/sa/web", t0)
+                .unwrap();
+        }
+        let wait = limit
+            .check(&pod, "spiffe://cluster.local/ns/shop/sa/web", t0)
+            .unwrap_err();
+        assert_eq!(wait, Duration::from_secs(60));
+        let later = t0 + Duration::from_secs(30);
+        let wait = limit
+            .check(&pod, "spiffe://cluster.local/ns/shop/sa/web", later)
+            .unwrap_err();
+        assert_eq!(wait, Duration::from_secs(30), "half a token refilled");
+        let later = t0 + Duration::from_secs(61);
+        limit
+            .check(&pod, "spiffe://cluster.local/ns/shop/sa/web", later)
+            .unwrap();
+    }
+
+    #[test]
+    fn other_pods_other_targets_and_unbound_tokens_have_their_own_or_no_bucket() {
+        let limit = IssuanceRateLimit::new(1, Duration::from_secs(3600)).unwrap();
+        let t0 = Instant::now();
+        let a = caller(Some("uid-a"));
+        limit.check(&a, "spiffe://td/ns/x/sa/one", t0).unwrap();
+        assert!(limit.check(&a, "spiffe://td/ns/x/sa/one", t0).is_err());
+        // A node agent asking for another identity: another bucket.
+        limit.check(&a, "spiffe://td/ns/x/sa/two", t0).unwrap();
+        // Another replica of the same Deployment: its own pod, its own bucket.
+        limit
+            .check(&caller(Some("uid-b")), "spiffe://td/ns/x/sa/one", t0)
+            .unwrap();
+        // No pod in the token: not limited (replicas could not be told apart).
+        for _ in 0..5 {
+            limit
+                .check(&caller(None), "spiffe://td/ns/x/sa/one", t0)
+                .unwrap();
+        }
+        assert_eq!(limit.len(), 3);
+    }
+
+    #[test]
+    fn no_limit_when_burst_or_interval_is_zero() {
+        assert!(IssuanceRateLimit::new(0, Duration::from_secs(60)).is_none());
+        assert!(IssuanceRateLimit::new(10, Duration::ZERO).is_none());
+    }
+}
