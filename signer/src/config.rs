@@ -109,6 +109,11 @@ pub struct ServerConfig {
     /// A connection whose ping is not answered within this is closed.
     #[serde(with = "human")]
     pub keepalive_timeout: Duration,
+    /// On shutdown, how long open gRPC connections get to finish (after
+    /// GOAWAY) before they are closed. Keep it under the pod's
+    /// `terminationGracePeriodSeconds` (30 s by default).
+    #[serde(with = "human")]
+    pub shutdown_drain: Duration,
     /// Validity of the serving certificate (re-made at each start).
     #[serde(with = "human")]
     pub serving_cert_ttl: Duration,
@@ -384,6 +389,7 @@ impl Default for ServerConfig {
             max_connection_age_grace: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            shutdown_drain: Duration::from_secs(15),
             serving_cert_ttl: Duration::from_secs(30 * 24 * HOUR),
         }
     }

@@ -336,13 +336,26 @@ impl Signer {
             )
             .add_service(bundle.grpc_service());
         let mut rx = shutdown_rx.clone();
+        let mut drain_rx = shutdown_rx.clone();
+        let drain = config.server.shutdown_drain;
         let incoming = tls_incoming(grpc_listener, tls, connection_limit, shutdown_rx.clone());
         let grpc_task = tokio::spawn(async move {
-            let result = router
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
-                })
-                .await;
+            let serve = router.serve_with_incoming_shutdown(incoming, async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            });
+            // A graceful shutdown waits for every connection to close; a peer
+            // that never answers the GOAWAY ping would hold the signer up
+            // until keepalive drops it (or the kubelet kills it).
+            let result = tokio::select! {
+                r = serve => r,
+                _ = async {
+                    let _ = drain_rx.wait_for(|stop| *stop).await;
+                    tokio::time::sleep(drain).await;
+                } => {
+                    warn!(drain = ?drain, "gRPC connections still open at the end of server.shutdown_drain; closing them");
+                    Ok(())
+                }
+            };
             if let Err(e) = &result {
                 error!(error = %e, "gRPC server stopped with an error");
             }

@@ -274,6 +274,33 @@ async fn one_connection_cannot_open_more_streams_than_max_concurrent_streams() {
     h.signer.shutdown().await.unwrap();
 }
 
+/// Attack: a peer that ignores GOAWAY (never answers its ping) to hold the
+/// signer up when it is told to stop — a rollout waiting on it, or the
+/// kubelet killing it mid-write. After `server.shutdown_drain` the signer
+/// closes what is left and exits.
+#[tokio::test]
+async fn a_peer_that_ignores_goaway_cannot_hold_up_shutdown() {
+    let h = Harness::start_with(|c| c.server.shutdown_drain = Duration::from_secs(1)).await;
+    let mut tls = raw_h2_tls(&h).await;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    wait_for_sample(
+        &h,
+        "meshward_signer_grpc_connections",
+        2.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let stopped = tokio::time::timeout(Duration::from_secs(10), h.signer.shutdown()).await;
+    assert!(
+        stopped.is_ok(),
+        "the signer was still draining 10 s after shutdown (drain 1 s, keepalive 40 s)"
+    );
+    drop(tls);
+}
+
 /// Attack (or a deleted node): a peer that completes TLS and HTTP/2 and then
 /// goes silent — it never answers a ping. HTTP/2 keepalive finds it and the
 /// signer frees its slot.
