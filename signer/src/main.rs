@@ -318,6 +318,20 @@ fn explain(
             "no: ImpersonatedIdentity is refused (PERMISSION_DENIED)"
         }
     )?;
+    let p = &config.policy;
+    writeln!(
+        out,
+        "rate limit:        {}",
+        if p.rate_limit_burst == 0 || p.rate_limit_interval.is_zero() {
+            "none".to_string()
+        } else {
+            format!(
+                "{} requests at once per pod, then one per {} (RESOURCE_EXHAUSTED beyond)",
+                p.rate_limit_burst,
+                hd(p.rate_limit_interval)
+            )
+        }
+    )?;
     let issuers: Vec<String> = config
         .authn
         .jwt

@@ -390,8 +390,15 @@ allowed_key_types = ["p256"]
     assert!(p.contains("max TTL:           12h"), "{p}");
     assert!(p.contains("key types:         p256\n"), "{p}");
     assert!(p.contains("node agent:        no"), "{p}");
+    assert!(
+        p.contains("rate limit:        10 requests at once per pod, then one per 1m"),
+        "{p}"
+    );
     let z = run("istio-system", "ztunnel");
     assert!(z.contains("tier:              default"), "{z}");
     assert!(z.contains("max TTL:           1day"), "{z}");
-    assert!(z.contains("node agent:        yes"), "{z}");
+    assert!(
+        z.contains("node agent:        yes: may request ANY identity"),
+        "{z}"
+    );
 }
