@@ -417,7 +417,7 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
     let signer_memory_limit = match manifest::signer_memory_limit() {
         Ok(l) => Some(l),
         Err(e) => {
-            skipped.push(format!("the signer Deployment's memory limit: {e:#}"));
+            skipped.push(format!("the signer StatefulSet's memory limit: {e:#}"));
             None
         }
     };

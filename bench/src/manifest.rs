@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-/// The signer Deployment in this repository.
-pub fn signer_deployment() -> PathBuf {
+/// The signer StatefulSet in this repository.
+pub fn signer_workload() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join("istio-manifests")
         .join("signer")
-        .join("deployment.yaml")
+        .join("statefulset.yaml")
 }
 
 /// A container memory limit as written and in bytes.
@@ -27,20 +27,20 @@ pub struct MemoryLimit {
     pub source: String,
 }
 
-/// The `resources.limits.memory` of the signer Deployment.
+/// The `resources.limits.memory` of the signer StatefulSet.
 pub fn signer_memory_limit() -> anyhow::Result<MemoryLimit> {
-    let path = signer_deployment();
+    let path = signer_workload();
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let quantity = limits_memory(&text).with_context(|| format!("in {}", path.display()))?;
     Ok(MemoryLimit {
         bytes: parse_quantity(&quantity)?,
         quantity,
-        source: "istio-manifests/signer/deployment.yaml".to_string(),
+        source: "istio-manifests/signer/statefulset.yaml".to_string(),
     })
 }
 
-/// The `memory:` under the (single) `limits:` block of a Deployment, read by
+/// The `memory:` under the (single) `limits:` block of a workload, read by
 /// indentation (the manifest is plain block YAML).
 pub fn limits_memory(yaml: &str) -> anyhow::Result<String> {
     let indent = |l: &str| l.len() - l.trim_start().len();
@@ -98,7 +98,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_shipped_signer_deployment_has_a_memory_limit() {
+    fn the_shipped_signer_statefulset_has_a_memory_limit() {
         let limit = signer_memory_limit().unwrap();
         assert!(limit.bytes >= 64 << 20, "{limit:?}");
     }

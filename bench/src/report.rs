@@ -123,7 +123,7 @@ pub struct Results {
     pub signer_max_concurrent_requests: usize,
     /// Mass restarts (the size first).
     pub restart: Vec<Restart>,
-    /// The memory limit the shipped signer Deployment sets.
+    /// The memory limit the shipped signer StatefulSet sets.
     pub signer_memory_limit: Option<MemoryLimit>,
     /// Native filter cost.
     pub native: Vec<NativeCost>,
@@ -346,8 +346,8 @@ pub fn checks(r: &Results, t: &Targets) -> Vec<Check> {
     let name = "signer peak resident memory (every signer run)".to_string();
     let (peak, limit) = (peak_signer_memory(r), &r.signer_memory_limit);
     let target = limit.as_ref().map_or_else(
-        || "≤ the signer Deployment's memory limit".to_string(),
-        |l| format!("≤ {} (Deployment limit)", l.quantity),
+        || "≤ the signer StatefulSet's memory limit".to_string(),
+        |l| format!("≤ {} (manifest limit)", l.quantity),
     );
     match (peak, limit) {
         (Some((bytes, during)), Some(l)) => out.push(Check {
@@ -704,7 +704,7 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
                 format!("{:.2} cores", x.signer_cores)
             });
             let limit = r.signer_memory_limit.as_ref().map_or(String::new(), |l| {
-                format!(" (Deployment limit {})", l.quantity)
+                format!(" (manifest limit {})", l.quantity)
             });
             row(
                 &mut s,
@@ -1090,7 +1090,7 @@ mod tests {
             "| times the signer's accept loop waited for a connection slot | 0 (max_connections 8192) | 1735 (max_connections 8192) |"
         ));
         assert!(text.contains(
-            "| signer peak resident memory (VmHWM) (Deployment limit 512Mi) | 110 MiB | 350 MiB |"
+            "| signer peak resident memory (VmHWM) (manifest limit 512Mi) | 110 MiB | 350 MiB |"
         ));
         let memory = checks
             .iter()
