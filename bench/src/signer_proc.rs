@@ -83,6 +83,8 @@ impl ChildSigner {
         // Each closed-loop client re-asks for its identity hundreds of times
         // a second; the per-pod rate limit would refuse all but the first.
         config.policy.rate_limit_burst = 0;
+        // Every client of the load generator comes from 127.0.0.1.
+        config.server.max_connections_per_ip = config.server.max_connections;
         for j in &mut config.authn.jwt {
             j.jwks_file = None;
             j.public_key_file = Some(key_file.clone());

@@ -203,6 +203,14 @@ pub struct CallOptions {
 }
 
 impl CaClient {
+    /// A client over a channel connected elsewhere (a chosen local address,
+    /// a proxy).
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            inner: IstioCertificateServiceClient::new(channel),
+        }
+    }
+
     /// Connect over TLS to `addr`, verifying the server against `roots_pem`
     /// for `server_name` (e.g. `localhost`, `istiod.istio-system.svc`).
     pub async fn connect(

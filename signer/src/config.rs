@@ -89,6 +89,12 @@ pub struct ServerConfig {
     /// in the listen backlog: a connection needs no credentials, and each
     /// costs ~35 KiB, so without a bound a flood of them is an OOM kill.
     pub max_connections: usize,
+    /// Connections one address may hold at once; more are closed at
+    /// accept. Without it one client (a compromised pod) could take every
+    /// slot of `max_connections` and lock every agent out. A pod has its own
+    /// address and an agent one connection; raise it where many clients
+    /// share an address (SNAT in front of the signer).
+    pub max_connections_per_ip: usize,
     /// HTTP/2 streams (requests) open at once on one connection (advertised
     /// as SETTINGS_MAX_CONCURRENT_STREAMS; tonic's default is no limit). An
     /// istio-agent sends one request at a time; ztunnel, for the pods of its
@@ -384,6 +390,7 @@ impl Default for ServerConfig {
             max_concurrent_requests: 256,
             listen_backlog: 4096,
             max_connections: 8192,
+            max_connections_per_ip: 64,
             max_concurrent_streams: 100,
             max_connection_age: Duration::from_secs(30 * 60),
             max_connection_age_grace: Duration::from_secs(10),
@@ -550,6 +557,12 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "bundle.endpoint_max_connections {} must be between 1 and {MAX_CONNECTIONS}",
                 self.bundle.endpoint_max_connections
+            )));
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.server.max_connections_per_ip) {
+            return Err(ConfigError::Invalid(format!(
+                "server.max_connections_per_ip {} must be between 1 and {MAX_CONNECTIONS}",
+                self.server.max_connections_per_ip
             )));
         }
         if !(1..=10_000).contains(&self.server.max_concurrent_streams) {
@@ -823,6 +836,14 @@ mod tests {
             assert!(err.to_string().contains("max_concurrent_streams"), "{err}");
         }
         for bad in [0, MAX_CONNECTIONS + 1] {
+            let err = Config::from_toml(
+                &format!("[server]\nmax_connections_per_ip = {bad}\n"),
+                "inline",
+            )
+            .unwrap()
+            .validate()
+            .unwrap_err();
+            assert!(err.to_string().contains("max_connections_per_ip"), "{err}");
             let err = Config::from_toml(&format!("[server]\nmax_connections = {bad}\n"), "inline")
                 .unwrap()
                 .validate()

@@ -207,10 +207,11 @@ impl Signer {
         if let Some(m) = &token_cache_metrics {
             m.register(metrics.registry_mut());
         }
-        let connection_limit = ConnectionLimit::new(
+        let connection_limit = ConnectionLimit::with_per_ip(
             config.server.max_connections,
             (!config.server.max_connection_age.is_zero())
                 .then(|| config.server.max_connection_age + config.server.max_connection_age_grace),
+            Some(config.server.max_connections_per_ip),
         );
         connection_limit.register(metrics.registry_mut(), "grpc");
         let endpoint_limit = ConnectionLimit::new(

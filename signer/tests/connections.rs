@@ -123,6 +123,75 @@ async fn unauthenticated_connection_flood_waits_in_the_backlog_beyond_max_connec
     h.signer.shutdown().await.unwrap();
 }
 
+/// Attack: one client (a compromised pod) opening connections until it
+/// holds every slot of `max_connections`, locking every agent out. From one
+/// address it gets `max_connections_per_ip`; more are closed at accept, and
+/// another address still gets in and is served.
+#[tokio::test]
+async fn one_address_cannot_take_every_connection_slot() {
+    let h = Harness::start_with(|c| {
+        c.server.max_connections = 4;
+        c.server.max_connections_per_ip = 2;
+    })
+    .await;
+    let addr = h.signer.grpc_addr();
+    // The harness's client and one idle connection: 127.0.0.1's share.
+    let _held = tokio::net::TcpStream::connect(addr).await.unwrap();
+    wait_for_sample(
+        &h,
+        "meshward_signer_grpc_connections",
+        2.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    let mut excess = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    // Closed at accept (a handshake that never starts would only time out
+    // after 10 s).
+    let closed = tokio::time::timeout(Duration::from_secs(5), excess.read(&mut buf))
+        .await
+        .expect("the excess connection from 127.0.0.1 was still open after 5 s");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+
+    // An agent from another address (127.0.0.2) is accepted and served.
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(h.signer.roots_pem()))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .local_address(Some("127.0.0.2".parse().unwrap()))
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let other = CaClient::from_channel(channel);
+    let key = meshward_signer::client::WorkloadKey::generate(
+        meshward_signer::client::WorkloadKeyType::EcdsaP256,
+    )
+    .unwrap();
+    other
+        .request_certificate(&key, &harness::id("shop", "web"), &h.opts("shop", "web"))
+        .await
+        .unwrap();
+    let text = h.metrics().await;
+    assert_eq!(
+        sample(&text, "meshward_signer_grpc_connections"),
+        Some(3.0),
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "meshward_signer_grpc_connections_refused_per_address_total"
+        )
+        .unwrap()
+            >= 1.0,
+        "{text}"
+    );
+    h.signer.shutdown().await.unwrap();
+}
+
 /// Attack: hold a slot for good with a stream that never ends (a
 /// `WatchBundle` watcher that ignores GOAWAY). At `max_connection_age` the
 /// signer sends GOAWAY; after the grace it closes the connection itself.

@@ -18,8 +18,10 @@
 //! (`server.keepalive_interval` / `keepalive_timeout`), set on the tonic
 //! server.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,6 +34,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::Connected;
 use tracing::warn;
+
+/// Open connections per peer address.
+type ByAddress = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
 /// How often at most an accept loop logs that every connection slot is taken.
 const LIMIT_WARN_INTERVAL: Duration = Duration::from_secs(30);
@@ -50,6 +55,7 @@ pub struct BoundedAccept {
     /// The setting that bounds it, for the log.
     setting: &'static str,
     last_warned: Option<Instant>,
+    last_warned_per_ip: Option<Instant>,
 }
 
 impl BoundedAccept {
@@ -66,6 +72,7 @@ impl BoundedAccept {
             what,
             setting,
             last_warned: None,
+            last_warned_per_ip: None,
         }
     }
 
@@ -76,50 +83,78 @@ impl BoundedAccept {
         &mut self,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<(TcpStream, std::net::SocketAddr, Slot)> {
+        let mut reserved: Option<Reserved> = None;
         loop {
-            let reserved = match self.limit.try_reserve() {
+            let slot = match reserved.take() {
                 Some(r) => r,
-                None => {
-                    if self
-                        .last_warned
-                        .is_none_or(|t| t.elapsed() >= LIMIT_WARN_INTERVAL)
-                    {
-                        warn!(
-                            port = self.what,
-                            max_connections = self.limit.max(),
-                            setting = self.setting,
-                            "every connection slot is taken; new connections wait in the \
-                             listen backlog until one closes"
-                        );
-                        self.last_warned = Some(Instant::now());
-                    }
-                    tokio::select! {
-                        _ = shutdown.wait_for(|stop| *stop) => return None,
-                        r = self.limit.wait_to_reserve() => r?,
-                    }
-                }
+                None => self.reserve(shutdown).await?,
             };
             let accepted = tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => return None,
                 a = self.listener.accept() => a,
             };
             match accepted {
-                Ok((tcp, peer)) => {
-                    // Without this every unary response waits for the peer's
-                    // delayed ACK (~40 ms).
-                    if let Err(e) = tcp.set_nodelay(true) {
-                        tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
+                Ok((tcp, peer)) => match slot.accepted(peer.ip()) {
+                    Ok(slot) => {
+                        // Without this every unary response waits for the
+                        // peer's delayed ACK (~40 ms).
+                        if let Err(e) = tcp.set_nodelay(true) {
+                            tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
+                        }
+                        return Some((tcp, peer, slot));
                     }
-                    return Some((tcp, peer, reserved.accepted()));
-                }
+                    Err(unused) => {
+                        // That address holds its share: close this one at
+                        // once and keep the slot for the next connection.
+                        drop(tcp);
+                        if self
+                            .last_warned_per_ip
+                            .is_none_or(|t| t.elapsed() >= LIMIT_WARN_INTERVAL)
+                        {
+                            warn!(
+                                port = self.what,
+                                peer = %peer.ip(),
+                                max_per_address = ?self.limit.per_ip,
+                                "an address opened more connections than it may hold; closing \
+                                 the excess (max_connections_per_ip)"
+                            );
+                            self.last_warned_per_ip = Some(Instant::now());
+                        }
+                        reserved = Some(unused);
+                    }
+                },
                 Err(e) => {
                     // Out of file descriptors and the like: back off a little
                     // instead of spinning on accept.
                     warn!(port = self.what, error = %e, "accept failed");
-                    drop(reserved);
+                    drop(slot);
                     tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                 }
             }
+        }
+    }
+
+    /// A free slot, waiting (and saying so, now and then) when there is none.
+    async fn reserve(&mut self, shutdown: &mut watch::Receiver<bool>) -> Option<Reserved> {
+        if let Some(r) = self.limit.try_reserve() {
+            return Some(r);
+        }
+        if self
+            .last_warned
+            .is_none_or(|t| t.elapsed() >= LIMIT_WARN_INTERVAL)
+        {
+            warn!(
+                port = self.what,
+                max_connections = self.limit.max(),
+                setting = self.setting,
+                "every connection slot is taken; new connections wait in the \
+                 listen backlog until one closes"
+            );
+            self.last_warned = Some(Instant::now());
+        }
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => None,
+            r = self.limit.wait_to_reserve() => r,
         }
     }
 }
@@ -133,15 +168,26 @@ pub struct ConnectionLimit {
     limit: Gauge,
     waits: Counter,
     forced_closes: Counter,
+    refused_per_ip: Counter,
     /// Connections are closed this long after they were accepted, if still
     /// open (`max_connection_age` + grace); `None`: never.
     lifetime: Option<Duration>,
+    /// At most this many open connections from one address; `None`: any.
+    per_ip: Option<usize>,
+    by_ip: ByAddress,
 }
 
 impl ConnectionLimit {
     /// At most `max` connections at once (≥ 1), each closed `lifetime` after
     /// its accept.
     pub fn new(max: usize, lifetime: Option<Duration>) -> Self {
+        Self::with_per_ip(max, lifetime, None)
+    }
+
+    /// [`ConnectionLimit::new`], and at most `per_ip` connections from one
+    /// address: a single client (a compromised pod) cannot take every slot
+    /// and lock the others out.
+    pub fn with_per_ip(max: usize, lifetime: Option<Duration>, per_ip: Option<usize>) -> Self {
         let max = max.clamp(1, Semaphore::MAX_PERMITS);
         let limit = Gauge::default();
         limit.set(i64::try_from(max).unwrap_or(i64::MAX));
@@ -152,7 +198,10 @@ impl ConnectionLimit {
             limit,
             waits: Counter::default(),
             forced_closes: Counter::default(),
+            refused_per_ip: Counter::default(),
             lifetime,
+            per_ip: per_ip.map(|n| n.max(1)),
+            by_ip: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -175,6 +224,11 @@ impl ConnectionLimit {
             format!("{port}_connection_limit_waits"),
             "Times the accept loop found every connection slot taken and waited for one",
             self.waits.clone(),
+        );
+        registry.register(
+            format!("{port}_connections_refused_per_address"),
+            "Connections closed at accept because their address already held its maximum",
+            self.refused_per_ip.clone(),
         );
         registry.register(
             format!("{port}_connections_closed_at_max_age"),
@@ -218,18 +272,35 @@ pub struct Reserved {
 }
 
 impl Reserved {
-    /// A connection was accepted into this slot: it counts as open, and its
-    /// lifetime starts.
-    pub fn accepted(self) -> Slot {
+    /// A connection from `peer` was accepted into this slot: it counts as
+    /// open, and its lifetime starts — unless `peer` already holds its
+    /// maximum, then the slot comes back unused.
+    pub fn accepted(self, peer: IpAddr) -> Result<Slot, Reserved> {
+        let peer = peer.to_canonical();
+        if let Some(max) = self.limit.per_ip {
+            let mut by_ip = self
+                .limit
+                .by_ip
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let held = by_ip.entry(peer).or_insert(0);
+            if *held >= max {
+                drop(by_ip);
+                self.limit.refused_per_ip.inc();
+                return Err(self);
+            }
+            *held += 1;
+        }
         let l = self.limit;
         l.open.inc();
-        Slot {
+        Ok(Slot {
             _permit: self.permit,
             open: l.open,
             forced_closes: l.forced_closes,
             deadline: l.lifetime.map(|d| Box::pin(tokio::time::sleep(d))),
             expired: false,
-        }
+            address: l.per_ip.map(|_| (peer, l.by_ip.clone())),
+        })
     }
 }
 
@@ -241,11 +312,24 @@ pub struct Slot {
     forced_closes: Counter,
     deadline: Option<Pin<Box<Sleep>>>,
     expired: bool,
+    /// The peer's address and the per-address counts, when they are kept.
+    address: Option<(IpAddr, ByAddress)>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.open.dec();
+        if let Some((ip, by_ip)) = &self.address {
+            let mut by_ip = by_ip
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(held) = by_ip.get_mut(ip) {
+                *held = held.saturating_sub(1);
+                if *held == 0 {
+                    by_ip.remove(ip);
+                }
+            }
+        }
     }
 }
 
@@ -350,10 +434,33 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn one_address_holds_at_most_its_share_and_gets_it_back_on_close() {
+        let limit = ConnectionLimit::with_per_ip(10, None, Some(2));
+        let other: IpAddr = "10.0.0.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        let a = limit.try_reserve().unwrap().accepted(LOCAL).unwrap();
+        // The same address written as IPv4-mapped IPv6 is the same address.
+        let _b = limit.try_reserve().unwrap().accepted(mapped).unwrap();
+        let unused = limit
+            .try_reserve()
+            .unwrap()
+            .accepted(LOCAL)
+            .expect_err("a third connection from 127.0.0.1");
+        assert_eq!(limit.refused_per_ip.get(), 1);
+        // The slot it would have used serves another address.
+        let _c = unused.accepted(other).unwrap();
+        assert_eq!(limit.open.get(), 3);
+        drop(a);
+        let _d = limit.try_reserve().unwrap().accepted(LOCAL).unwrap();
+    }
+
     #[tokio::test]
     async fn slots_run_out_at_the_maximum_and_come_back_on_drop() {
         let limit = ConnectionLimit::new(2, None);
-        let a = limit.try_reserve().expect("first").accepted();
+        let a = limit.try_reserve().expect("first").accepted(LOCAL).unwrap();
         let reserved = limit.try_reserve().expect("second");
         assert!(limit.try_reserve().is_none(), "a third slot beyond max 2");
         assert_eq!(
@@ -361,7 +468,7 @@ mod tests {
             1,
             "a reserved slot is not an open connection"
         );
-        let _b = reserved.accepted();
+        let _b = reserved.accepted(LOCAL).unwrap();
         assert_eq!(limit.open.get(), 2);
         let waiter = {
             let limit = limit.clone();
@@ -369,8 +476,7 @@ mod tests {
                 limit
                     .wait_to_reserve()
                     .await
-                    .map(Reserved::accepted)
-                    .is_some()
+                    .is_some_and(|r| r.accepted(LOCAL).is_ok())
             })
         };
         tokio::task::yield_now().await;
@@ -394,7 +500,7 @@ mod tests {
     async fn a_connection_past_its_lifetime_fails_its_reads_and_writes() {
         let limit = ConnectionLimit::new(1, Some(Duration::from_secs(1)));
         let (near, mut far) = tokio::io::duplex(64);
-        let mut conn = Limited::new(near, limit.try_reserve().unwrap().accepted());
+        let mut conn = Limited::new(near, limit.try_reserve().unwrap().accepted(LOCAL).unwrap());
         far.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
         conn.read_exact(&mut buf).await.unwrap();
