@@ -212,6 +212,14 @@ pub struct AuthnConfig {
     pub token_cache_ttl: Duration,
     /// Most verified tokens remembered.
     pub token_cache_entries: usize,
+    /// Failed authentications one peer address may cause at once before
+    /// `failure_limit_interval` applies; 0 = no limit.
+    pub failure_limit_burst: u32,
+    /// After the burst, one more failure per this long per address; further
+    /// requests from it are refused RESOURCE_EXHAUSTED before their token
+    /// is verified. `0s` = no limit.
+    #[serde(with = "human")]
+    pub failure_limit_interval: Duration,
     /// Trusted service-account token issuers (`[[authn.jwt]]`).
     pub jwt: Vec<JwtIssuerConfig>,
 }
@@ -441,6 +449,8 @@ impl Default for AuthnConfig {
             mtls_renewal: true,
             token_cache_ttl: Duration::from_secs(60),
             token_cache_entries: 100_000,
+            failure_limit_burst: 20,
+            failure_limit_interval: Duration::from_secs(1),
             jwt: vec![JwtIssuerConfig {
                 public_key_file: Some(PathBuf::from("/var/run/meshward/sa-signing-key.pub")),
                 ..JwtIssuerConfig::new("https://kubernetes.default.svc.cluster.local")

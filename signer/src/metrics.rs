@@ -36,6 +36,8 @@ pub enum Outcome {
     ResourceExhausted,
     /// RESOURCE_EXHAUSTED: the calling pod past its issuance rate.
     RateLimited,
+    /// RESOURCE_EXHAUSTED: the peer address past its failed authentications.
+    AuthThrottled,
     /// UNAVAILABLE.
     Unavailable,
     /// INTERNAL.
@@ -52,6 +54,7 @@ impl Outcome {
             Outcome::InvalidArgument => "invalid_argument",
             Outcome::ResourceExhausted => "resource_exhausted",
             Outcome::RateLimited => "rate_limited",
+            Outcome::AuthThrottled => "auth_throttled",
             Outcome::Unavailable => "unavailable",
             Outcome::Internal => "internal",
         }
@@ -141,6 +144,7 @@ impl Metrics {
             Outcome::InvalidArgument,
             Outcome::ResourceExhausted,
             Outcome::RateLimited,
+            Outcome::AuthThrottled,
             Outcome::Unavailable,
             Outcome::Internal,
         ] {

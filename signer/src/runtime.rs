@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::observer::IssuanceObserver;
 use crate::policy::namespaces::{KubeNamespaceLabels, NamespaceLabels};
 use crate::policy::nodes::{KubeNodeAuthorizer, NodeAuthorizer};
-use crate::policy::rate::IssuanceRateLimit;
+use crate::policy::rate::{AuthFailureLimit, IssuanceRateLimit};
 use crate::server::ca_service::{CaPipeline, CaService, MAX_REQUEST_MESSAGE_BYTES, to_pem};
 use crate::server::connections::ConnectionLimit;
 use crate::server::serving::{
@@ -291,6 +291,10 @@ impl Signer {
             rate_limit: IssuanceRateLimit::new(
                 config.policy.rate_limit_burst,
                 config.policy.rate_limit_interval,
+            ),
+            auth_failures: AuthFailureLimit::new(
+                config.authn.failure_limit_burst,
+                config.authn.failure_limit_interval,
             ),
             namespace_labels,
             observers: self

@@ -573,6 +573,65 @@ async fn a_pod_asking_in_a_loop_is_throttled_without_starving_other_pods() {
     );
 }
 
+/// Attack: an address sending token after bad token, each one an RSA or
+/// ECDSA verification the signer pays for. Past its failure burst it is
+/// refused before its next token is even looked at — a valid one included,
+/// until a failure is earned back — while other addresses are served.
+#[tokio::test]
+async fn an_address_failing_authentication_in_a_loop_is_throttled_before_its_tokens_are_checked() {
+    let h = Harness::start_with(|c| {
+        c.authn.failure_limit_burst = 3;
+        c.authn.failure_limit_interval = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    let forged = TokenIssuer::generate(K8S_ISSUER, JwtAlgorithm::Es256).unwrap();
+    let bad = CallOptions {
+        token: Some(forged.token_for("shop", "web", now_unix()).unwrap()),
+        ..CallOptions::default()
+    };
+    for _ in 0..3 {
+        let r = h.issue("shop", "web", &bad).await;
+        assert_refused(r, Code::Unauthenticated, "");
+    }
+    let r = h.issue("shop", "web", &bad).await;
+    assert_refused(
+        r,
+        Code::ResourceExhausted,
+        "too many failed authentications from 127.0.0.1",
+    );
+    let r = h.issue("shop", "web", &h.opts("shop", "web")).await;
+    assert_refused(r, Code::ResourceExhausted, "retry in");
+
+    // Another address (127.0.0.2) with a good token is served.
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            h.signer.roots_pem(),
+        ))
+        .domain_name("localhost");
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("https://{}", h.signer.grpc_addr()))
+            .unwrap()
+            .local_address(Some("127.0.0.2".parse().unwrap()))
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    CaClient::from_channel(channel)
+        .request_certificate(&p256(), &id("shop", "web"), &h.opts("shop", "web"))
+        .await
+        .unwrap();
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("meshward_signer_requests_total{outcome=\"auth_throttled\"} 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("meshward_signer_requests_total{outcome=\"unauthenticated\"} 3\n"),
+        "{metrics}"
+    );
+}
+
 // ---------- TTL ----------
 
 #[tokio::test]

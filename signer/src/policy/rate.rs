@@ -31,23 +31,84 @@ struct Bucket {
     at: Instant,
 }
 
-/// Per-pod issuance rate limit.
+/// Token buckets by key: `burst` at once, then one per `interval`.
 #[derive(Debug)]
-pub struct IssuanceRateLimit {
+pub struct TokenBuckets<K> {
     burst: f64,
     interval: Duration,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<HashMap<K, Bucket>>,
 }
 
-impl IssuanceRateLimit {
-    /// `burst` requests at once, then one more per `interval`. `None` when
-    /// `interval` is zero or `burst` is 0 (no limit).
+impl<K: std::hash::Hash + Eq> TokenBuckets<K> {
+    /// `None` when `burst` is 0 or `interval` zero (no limit).
     pub fn new(burst: u32, interval: Duration) -> Option<Self> {
         (burst > 0 && !interval.is_zero()).then(|| Self {
             burst: f64::from(burst),
             interval,
             buckets: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Refill `key`'s bucket to `now` and, if `take`, take one token from
+    /// it. `Err(wait)` when it holds less than one (`wait`: until it does);
+    /// nothing is taken then.
+    fn refill_and(&self, key: K, now: Instant, take: bool) -> Result<(), Duration> {
+        let per_token = self.interval.as_secs_f64();
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if buckets.len() > PRUNE_ABOVE {
+            let burst = self.burst;
+            buckets.retain(|_, b| refill(*b, now, burst, per_token) < burst);
+        }
+        let bucket = buckets.entry(key).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        let tokens = refill(*bucket, now, self.burst, per_token);
+        if tokens >= 1.0 {
+            *bucket = Bucket {
+                tokens: if take { tokens - 1.0 } else { tokens },
+                at: now,
+            };
+            Ok(())
+        } else {
+            *bucket = Bucket { tokens, at: now };
+            Err(Duration::from_secs_f64((1.0 - tokens) * per_token))
+        }
+    }
+
+    /// Take one token for `key` at `now`; `Err(wait)` when there is none.
+    pub fn take(&self, key: K, now: Instant) -> Result<(), Duration> {
+        self.refill_and(key, now, true)
+    }
+
+    /// Whether `key` has a token at `now`, without taking it.
+    pub fn peek(&self, key: K, now: Instant) -> Result<(), Duration> {
+        self.refill_and(key, now, false)
+    }
+
+    /// Buckets held.
+    pub fn len(&self) -> usize {
+        self.buckets.lock().map(|b| b.len()).unwrap_or_default()
+    }
+
+    /// No bucket held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Per-pod issuance rate limit.
+#[derive(Debug)]
+pub struct IssuanceRateLimit(TokenBuckets<String>);
+
+impl IssuanceRateLimit {
+    /// `burst` requests at once, then one more per `interval`. `None` when
+    /// `interval` is zero or `burst` is 0 (no limit).
+    pub fn new(burst: u32, interval: Duration) -> Option<Self> {
+        TokenBuckets::new(burst, interval).map(Self)
     }
 
     /// The bucket key: the caller's pod and the identity asked for; `None`
@@ -67,43 +128,44 @@ impl IssuanceRateLimit {
         target: &str,
         now: Instant,
     ) -> Result<(), Duration> {
-        let Some(key) = Self::key(caller, target) else {
-            return Ok(());
-        };
-        let per_token = self.interval.as_secs_f64();
-        let mut buckets = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if buckets.len() > PRUNE_ABOVE {
-            let (burst, interval) = (self.burst, per_token);
-            buckets.retain(|_, b| refill(*b, now, burst, interval) < burst);
-        }
-        let bucket = buckets.entry(key).or_insert(Bucket {
-            tokens: self.burst,
-            at: now,
-        });
-        let tokens = refill(*bucket, now, self.burst, per_token);
-        if tokens >= 1.0 {
-            *bucket = Bucket {
-                tokens: tokens - 1.0,
-                at: now,
-            };
-            Ok(())
-        } else {
-            *bucket = Bucket { tokens, at: now };
-            Err(Duration::from_secs_f64((1.0 - tokens) * per_token))
+        match Self::key(caller, target) {
+            Some(key) => self.0.take(key, now),
+            None => Ok(()),
         }
     }
 
     /// Buckets held (for tests and the log).
     pub fn len(&self) -> usize {
-        self.buckets.lock().map(|b| b.len()).unwrap_or_default()
+        self.0.len()
     }
 
     /// No bucket held.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.0.is_empty()
+    }
+}
+
+/// Failed authentications per peer address: an address past its burst is
+/// refused before its next token's signature is checked (each check is an
+/// RSA or ECDSA verification the caller makes the signer pay for).
+#[derive(Debug)]
+pub struct AuthFailureLimit(TokenBuckets<std::net::IpAddr>);
+
+impl AuthFailureLimit {
+    /// `burst` failures at once, then one more per `interval`; `None`: no
+    /// limit.
+    pub fn new(burst: u32, interval: Duration) -> Option<Self> {
+        TokenBuckets::new(burst, interval).map(Self)
+    }
+
+    /// `Err(wait)` when `peer` has no failure left to spend at `now`.
+    pub fn admit(&self, peer: std::net::IpAddr, now: Instant) -> Result<(), Duration> {
+        self.0.peek(peer.to_canonical(), now)
+    }
+
+    /// `peer` failed to authenticate at `now`.
+    pub fn failed(&self, peer: std::net::IpAddr, now: Instant) {
+        let _ = self.0.take(peer.to_canonical(), now);
     }
 }
 
@@ -186,8 +248,25 @@ mod tests {
     }
 
     #[test]
+    fn an_address_is_admitted_until_its_failures_are_spent() {
+        let limit = AuthFailureLimit::new(2, Duration::from_secs(10)).unwrap();
+        let ip: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..2 {
+            limit.admit(ip, t0).unwrap();
+            limit.failed(ip, t0);
+        }
+        assert_eq!(limit.admit(ip, t0).unwrap_err(), Duration::from_secs(10));
+        // Admitting does not spend: still refused, still 10 s to wait.
+        assert_eq!(limit.admit(ip, t0).unwrap_err(), Duration::from_secs(10));
+        limit.admit("10.1.2.4".parse().unwrap(), t0).unwrap();
+        limit.admit(ip, t0 + Duration::from_secs(10)).unwrap();
+    }
+
+    #[test]
     fn no_limit_when_burst_or_interval_is_zero() {
         assert!(IssuanceRateLimit::new(0, Duration::from_secs(60)).is_none());
         assert!(IssuanceRateLimit::new(10, Duration::ZERO).is_none());
+        assert!(AuthFailureLimit::new(0, Duration::from_secs(1)).is_none());
     }
 }

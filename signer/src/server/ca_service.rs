@@ -14,7 +14,7 @@ use spiffe::TrustDomain;
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::authn::{Authenticator, AuthnError, CallerIdentity, Credentials, bearer_token};
 use crate::csr::{self, CsrError};
@@ -24,7 +24,7 @@ use crate::observer::{IssuanceEvent, IssuanceObserver};
 use crate::policy::PolicyError;
 use crate::policy::namespaces::NamespaceLabels;
 use crate::policy::nodes::{NodeAuthorizer, NodeRefusal};
-use crate::policy::rate::IssuanceRateLimit;
+use crate::policy::rate::{AuthFailureLimit, IssuanceRateLimit};
 use crate::policy::tiers::IssuancePolicy;
 
 /// Request-metadata Struct key with which a node agent (ztunnel) asks for
@@ -132,6 +132,8 @@ pub struct CaPipeline {
     pub node_authorizer: Option<Arc<dyn NodeAuthorizer>>,
     /// Issuance rate per pod; `None`: no limit.
     pub rate_limit: Option<IssuanceRateLimit>,
+    /// Failed authentications per peer address; `None`: no limit.
+    pub auth_failures: Option<AuthFailureLimit>,
     /// Namespace labels, for tiers with a `namespace_selector`.
     pub namespace_labels: Option<Arc<dyn NamespaceLabels>>,
     /// Run after each issuance.
@@ -446,10 +448,23 @@ impl IstioCertificateService for CaService {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let metrics = &self.pipeline.metrics;
-        let peer = request
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let peer_addr = request.remote_addr();
+        let peer = peer_addr.map(|a| a.to_string()).unwrap_or_default();
+        let throttle = self
+            .pipeline
+            .auth_failures
+            .as_ref()
+            .zip(peer_addr.map(|a| a.ip()));
+        if let Some((limit, ip)) = throttle
+            && let Err(wait) = limit.admit(ip, tokio::time::Instant::now())
+        {
+            metrics.request(Outcome::AuthThrottled);
+            debug!(%peer, "refused: too many failed authentications from this address");
+            return Err(Status::resource_exhausted(format!(
+                "too many failed authentications from {ip}; retry in {}s",
+                wait.as_secs().max(1)
+            )));
+        }
         let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
             metrics.request(Outcome::ResourceExhausted);
             warn!(%peer, "refused: too many requests in flight");
@@ -474,6 +489,11 @@ impl IstioCertificateService for CaService {
             }
             Err((refusal, caller)) => {
                 metrics.request(refusal.outcome());
+                if refusal.code == Code::Unauthenticated
+                    && let Some((limit, ip)) = throttle
+                {
+                    limit.failed(ip, tokio::time::Instant::now());
+                }
                 let caller = caller
                     .map(|c| c.spiffe_id.to_string())
                     .unwrap_or_else(|| "<unauthenticated>".to_string());

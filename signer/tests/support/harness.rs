@@ -45,6 +45,9 @@ pub fn test_config(dir: &std::path::Path, tokens: &TokenIssuer) -> Config {
     // A lab signer: tests ask for the same identity many times a minute. The
     // per-pod rate limit has its own tests, which turn it on.
     config.policy.rate_limit_burst = 0;
+    // Refusal tests send many bad tokens from 127.0.0.1; the per-address
+    // failure limit has its own test.
+    config.authn.failure_limit_burst = 0;
     config.authn.jwt = vec![JwtIssuerConfig {
         jwks_file: Some(jwks),
         ..JwtIssuerConfig::new(K8S_ISSUER)
