@@ -20,7 +20,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use harness::{Harness, assert_refused, id};
-use meshward_signer::client::CallOptions;
+use meshward_signer::client::{CallOptions, ClientError, IssuedCertificate, WorkloadKey};
 use meshward_signer::config::{Config, NodeAuthorizationConfig};
 use tonic::Code;
 
@@ -199,6 +199,26 @@ fn as_agent(token: String, ns: &str, sa: &str) -> CallOptions {
     }
 }
 
+/// A signer bound to a fake API server that holds `pods`.
+async fn start(pods: Vec<FakePod>) -> (FakeApi, Harness) {
+    let api = FakeApi::default();
+    for p in pods {
+        api.add(p);
+    }
+    let h = Harness::start_with(bound(serve(api.clone()).await)).await;
+    (api, h)
+}
+
+/// `token`'s node agent asks for the certificate of `ns/sa`.
+async fn ask_as_agent(
+    h: &Harness,
+    token: String,
+    ns: &str,
+    sa: &str,
+) -> Result<(WorkloadKey, IssuedCertificate), ClientError> {
+    h.issue(ns, sa, &as_agent(token, ns, sa)).await
+}
+
 fn the_agent(h: &Harness) -> String {
     agent_token(h, Some(("ztunnel-x1", AGENT_UID)), None)
 }
@@ -209,31 +229,21 @@ fn the_agent(h: &Harness) -> String {
 /// no API call at all.
 #[tokio::test]
 async fn compromised_node_agent_cannot_get_the_identity_of_a_pod_on_another_node() {
-    let api = FakeApi::default();
-    api.add(agent("node-a"));
-    api.add(pod("default", "sleep-1", "sleep", "node-a"));
-    api.add(pod("payments", "api-1", "api", "node-b"));
-    let h = Harness::start_with(bound(serve(api.clone()).await)).await;
+    let (api, h) = start(vec![
+        agent("node-a"),
+        pod("default", "sleep-1", "sleep", "node-a"),
+        pod("payments", "api-1", "api", "node-b"),
+    ])
+    .await;
 
-    let r = h
-        .issue(
-            "payments",
-            "api",
-            &as_agent(the_agent(&h), "payments", "api"),
-        )
-        .await;
+    let r = ask_as_agent(&h, the_agent(&h), "payments", "api").await;
     assert_refused(
         r,
         Code::PermissionDenied,
         "no pod of payments/api runs on node node-a",
     );
 
-    let (_, cert) = h
-        .issue(
-            "default",
-            "sleep",
-            &as_agent(the_agent(&h), "default", "sleep"),
-        )
+    let (_, cert) = ask_as_agent(&h, the_agent(&h), "default", "sleep")
         .await
         .unwrap();
     harness::webpki_verify(&cert, rustls_pki_types::UnixTime::now());
@@ -262,17 +272,9 @@ async fn compromised_node_agent_cannot_get_the_identity_of_a_pod_on_another_node
 /// pod re-created under the same name) used from elsewhere.
 #[tokio::test]
 async fn token_of_a_deleted_node_agent_pod_cannot_impersonate() {
-    let api = FakeApi::default();
-    api.add(pod("default", "sleep-1", "sleep", "node-a"));
-    let h = Harness::start_with(bound(serve(api.clone()).await)).await;
+    let (api, h) = start(vec![pod("default", "sleep-1", "sleep", "node-a")]).await;
 
-    let r = h
-        .issue(
-            "default",
-            "sleep",
-            &as_agent(the_agent(&h), "default", "sleep"),
-        )
-        .await;
+    let r = ask_as_agent(&h, the_agent(&h), "default", "sleep").await;
     assert_refused(
         r,
         Code::PermissionDenied,
@@ -284,13 +286,7 @@ async fn token_of_a_deleted_node_agent_pod_cannot_impersonate() {
         uid: "a-new-pod-uid".into(),
         ..agent("node-a")
     });
-    let r = h
-        .issue(
-            "default",
-            "sleep",
-            &as_agent(the_agent(&h), "default", "sleep"),
-        )
-        .await;
+    let r = ask_as_agent(&h, the_agent(&h), "default", "sleep").await;
     assert_refused(
         r,
         Code::PermissionDenied,
@@ -303,14 +299,13 @@ async fn token_of_a_deleted_node_agent_pod_cannot_impersonate() {
 /// token, or one minted without the pod claim) — its node cannot be known.
 #[tokio::test]
 async fn node_agent_token_that_names_no_pod_cannot_impersonate() {
-    let api = FakeApi::default();
-    api.add(agent("node-a"));
-    api.add(pod("default", "sleep-1", "sleep", "node-a"));
-    let h = Harness::start_with(bound(serve(api.clone()).await)).await;
+    let (_api, h) = start(vec![
+        agent("node-a"),
+        pod("default", "sleep-1", "sleep", "node-a"),
+    ])
+    .await;
     let token = agent_token(&h, None, None);
-    let r = h
-        .issue("default", "sleep", &as_agent(token, "default", "sleep"))
-        .await;
+    let r = ask_as_agent(&h, token, "default", "sleep").await;
     assert_refused(r, Code::PermissionDenied, "names no pod");
     h.signer.shutdown().await.unwrap();
 }
@@ -319,14 +314,13 @@ async fn node_agent_token_that_names_no_pod_cannot_impersonate() {
 /// another — what a forged or mismatched binding looks like.
 #[tokio::test]
 async fn node_agent_whose_token_names_another_node_is_refused() {
-    let api = FakeApi::default();
-    api.add(agent("node-a"));
-    api.add(pod("default", "sleep-1", "sleep", "node-b"));
-    let h = Harness::start_with(bound(serve(api.clone()).await)).await;
+    let (_api, h) = start(vec![
+        agent("node-a"),
+        pod("default", "sleep-1", "sleep", "node-b"),
+    ])
+    .await;
     let token = agent_token(&h, Some(("ztunnel-x1", AGENT_UID)), Some("node-b"));
-    let r = h
-        .issue("default", "sleep", &as_agent(token, "default", "sleep"))
-        .await;
+    let r = ask_as_agent(&h, token, "default", "sleep").await;
     assert_refused(
         r,
         Code::PermissionDenied,
@@ -334,9 +328,7 @@ async fn node_agent_whose_token_names_another_node_is_refused() {
     );
 
     let token = agent_token(&h, Some(("ztunnel-x1", AGENT_UID)), Some("node-a"));
-    let r = h
-        .issue("default", "sleep", &as_agent(token, "default", "sleep"))
-        .await;
+    let r = ask_as_agent(&h, token, "default", "sleep").await;
     assert_refused(
         r,
         Code::PermissionDenied,
@@ -349,20 +341,15 @@ async fn node_agent_whose_token_names_another_node_is_refused() {
 /// no longer one the node agent serves.
 #[tokio::test]
 async fn finished_pods_do_not_lend_their_identity_to_the_node_agent() {
-    let api = FakeApi::default();
-    api.add(agent("node-a"));
-    api.add(FakePod {
-        phase: "Succeeded".into(),
-        ..pod("batch", "report-1", "reporter", "node-a")
-    });
-    let h = Harness::start_with(bound(serve(api.clone()).await)).await;
-    let r = h
-        .issue(
-            "batch",
-            "reporter",
-            &as_agent(the_agent(&h), "batch", "reporter"),
-        )
-        .await;
+    let (_api, h) = start(vec![
+        agent("node-a"),
+        FakePod {
+            phase: "Succeeded".into(),
+            ..pod("batch", "report-1", "reporter", "node-a")
+        },
+    ])
+    .await;
+    let r = ask_as_agent(&h, the_agent(&h), "batch", "reporter").await;
     assert_refused(
         r,
         Code::PermissionDenied,
@@ -375,18 +362,15 @@ async fn finished_pods_do_not_lend_their_identity_to_the_node_agent() {
 /// by one re-list, and cached answers spare the API server.
 #[tokio::test]
 async fn a_pod_scheduled_after_the_node_was_listed_is_found_by_a_relist() {
-    let api = FakeApi::default();
-    api.add(agent("node-a"));
-    api.add(pod("default", "sleep-1", "sleep", "node-a"));
-    let h = Harness::start_with(bound(serve(api.clone()).await)).await;
+    let (api, h) = start(vec![
+        agent("node-a"),
+        pod("default", "sleep-1", "sleep", "node-a"),
+    ])
+    .await;
     for _ in 0..3 {
-        h.issue(
-            "default",
-            "sleep",
-            &as_agent(the_agent(&h), "default", "sleep"),
-        )
-        .await
-        .unwrap();
+        ask_as_agent(&h, the_agent(&h), "default", "sleep")
+            .await
+            .unwrap();
     }
     assert_eq!(
         api.lists.load(Ordering::SeqCst),
@@ -402,7 +386,7 @@ async fn a_pod_scheduled_after_the_node_was_listed_is_found_by_a_relist() {
     api.add(pod("shop", "web-7", "web", "node-a"));
     // Past the re-list floor (1 s), a miss lists again.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    h.issue("shop", "web", &as_agent(the_agent(&h), "shop", "web"))
+    ask_as_agent(&h, the_agent(&h), "shop", "web")
         .await
         .unwrap();
     assert_eq!(api.lists.load(Ordering::SeqCst), 2);
@@ -418,13 +402,7 @@ async fn unreachable_api_server_refuses_impersonation_as_unavailable() {
         l.local_addr().unwrap()
     };
     let h = Harness::start_with(bound(closed)).await;
-    let r = h
-        .issue(
-            "default",
-            "sleep",
-            &as_agent(the_agent(&h), "default", "sleep"),
-        )
-        .await;
+    let r = ask_as_agent(&h, the_agent(&h), "default", "sleep").await;
     assert_refused(r, Code::Unavailable, "cannot check the node agent's node");
     h.signer.shutdown().await.unwrap();
 }
