@@ -21,7 +21,6 @@ use meshward_proto::meshward::v1::trust_bundle_service_client::TrustBundleServic
 use meshward_signer::client::CaClient;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 /// A sample of `/metrics` (no labels).
 fn sample(metrics: &str, name: &str) -> Option<f64> {
@@ -32,6 +31,14 @@ fn sample(metrics: &str, name: &str) -> Option<f64> {
             .parse::<f64>()
             .ok()
     })
+}
+
+/// Assert the counter `name` in `/metrics` text moved (≥ 1).
+fn assert_counted(metrics: &str, name: &str) {
+    assert!(
+        sample(metrics, name).is_some_and(|v| v >= 1.0),
+        "{name} did not count: {metrics}"
+    );
 }
 
 /// Poll `/metrics` (every 50 ms, for at most `within`) until `name` is `want`.
@@ -98,10 +105,7 @@ async fn unauthenticated_connection_flood_waits_in_the_backlog_beyond_max_connec
         sample(&text, "meshward_signer_grpc_connections_max"),
         Some(3.0)
     );
-    assert!(
-        sample(&text, "meshward_signer_grpc_connection_limit_waits_total").unwrap() >= 1.0,
-        "{text}"
-    );
+    assert_counted(&text, "meshward_signer_grpc_connection_limit_waits_total");
 
     // A connected agent is still served.
     h.issue("shop", "web", &h.opts("shop", "web"))
@@ -154,18 +158,7 @@ async fn one_address_cannot_take_every_connection_slot() {
     assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
 
     // An agent from another address (127.0.0.2) is accepted and served.
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(h.signer.roots_pem()))
-        .domain_name("localhost");
-    let channel = Endpoint::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .local_address(Some("127.0.0.2".parse().unwrap()))
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let other = CaClient::from_channel(channel);
+    let other = CaClient::from_channel(h.channel_from(Some("127.0.0.2".parse().unwrap())).await);
     let key = meshward_signer::client::WorkloadKey::generate(
         meshward_signer::client::WorkloadKeyType::EcdsaP256,
     )
@@ -180,14 +173,9 @@ async fn one_address_cannot_take_every_connection_slot() {
         Some(3.0),
         "{text}"
     );
-    assert!(
-        sample(
-            &text,
-            "meshward_signer_grpc_connections_refused_per_address_total"
-        )
-        .unwrap()
-            >= 1.0,
-        "{text}"
+    assert_counted(
+        &text,
+        "meshward_signer_grpc_connections_refused_per_address_total",
     );
     h.signer.shutdown().await.unwrap();
 }
@@ -202,17 +190,7 @@ async fn a_stream_cannot_hold_its_connection_past_max_connection_age_and_grace()
         c.server.max_connection_age_grace = Duration::from_secs(1);
     })
     .await;
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(h.signer.roots_pem()))
-        .domain_name("localhost");
-    let channel = Endpoint::from_shared(format!("https://{}", h.signer.grpc_addr()))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut stream = TrustBundleServiceClient::new(channel)
+    let mut stream = TrustBundleServiceClient::new(h.channel_from(None).await)
         .watch_bundle(WatchBundleRequest {
             trust_domain: "cluster.local".to_string(),
         })
@@ -234,14 +212,9 @@ async fn a_stream_cannot_hold_its_connection_past_max_connection_age_and_grace()
         started.elapsed()
     );
     let text = h.metrics().await;
-    assert!(
-        sample(
-            &text,
-            "meshward_signer_grpc_connections_closed_at_max_age_total"
-        )
-        .unwrap()
-            >= 1.0,
-        "{text}"
+    assert_counted(
+        &text,
+        "meshward_signer_grpc_connections_closed_at_max_age_total",
     );
     h.signer.shutdown().await.unwrap();
 }
@@ -280,8 +253,9 @@ async fn idle_agent_connections_are_released_at_max_connection_age_and_reconnect
     h.signer.shutdown().await.unwrap();
 }
 
-/// A TLS connection to the gRPC port with ALPN h2 and nothing sent yet.
-async fn raw_h2_tls(h: &Harness) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+/// A TLS connection to the gRPC port with ALPN h2 on which only the HTTP/2
+/// client preface and an empty SETTINGS frame were sent.
+async fn raw_h2(h: &Harness) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in pem::parse_many(h.signer.roots_pem()).unwrap() {
         roots
@@ -299,10 +273,15 @@ async fn raw_h2_tls(h: &Harness) -> tokio_rustls::client::TlsStream<tokio::net::
     let tcp = tokio::net::TcpStream::connect(h.signer.grpc_addr())
         .await
         .unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
-        .unwrap()
+        .unwrap();
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    tls
 }
 
 /// Attack: one connection opening thousands of streams at once, each a
@@ -312,10 +291,7 @@ async fn raw_h2_tls(h: &Harness) -> tokio_rustls::client::TlsStream<tokio::net::
 #[tokio::test]
 async fn one_connection_cannot_open_more_streams_than_max_concurrent_streams() {
     let h = Harness::start_with(|c| c.server.max_concurrent_streams = 7).await;
-    let mut tls = raw_h2_tls(&h).await;
-    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-        .await
-        .unwrap();
+    let mut tls = raw_h2(&h).await;
     // The server's first frame is its SETTINGS: 9-byte header, then 6-byte
     // (id, value) pairs.
     let mut header = [0u8; 9];
@@ -350,11 +326,7 @@ async fn one_connection_cannot_open_more_streams_than_max_concurrent_streams() {
 #[tokio::test]
 async fn a_peer_that_ignores_goaway_cannot_hold_up_shutdown() {
     let h = Harness::start_with(|c| c.server.shutdown_drain = Duration::from_secs(1)).await;
-    let mut tls = raw_h2_tls(&h).await;
-    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-        .await
-        .unwrap();
-    tls.flush().await.unwrap();
+    let tls = raw_h2(&h).await;
     wait_for_sample(
         &h,
         "meshward_signer_grpc_connections",
@@ -389,12 +361,8 @@ async fn a_silent_peer_that_never_answers_pings_is_disconnected_by_keepalive() {
     )
     .await;
 
-    let mut tls = raw_h2_tls(&h).await;
     // The client preface and an empty SETTINGS frame, then silence.
-    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-        .await
-        .unwrap();
-    tls.flush().await.unwrap();
+    let mut tls = raw_h2(&h).await;
     wait_for_sample(
         &h,
         "meshward_signer_grpc_connections",

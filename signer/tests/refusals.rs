@@ -603,20 +603,7 @@ async fn an_address_failing_authentication_in_a_loop_is_throttled_before_its_tok
     assert_refused(r, Code::ResourceExhausted, "retry in");
 
     // Another address (127.0.0.2) with a good token is served.
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(
-            h.signer.roots_pem(),
-        ))
-        .domain_name("localhost");
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("https://{}", h.signer.grpc_addr()))
-            .unwrap()
-            .local_address(Some("127.0.0.2".parse().unwrap()))
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+    let channel = h.channel_from(Some("127.0.0.2".parse().unwrap())).await;
     CaClient::from_channel(channel)
         .request_certificate(&p256(), &id("shop", "web"), &h.opts("shop", "web"))
         .await

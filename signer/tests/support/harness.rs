@@ -131,6 +131,24 @@ impl Harness {
         Ok((key, cert))
     }
 
+    /// A TLS channel to the gRPC port, from `local` when given (e.g.
+    /// 127.0.0.2, to be another client address than the harness's own).
+    pub async fn channel_from(&self, local: Option<std::net::IpAddr>) -> tonic::transport::Channel {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                self.signer.roots_pem(),
+            ))
+            .domain_name("localhost");
+        tonic::transport::Endpoint::from_shared(format!("https://{}", self.signer.grpc_addr()))
+            .unwrap()
+            .local_address(local)
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
     pub async fn metrics(&self) -> String {
         http_get(self.signer.admin_addr(), "/metrics").await.1
     }
