@@ -960,21 +960,37 @@ mod tests {
         assert!(CpuSplit::of(&o, &ring, &rsa).is_none());
     }
 
-    #[test]
-    fn unmeasured_targets_fail_their_check() {
-        let results = Results {
+    /// Results of a `--check` run with these signer rows and nothing else.
+    fn results(signer: Vec<SignerRow>) -> Results {
+        Results {
             mode: "check",
             machine: Machine::describe("ext4".to_string()),
             openssl: Some(openssl()),
             ring_p256: None,
-            signer: vec![row(9_000.0, 1.0)],
+            signer,
             signer_max_concurrent_requests: 1024,
             restart: Vec::new(),
             signer_memory_limit: None,
             native: Vec::new(),
             wasm: Vec::new(),
-            wasm_size: Some(300 * 1024),
+            wasm_size: None,
             skipped: Vec::new(),
+        }
+    }
+
+    fn limit(quantity: &str) -> MemoryLimit {
+        MemoryLimit {
+            quantity: quantity.to_string(),
+            bytes: crate::manifest::parse_quantity(quantity).unwrap(),
+            source: "test".to_string(),
+        }
+    }
+
+    #[test]
+    fn unmeasured_targets_fail_their_check() {
+        let results = Results {
+            wasm_size: Some(300 * 1024),
+            ..results(vec![row(9_000.0, 1.0)])
         };
         let targets = BenchConfig::defaults().unwrap().targets;
         let checks = checks(&results, &targets);
@@ -989,38 +1005,20 @@ mod tests {
     }
 
     #[test]
-    fn signer_peak_memory_above_the_deployment_limit_fails_its_check() {
+    fn signer_peak_memory_above_the_manifest_limit_fails_its_check() {
         let mut big = row(9_000.0, 1.0);
         big.run.concurrency = 512;
         big.run.signer_memory = Some(Memory {
             rss: 50 << 20,
             peak_rss: 70 << 20,
         });
-        let mut results = Results {
-            mode: "check",
-            machine: Machine::describe("ext4".to_string()),
-            openssl: Some(openssl()),
-            ring_p256: None,
-            signer: vec![row(9_000.0, 1.0), big],
-            signer_max_concurrent_requests: 1024,
-            restart: Vec::new(),
-            signer_memory_limit: None,
-            native: Vec::new(),
-            wasm: Vec::new(),
-            wasm_size: None,
-            skipped: Vec::new(),
-        };
+        let mut results = results(vec![row(9_000.0, 1.0), big]);
         let targets = BenchConfig::defaults().unwrap().targets;
         let memory = |r: &Results| {
             checks(r, &targets)
                 .into_iter()
                 .find(|c| c.name.starts_with("signer peak resident memory"))
                 .unwrap()
-        };
-        let limit = |q: &str| MemoryLimit {
-            quantity: q.to_string(),
-            bytes: crate::manifest::parse_quantity(q).unwrap(),
-            source: "test".to_string(),
         };
         results.signer_memory_limit = Some(limit("64Mi"));
         let over = memory(&results);
@@ -1062,21 +1060,10 @@ mod tests {
     fn every_restart_size_gets_a_column_and_the_largest_peak_is_checked() {
         let results = Results {
             mode: "full",
-            machine: Machine::describe("ext4".to_string()),
             openssl: None,
-            ring_p256: None,
-            signer: vec![row(9_000.0, 1.0)],
-            signer_max_concurrent_requests: 1024,
             restart: vec![restart(2_000, 110, 0.0), restart(10_000, 350, 1735.0)],
-            signer_memory_limit: Some(MemoryLimit {
-                quantity: "512Mi".to_string(),
-                bytes: 512 << 20,
-                source: "test".to_string(),
-            }),
-            native: Vec::new(),
-            wasm: Vec::new(),
-            wasm_size: None,
-            skipped: Vec::new(),
+            signer_memory_limit: Some(limit("512Mi")),
+            ..results(vec![row(9_000.0, 1.0)])
         };
         let config = BenchConfig::defaults().unwrap();
         let checks = checks(&results, &config.targets);
