@@ -62,6 +62,11 @@ impl<K: std::hash::Hash + Eq> TokenBuckets<K> {
             let burst = self.burst;
             buckets.retain(|_, b| refill(*b, now, burst, per_token) < burst);
         }
+        // A key never seen has a full bucket; looking without taking (every
+        // request's admission check) must not store one for it.
+        if !take && !buckets.contains_key(&key) {
+            return Ok(());
+        }
         let bucket = buckets.entry(key).or_insert(Bucket {
             tokens: self.burst,
             at: now,
@@ -260,6 +265,11 @@ mod tests {
         // Admitting does not spend: still refused, still 10 s to wait.
         assert_eq!(limit.admit(ip, t0).unwrap_err(), Duration::from_secs(10));
         limit.admit("10.1.2.4".parse().unwrap(), t0).unwrap();
+        assert_eq!(
+            limit.0.len(),
+            1,
+            "admitting an address stores nothing for it"
+        );
         limit.admit(ip, t0 + Duration::from_secs(10)).unwrap();
     }
 
