@@ -1,4 +1,4 @@
-//! Bounds on the gRPC port's connections, so that connections alone — which
+//! Bounds on the gRPC port's (and the HTTPS bundle endpoint's) connections, so that connections alone — which
 //! need no credentials: a token is only checked per request — cannot take the
 //! signer's memory or its ability to accept agents.
 //!
@@ -8,6 +8,9 @@
 //!   costing the signer ~35 KiB (TLS and HTTP/2 state; measured by the
 //!   benchmark's mass restart). A slot is held from `accept` (handshake
 //!   included) until the connection is dropped.
+//! - **`server.max_connections_per_ip`**: an address already holding its
+//!   share has further connections closed at accept (the slot stays free),
+//!   so one client cannot take every slot and lock the others out.
 //! - **`server.max_connection_age`** (+ `max_connection_age_grace`): tonic
 //!   sends GOAWAY at the age; an agent's idle connection then closes, and a
 //!   connection still busy after the grace — a `WatchBundle` stream, or a
