@@ -16,6 +16,7 @@
 //! certificate it only knows by digest.
 
 pub mod metrics;
+pub mod postgres;
 pub mod service;
 pub mod sqlite;
 
@@ -36,7 +37,8 @@ use crate::issuer::IssuedChain;
 use crate::observer::{IssuanceEvent, IssuanceObserver, ObserveFuture};
 
 pub use metrics::LedgerMetrics;
-pub use service::{LedgerConfig, LedgerService};
+pub use postgres::{PostgresLedger, PostgresOptions, PostgresTls};
+pub use service::{LedgerConfig, LedgerService, PostgresConfig, PostgresTlsMode};
 pub use sqlite::{SqliteLedger, SqliteOptions};
 
 /// SHA-256 of a certificate's DER, as Envoy's

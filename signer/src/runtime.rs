@@ -193,7 +193,8 @@ impl Signer {
                 .then(|| ClientCertAuthenticator::new(trust_domain.clone(), issuer.clone())),
             token: token_authenticator,
         });
-        let ledger = crate::ledger::LedgerService::open(&config.ledger, &config.ca.data_dir)?;
+        let ledger =
+            crate::ledger::LedgerService::open(&config.ledger, &config.ca.data_dir).await?;
         let mut metrics = Metrics::new();
         if let Some(l) = &ledger {
             l.metrics().register(metrics.registry_mut());

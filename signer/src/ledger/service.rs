@@ -1,4 +1,5 @@
-//! The ledger inside a running signer: `[ledger]` config, the SQLite store,
+//! The ledger inside a running signer: `[ledger]` config, the store (the
+//! replica's SQLite file, or a PostgreSQL database shared by every replica),
 //! the pipeline observer, the admin lookup route, and the background task
 //! that prunes by retention and refreshes the per-namespace gauges.
 
@@ -17,8 +18,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{
-    Ledger, LedgerError, LedgerMetrics, LedgerObserver, SqliteLedger, SqliteOptions,
-    lookup_response,
+    Ledger, LedgerError, LedgerMetrics, LedgerObserver, PostgresLedger, PostgresOptions,
+    PostgresTls, SqliteLedger, SqliteOptions, lookup_response,
 };
 
 /// Largest `[ledger] commit_delay` accepted (PostgreSQL's `commit_delay`
@@ -32,8 +33,12 @@ pub struct LedgerConfig {
     /// Record every issuance (default true). When false nothing is recorded
     /// and `/v1/certificates/{sha256}` answers 404 for everything.
     pub enabled: bool,
-    /// SQLite file; default `<ca.data_dir>/ledger.sqlite`.
+    /// SQLite file; default `<ca.data_dir>/ledger.sqlite`. Not with
+    /// `[ledger.postgres]`.
     pub path: Option<PathBuf>,
+    /// A PostgreSQL database shared by every replica, instead of the
+    /// replica's own SQLite file.
+    pub postgres: Option<PostgresConfig>,
     /// How long a record is kept after its certificate's notAfter.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
@@ -57,6 +62,7 @@ impl Default for LedgerConfig {
         Self {
             enabled: true,
             path: None,
+            postgres: None,
             retention: Duration::from_secs(30 * 24 * 3600),
             prune_interval: Duration::from_secs(3600),
             busy_timeout: Duration::from_secs(5),
@@ -64,6 +70,129 @@ impl Default for LedgerConfig {
             max_namespace_labels: 200,
         }
     }
+}
+
+/// `[ledger.postgres]`: the shared store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// libpq connection string (`host=db.example port=5432 user=meshward
+    /// dbname=meshward`) or `postgres://meshward@db.example/meshward`; no
+    /// password in it.
+    pub url: String,
+    /// File with the password (a mounted Secret).
+    pub password_file: Option<PathBuf>,
+    /// `verify-full` (default: TLS, the server's certificate checked against
+    /// `ca_file` and the host name) or `disable`.
+    pub tls: PostgresTlsMode,
+    /// PEM roots for `tls = "verify-full"`.
+    pub ca_file: Option<PathBuf>,
+    /// Connections per replica.
+    pub pool_size: usize,
+    /// Bound on connecting and on waiting for a pooled connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Server-side bound on each statement.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// Bound on one group commit; past it the issuances in it fail.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// This replica's name in each row's `recorded_by`; default the host
+    /// name (the pod name in a StatefulSet).
+    pub replica: Option<String>,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            password_file: None,
+            tls: PostgresTlsMode::VerifyFull,
+            ca_file: None,
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+            replica: None,
+        }
+    }
+}
+
+/// `[ledger.postgres] tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostgresTlsMode {
+    /// TLS, server certificate verified (chain and host name).
+    VerifyFull,
+    /// Plain TCP.
+    Disable,
+}
+
+impl PostgresConfig {
+    /// The store's options, checked.
+    pub fn options(&self, commit_delay: Duration) -> Result<PostgresOptions, LedgerError> {
+        let err = |reason: String| LedgerError::Open {
+            path: "[ledger.postgres]".to_string(),
+            reason,
+        };
+        if self.url.trim().is_empty() {
+            return Err(err("url is required".to_string()));
+        }
+        for (name, d) in [
+            ("connect_timeout", self.connect_timeout),
+            ("statement_timeout", self.statement_timeout),
+            ("write_timeout", self.write_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(err(format!("{name} must be positive")));
+            }
+        }
+        let tls = match (self.tls, &self.ca_file) {
+            (PostgresTlsMode::VerifyFull, Some(ca_file)) => PostgresTls::VerifyFull {
+                ca_file: ca_file.clone(),
+            },
+            (PostgresTlsMode::VerifyFull, None) => {
+                return Err(err(
+                    "tls = \"verify-full\" needs ca_file (the roots the server's certificate chains to); tls = \"disable\" connects in plain TCP".to_string(),
+                ));
+            }
+            (PostgresTlsMode::Disable, Some(_)) => {
+                return Err(err(
+                    "ca_file is set but tls = \"disable\": the certificate would never be checked"
+                        .to_string(),
+                ));
+            }
+            (PostgresTlsMode::Disable, None) => PostgresTls::Disable,
+        };
+        let replica = match &self.replica {
+            Some(name) => name.clone(),
+            None => host_name().ok_or_else(|| {
+                err("replica is not set and the host name cannot be read".to_string())
+            })?,
+        };
+        Ok(PostgresOptions {
+            url: self.url.clone(),
+            password_file: self.password_file.clone(),
+            tls,
+            pool_size: self.pool_size,
+            connect_timeout: self.connect_timeout,
+            statement_timeout: self.statement_timeout,
+            write_timeout: self.write_timeout,
+            commit_delay,
+            replica,
+        })
+    }
+}
+
+/// The host name (`HOSTNAME`, else the kernel's): in a StatefulSet, the pod
+/// name.
+fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
 }
 
 /// serde for `Duration` as humantime text (`"30days"`, `"5s"`).
@@ -99,7 +228,7 @@ impl std::fmt::Debug for LedgerService {
 impl LedgerService {
     /// Open the store `config` describes (`data_dir` gives the default path).
     /// `None` when the ledger is disabled.
-    pub fn open(config: &LedgerConfig, data_dir: &Path) -> Result<Option<Self>, LedgerError> {
+    pub async fn open(config: &LedgerConfig, data_dir: &Path) -> Result<Option<Self>, LedgerError> {
         if !config.enabled {
             return Ok(None);
         }
@@ -119,21 +248,45 @@ impl LedgerService {
                 ),
             });
         }
-        let path = config
-            .path
-            .clone()
-            .unwrap_or_else(|| data_dir.join("ledger.sqlite"));
         let metrics = Arc::new(LedgerMetrics::new(config.max_namespace_labels));
-        let store = SqliteLedger::open_observed(
-            &SqliteOptions {
-                path: path.clone(),
-                busy_timeout: config.busy_timeout,
-                commit_delay: config.commit_delay,
-            },
-            Some(metrics.clone()),
-        )?;
-        tracing::info!(path = %path.display(), retention = %humantime::format_duration(config.retention), "issuance ledger open");
-        Ok(Some(Self::with_store(Arc::new(store), metrics)))
+        let store: Arc<dyn Ledger> = match &config.postgres {
+            Some(pg) => {
+                if config.path.is_some() {
+                    return Err(LedgerError::Open {
+                        path: "[ledger]".to_string(),
+                        reason:
+                            "path (a SQLite file) and [ledger.postgres] are both set; choose one"
+                                .to_string(),
+                    });
+                }
+                let opts = pg.options(config.commit_delay)?;
+                let store = PostgresLedger::open(&opts, Some(metrics.clone())).await?;
+                tracing::info!(
+                    replica = %opts.replica,
+                    tls = ?pg.tls,
+                    retention = %humantime::format_duration(config.retention),
+                    "issuance ledger open (PostgreSQL, shared by every replica)"
+                );
+                Arc::new(store)
+            }
+            None => {
+                let path = config
+                    .path
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join("ledger.sqlite"));
+                let store = SqliteLedger::open_observed(
+                    &SqliteOptions {
+                        path: path.clone(),
+                        busy_timeout: config.busy_timeout,
+                        commit_delay: config.commit_delay,
+                    },
+                    Some(metrics.clone()),
+                )?;
+                tracing::info!(path = %path.display(), retention = %humantime::format_duration(config.retention), "issuance ledger open (SQLite)");
+                Arc::new(store)
+            }
+        };
+        Ok(Some(Self::with_store(store, metrics)))
     }
 
     /// A service around any store.
@@ -234,16 +387,102 @@ async fn lookup(
 mod tests {
     use super::*;
 
-    #[test]
-    fn commit_delay_above_the_ceiling_is_refused_and_the_ceiling_accepted() {
+    #[tokio::test]
+    async fn commit_delay_above_the_ceiling_is_refused_and_the_ceiling_accepted() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = LedgerConfig {
             commit_delay: MAX_COMMIT_DELAY + Duration::from_millis(1),
             ..LedgerConfig::default()
         };
-        let err = LedgerService::open(&config, dir.path()).unwrap_err();
+        let err = LedgerService::open(&config, dir.path()).await.unwrap_err();
         assert!(err.to_string().contains("commit_delay 101ms"), "{err}");
         config.commit_delay = MAX_COMMIT_DELAY;
-        assert!(LedgerService::open(&config, dir.path()).unwrap().is_some());
+        assert!(
+            LedgerService::open(&config, dir.path())
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    fn postgres(edit: impl FnOnce(&mut PostgresConfig)) -> Result<PostgresOptions, String> {
+        let mut pg = PostgresConfig {
+            url: "host=db.example user=meshward dbname=meshward".to_string(),
+            ca_file: Some("/etc/meshward/db-ca.pem".into()),
+            replica: Some("signer-0".to_string()),
+            ..PostgresConfig::default()
+        };
+        edit(&mut pg);
+        pg.options(Duration::from_millis(1))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn postgres_without_certificate_verification_must_be_asked_for_explicitly() {
+        // The default verifies the server's certificate, so it needs roots.
+        let err = postgres(|pg| pg.ca_file = None).unwrap_err();
+        assert!(err.contains("needs ca_file"), "{err}");
+        let opts = postgres(|_| {}).unwrap();
+        assert_eq!(
+            opts.tls,
+            PostgresTls::VerifyFull {
+                ca_file: "/etc/meshward/db-ca.pem".into()
+            }
+        );
+        // Roots with TLS off would be a silent downgrade.
+        let err = postgres(|pg| pg.tls = PostgresTlsMode::Disable).unwrap_err();
+        assert!(err.contains("never be checked"), "{err}");
+        let opts = postgres(|pg| {
+            pg.tls = PostgresTlsMode::Disable;
+            pg.ca_file = None;
+        })
+        .unwrap();
+        assert_eq!(opts.tls, PostgresTls::Disable);
+    }
+
+    #[test]
+    fn postgres_config_is_checked_before_connecting() {
+        assert!(
+            postgres(|pg| pg.url = " ".into())
+                .unwrap_err()
+                .contains("url is required")
+        );
+        assert!(
+            postgres(|pg| pg.write_timeout = Duration::ZERO)
+                .unwrap_err()
+                .contains("write_timeout must be positive")
+        );
+        let parsed: LedgerConfig = toml::from_str(
+            r#"
+            [postgres]
+            url = "postgres://meshward@db.example/meshward"
+            tls = "verify-full"
+            ca_file = "/ca.pem"
+            pool_size = 4
+            write_timeout = "3s"
+            "#,
+        )
+        .unwrap();
+        let pg = parsed.postgres.unwrap();
+        assert_eq!(pg.pool_size, 4);
+        assert_eq!(pg.write_timeout, Duration::from_secs(3));
+        assert_eq!(pg.statement_timeout, Duration::from_secs(5));
+        assert!(toml::from_str::<LedgerConfig>("[postgres]\nsslmode = \"require\"").is_err());
+    }
+
+    #[tokio::test]
+    async fn sqlite_path_and_postgres_together_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LedgerConfig {
+            path: Some(dir.path().join("l.sqlite")),
+            postgres: Some(PostgresConfig {
+                url: "host=127.0.0.1 user=x".into(),
+                tls: PostgresTlsMode::Disable,
+                ..PostgresConfig::default()
+            }),
+            ..LedgerConfig::default()
+        };
+        let err = LedgerService::open(&config, dir.path()).await.unwrap_err();
+        assert!(err.to_string().contains("choose one"), "{err}");
     }
 }
