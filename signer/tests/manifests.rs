@@ -39,6 +39,55 @@ fn shipped_istio_manifest_signer_config_is_valid() {
     );
 }
 
+/// The commented-out shared-ledger block of `signer.toml`, as an operator
+/// would enable it: it must parse, validate and resolve to a TLS-verified
+/// PostgreSQL store whose files are the ones the StatefulSet mounts.
+#[test]
+fn shipped_shared_ledger_block_is_valid_when_uncommented() {
+    let text = manifest("signer/signer.toml");
+    let mut enabled = String::new();
+    let mut in_block = false;
+    for line in text.lines() {
+        if line == "# [ledger.postgres]" {
+            in_block = true;
+        }
+        match line.strip_prefix("# ") {
+            Some(uncommented) if in_block => {
+                enabled.push_str(uncommented);
+                enabled.push('\n');
+                continue;
+            }
+            _ => in_block = false,
+        }
+        // The block replaces the SQLite path.
+        if !line.starts_with("path = \"/var/lib/meshward/ledger.sqlite\"") {
+            enabled.push_str(line);
+            enabled.push('\n');
+        }
+    }
+    let config = Config::from_toml(&enabled, "signer.toml with [ledger.postgres]")
+        .expect("shared-ledger config parses");
+    config.validate().expect("shared-ledger config validates");
+    assert!(config.ledger.path.is_none());
+    let pg = config.ledger.postgres.expect("[ledger.postgres] present");
+    let opts = pg
+        .options(config.ledger.commit_delay)
+        .expect("shared-ledger options resolve");
+    let statefulset = manifest("signer/statefulset.yaml");
+    assert!(statefulset.contains("#   mountPath: /etc/meshward/ledger-db"));
+    assert!(statefulset.contains("#     secretName: meshward-ledger-db"));
+    assert_eq!(
+        opts.tls,
+        meshward_signer::ledger::PostgresTls::VerifyFull {
+            ca_file: "/etc/meshward/ledger-db/ca.crt".into()
+        }
+    );
+    assert_eq!(
+        opts.password_file.as_deref(),
+        Some(std::path::Path::new("/etc/meshward/ledger-db/password"))
+    );
+}
+
 /// `meshward_signer_*` metric names used by the alerts and the dashboard,
 /// reduced to their family name (no `_bucket`/`_total`/... suffix).
 fn referenced_signer_families() -> BTreeSet<String> {
