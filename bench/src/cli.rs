@@ -65,8 +65,12 @@ pub struct LoadArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     pub window: Option<Duration>,
     /// Run the signer with its issuance ledger off.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "postgres_ledger")]
     pub no_ledger: bool,
+    /// Record into a PostgreSQL server the bench starts (`[ledger.postgres]`)
+    /// instead of the SQLite file.
+    #[arg(long)]
+    pub postgres_ledger: bool,
 }
 
 /// `restart`.

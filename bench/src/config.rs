@@ -56,6 +56,10 @@ pub struct SignerBench {
     pub ledger: bool,
     /// Also measure P-256 at this concurrency with the ledger off (0 = skip).
     pub no_ledger_concurrency: usize,
+    /// Also measure P-256 at this concurrency with the ledger in a local
+    /// PostgreSQL server (0 = skip).
+    #[serde(default)]
+    pub postgres_concurrency: usize,
     /// Distinct RSA keys shared by the RSA workloads.
     pub rsa_keys: usize,
 }
@@ -186,6 +190,7 @@ impl BenchConfig {
         self.signer.warmup = Duration::from_millis(500);
         self.signer.window = Duration::from_secs(2);
         self.signer.no_ledger_concurrency = 0;
+        self.signer.postgres_concurrency = 0;
         self.restart.enabled = false;
         self.filter.rules = vec![self.targets.flat_from, self.targets.flat_to];
         self.filter.samples = self.filter.samples.min(50);

@@ -82,6 +82,9 @@ pub struct Throughput {
     pub signer_cores: f64,
     /// Load generator CPU used during the window, in cores.
     pub loadgen_cores: f64,
+    /// The PostgreSQL server's CPU during the window, in cores (with the
+    /// ledger there; not in the signer's figures).
+    pub database_cores: Option<f64>,
     /// Certificates per signer CPU-second.
     pub certs_per_signer_cpu_s: f64,
     /// Signer CPU per certificate in the kernel (µs): system calls, TCP on
@@ -220,10 +223,12 @@ pub async fn throughput(
     tokio::time::sleep_until(t0.into()).await;
     let commits0 = ledger_commits_now(signer).await;
     let signer_cpu0 = signer.cpu_times()?;
+    let database_cpu0 = signer.database_cpu_times();
     let own_cpu0 = process_cpu_time("/proc/self/stat")?;
     let real_t0 = Instant::now();
     tokio::time::sleep_until(t1.into()).await;
     let signer_cpu1 = signer.cpu_times()?;
+    let database_cpu1 = signer.database_cpu_times();
     let commits1 = ledger_commits_now(signer).await;
     let own_cpu1 = process_cpu_time("/proc/self/stat")?;
     let measured = real_t0.elapsed().as_secs_f64().max(1e-9);
@@ -250,6 +255,9 @@ pub async fn throughput(
         latency_ms: Summary::of(&mut latencies),
         signer_cores: signer_cpu / measured,
         loadgen_cores: own_cpu1.saturating_sub(own_cpu0).as_secs_f64() / measured,
+        database_cores: database_cpu0
+            .zip(database_cpu1)
+            .map(|(c0, c1)| c1.since(c0).total().as_secs_f64() / measured),
         certs_per_signer_cpu_s: if signer_cpu > 0.0 {
             issued as f64 / signer_cpu
         } else {

@@ -10,6 +10,10 @@ mod config;
 mod filter_cost;
 mod load;
 mod manifest;
+// The shared-ledger tests' PostgreSQL fixture: the bench starts the same
+// server for its PostgreSQL row.
+#[path = "../../signer/tests/support/postgres.rs"]
+mod pg_server;
 mod report;
 mod signer_proc;
 mod stats;
@@ -29,7 +33,7 @@ use crate::config::BenchConfig;
 use crate::filter_cost::{Kind, Sampling};
 use crate::load::Backoff;
 use crate::report::{Machine, Results, SignerRow};
-use crate::signer_proc::{ChildSigner, SignerSetup};
+use crate::signer_proc::{ChildSigner, LedgerKind, SignerSetup};
 use crate::workload::{KeyType, Workload};
 
 fn main() -> ExitCode {
@@ -75,7 +79,13 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 &config,
                 args.key,
                 &args.concurrency,
-                !args.no_ledger,
+                if args.no_ledger {
+                    LedgerKind::Off
+                } else if args.postgres_ledger {
+                    LedgerKind::Postgres
+                } else {
+                    LedgerKind::Sqlite
+                },
             ))?;
             let bound = bound::measure(config.openssl.seconds).ok();
             let ring = bound::ring_p256(f64::from(config.openssl.seconds)).ok();
@@ -155,7 +165,7 @@ async fn signer_throughput(
     config: &BenchConfig,
     key: KeyType,
     concurrency: &[usize],
-    ledger: bool,
+    ledger: LedgerKind,
 ) -> anyhow::Result<Vec<SignerRow>> {
     let max = concurrency.iter().copied().max().unwrap_or(1);
     let workloads = {
@@ -170,7 +180,7 @@ async fn signer_throughput(
         work_dir: work_dir(config),
     };
     let signer = tokio::task::spawn_blocking(move || ChildSigner::start(&setup)).await??;
-    info!(pid = signer.pid(), addr = %signer.grpc_addr, key = key.label(), ledger, "signer started");
+    info!(pid = signer.pid(), addr = %signer.grpc_addr, key = key.label(), ledger = ledger.label(), "signer started");
     let mut rows = Vec::new();
     for &c in concurrency {
         let run = load::throughput(
@@ -208,7 +218,11 @@ async fn mass_restart(config: &BenchConfig, clients: usize) -> anyhow::Result<lo
         binary: signer_binary(config)?,
         ca_key: r.key_type.ca_key(),
         max_concurrent_requests: r.max_concurrent_requests,
-        ledger: config.signer.ledger,
+        ledger: if config.signer.ledger {
+            LedgerKind::Sqlite
+        } else {
+            LedgerKind::Off
+        },
         work_dir: work_dir(config),
     };
     let signer = tokio::task::spawn_blocking(move || ChildSigner::start(&setup)).await??;
@@ -392,7 +406,11 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
             &config,
             key,
             &config.signer.concurrency,
-            config.signer.ledger,
+            if config.signer.ledger {
+                LedgerKind::Sqlite
+            } else {
+                LedgerKind::Off
+            },
         ))?);
     }
     if config.signer.no_ledger_concurrency > 0 && config.signer.ledger {
@@ -401,7 +419,16 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
             &config,
             KeyType::P256,
             &[config.signer.no_ledger_concurrency],
-            false,
+            LedgerKind::Off,
+        ))?);
+    }
+    if config.signer.postgres_concurrency > 0 {
+        info!("signer throughput with the ledger in PostgreSQL");
+        signer.extend(rt.block_on(signer_throughput(
+            &config,
+            KeyType::P256,
+            &[config.signer.postgres_concurrency],
+            LedgerKind::Postgres,
         ))?);
     }
     let mut restart = Vec::new();

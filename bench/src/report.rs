@@ -10,7 +10,7 @@ use crate::config::{BenchConfig, Targets};
 use crate::filter_cost::{Kind, NativeCost, WasmCost};
 use crate::load::{Restart, Throughput};
 use crate::manifest::MemoryLimit;
-use crate::signer_proc::Memory;
+use crate::signer_proc::{LedgerKind, Memory};
 use crate::stats::Summary;
 use crate::workload::KeyType;
 
@@ -100,8 +100,8 @@ impl Machine {
 pub struct SignerRow {
     /// CSR and CA key type.
     pub key: KeyType,
-    /// Ledger on?
-    pub ledger: bool,
+    /// Where the ledger records.
+    pub ledger: LedgerKind,
     /// The measurement.
     pub run: Throughput,
 }
@@ -250,7 +250,7 @@ pub fn checks(r: &Results, t: &Targets) -> Vec<Check> {
         ok: false,
     };
 
-    // Signer / bound, P-256, ledger on (the shipped configuration).
+    // Signer / bound, P-256, SQLite ledger (the shipped configuration).
     let name = "signer / bound, P-256 (best concurrency, per core used)".to_string();
     let target = format!("≥ {:.2}", t.p256_ratio);
     match &r.openssl {
@@ -258,7 +258,7 @@ pub fn checks(r: &Results, t: &Targets) -> Vec<Check> {
             let best = r
                 .signer
                 .iter()
-                .filter(|row| row.key == KeyType::P256 && row.ledger)
+                .filter(|row| row.key == KeyType::P256 && row.ledger == LedgerKind::Sqlite)
                 .map(|row| (ratio_per_used_core(o, row), row.run.concurrency))
                 .max_by(|a, b| a.0.total_cmp(&b.0));
             match best {
@@ -383,7 +383,7 @@ fn peak_signer_memory(r: &Results) -> Option<(u64, String)> {
                 format!(
                     "{}, ledger {}, up to {} clients",
                     row.key.label(),
-                    if row.ledger { "on" } else { "off" },
+                    row.ledger.label(),
                     row.run.concurrency
                 ),
             )
@@ -524,17 +524,24 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
              commit come from the signer's own `meshward_signer_ledger_commit_group_size` \
              over the window (one fsync per commit). Resident memory is the signer's \
              `VmRSS` at the window's end and its `VmHWM` (peak since start; one signer serves \
-             a key type's concurrencies in this order, so the peak covers the smaller ones too).\n",
+             a key type's concurrencies in this order, so the peak covers the smaller ones too). \
+             The **PostgreSQL** row records into `[ledger.postgres]` instead: a PostgreSQL server \
+             the bench starts on 127.0.0.1 (same machine, same disk, its data in the system \
+             temp dir, server defaults: `fsync` on, the signer's sessions `synchronous_commit = \
+             on`), one `INSERT` per group commit over a pooled connection; *database cores* \
+             is that server's CPU (the postmaster and its processes) in the window, which the \
+             signer's own figures and ratios do not include. The target uses the SQLite rows \
+             (the shipped default).\n",
             m.cores, m.cores
         );
     }
     let _ = writeln!(
         s,
-        "| key | ledger | clients | certs/s | p50 ms | p99 ms | signer cores | loadgen cores | certs / signer CPU-s | ratio (per used core) | ratio (whole machine) | ledger commits/s | records / commit | RSS MiB | peak RSS MiB | RESOURCE_EXHAUSTED | errors |"
+        "| key | ledger | clients | certs/s | p50 ms | p99 ms | signer cores | loadgen cores | database cores | certs / signer CPU-s | ratio (per used core) | ratio (whole machine) | ledger commits/s | records / commit | RSS MiB | peak RSS MiB | RESOURCE_EXHAUSTED | errors |"
     );
     let _ = writeln!(
         s,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for row in &r.signer {
         let t = &row.run;
@@ -547,15 +554,17 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.key.label(),
-            if row.ledger { "on" } else { "off" },
+            row.ledger.label(),
             t.concurrency,
             t.certs_per_s,
             ms(&t.latency_ms, |s| s.p50),
             ms(&t.latency_ms, |s| s.p99),
             t.signer_cores,
             t.loadgen_cores,
+            t.database_cores
+                .map_or("–".to_string(), |c| format!("{c:.2}")),
             t.certs_per_signer_cpu_s,
             rc,
             rm,
@@ -603,7 +612,7 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
                     s,
                     "| {} | {} | {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:.2} |",
                     row.key.label(),
-                    if row.ledger { "on" } else { "off" },
+                    row.ledger.label(),
                     row.run.concurrency,
                     c.total_us,
                     c.kernel_us,
@@ -905,7 +914,7 @@ mod tests {
     fn row(certs_per_s: f64, signer_cores: f64) -> SignerRow {
         SignerRow {
             key: KeyType::P256,
-            ledger: true,
+            ledger: LedgerKind::Sqlite,
             run: Throughput {
                 concurrency: 64,
                 issued: 0,
@@ -914,6 +923,7 @@ mod tests {
                 latency_ms: None,
                 signer_cores,
                 loadgen_cores: 0.0,
+                database_cores: None,
                 certs_per_signer_cpu_s: certs_per_s / signer_cores,
                 signer_kernel_us_per_cert: 20.0,
                 ledger_commits_per_s: None,
@@ -1023,7 +1033,10 @@ mod tests {
         results.signer_memory_limit = Some(limit("64Mi"));
         let over = memory(&results);
         assert!(!over.ok, "{over:?}");
-        assert_eq!(over.value, "70 MiB (P-256, ledger on, up to 512 clients)");
+        assert_eq!(
+            over.value,
+            "70 MiB (P-256, ledger SQLite, up to 512 clients)"
+        );
         results.signer_memory_limit = Some(limit("70Mi"));
         assert!(memory(&results).ok);
     }

@@ -19,6 +19,30 @@ use meshward_signer::issuer::builtin::CaKeyAlgorithm;
 /// The `iss` of the bench's service-account tokens.
 pub const TOKEN_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
+/// Where the signer under test records its issuance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerKind {
+    /// `ledger.enabled = false`.
+    Off,
+    /// The default: a SQLite file in the signer's data dir.
+    Sqlite,
+    /// `[ledger.postgres]`: a PostgreSQL server the bench starts on
+    /// 127.0.0.1 (same machine, same disk).
+    Postgres,
+}
+
+impl LedgerKind {
+    /// For the report.
+    pub fn label(self) -> &'static str {
+        match self {
+            LedgerKind::Off => "off",
+            LedgerKind::Sqlite => "SQLite",
+            LedgerKind::Postgres => "PostgreSQL",
+        }
+    }
+}
+
 /// How to start the signer.
 #[derive(Debug, Clone)]
 pub struct SignerSetup {
@@ -28,8 +52,8 @@ pub struct SignerSetup {
     pub ca_key: CaKeyAlgorithm,
     /// `server.max_concurrent_requests`.
     pub max_concurrent_requests: usize,
-    /// `ledger.enabled`.
-    pub ledger: bool,
+    /// The ledger store.
+    pub ledger: LedgerKind,
     /// Where the CA data dir, ledger and config go (a fresh temp dir inside).
     pub work_dir: PathBuf,
 }
@@ -45,6 +69,9 @@ pub struct ChildSigner {
     pub roots_pem: String,
     /// Mints tokens the signer accepts.
     pub tokens: TokenIssuer,
+    /// The PostgreSQL server of a `LedgerKind::Postgres` signer (stopped
+    /// after the signer: fields drop after `Drop::drop` killed it).
+    database: Option<crate::pg_server::Postgres>,
     _dir: tempfile::TempDir,
 }
 
@@ -79,7 +106,23 @@ impl ChildSigner {
         config.server.max_concurrent_requests = setup.max_concurrent_requests;
         config.ca.data_dir = dir.path().join("ca");
         config.ca.key_algorithm = setup.ca_key;
-        config.ledger.enabled = setup.ledger;
+        config.ledger.enabled = setup.ledger != LedgerKind::Off;
+        let database = (setup.ledger == LedgerKind::Postgres)
+            .then(|| {
+                let pg = crate::pg_server::Postgres::start().context(
+                    "MESHWARD_SKIP_POSTGRES_TESTS=1 but the PostgreSQL row was asked for",
+                )?;
+                pg.create_database("meshward");
+                config.ledger.postgres = Some(meshward_signer::ledger::PostgresConfig {
+                    url: pg.url("meshward"),
+                    password_file: Some(pg.password_file()),
+                    tls: meshward_signer::ledger::PostgresTlsMode::Disable,
+                    replica: Some("bench".to_string()),
+                    ..Default::default()
+                });
+                anyhow::Ok(pg)
+            })
+            .transpose()?;
         // Each closed-loop client re-asks for its identity hundreds of times
         // a second; the per-pod rate limit would refuse all but the first.
         config.policy.rate_limit_burst = 0;
@@ -127,8 +170,17 @@ impl ChildSigner {
             admin_addr,
             roots_pem,
             tokens,
+            database,
             _dir: dir,
         })
+    }
+
+    /// CPU time the PostgreSQL server (the postmaster and every process it
+    /// forked: backends, WAL writer, checkpointer) has used so far; `None`
+    /// without one.
+    pub fn database_cpu_times(&self) -> Option<CpuTimes> {
+        let postmaster = self.database.as_ref()?.pid()?;
+        Some(process_tree_cpu_times(postmaster))
     }
 
     /// The child's PID.
@@ -364,6 +416,40 @@ pub fn process_cpu_times(stat_path: &str) -> anyhow::Result<CpuTimes> {
     })
 }
 
+/// CPU time of `root` and its direct children (every process whose parent
+/// it is), from `/proc`. A process that exits between readings takes its
+/// time with it, so this suits long-lived trees (a database server).
+pub fn process_tree_cpu_times(root: u32) -> CpuTimes {
+    let mut total = CpuTimes::default();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return total;
+    };
+    let ticks = clock_ticks();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if pid != root && parse_stat_ppid(&text) != Some(root) {
+            continue;
+        }
+        if let Ok((user, system)) = parse_stat_user_system(&text) {
+            total.user += Duration::from_secs_f64(user as f64 / ticks);
+            total.system += Duration::from_secs_f64(system as f64 / ticks);
+        }
+    }
+    total
+}
+
+/// The parent PID (field 4) from the text of `/proc/<pid>/stat`.
+pub fn parse_stat_ppid(text: &str) -> Option<u32> {
+    let after = text.get(text.rfind(')')? + 1..)?;
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// utime + stime of a process from its `/proc/<pid>/stat`.
 pub fn process_cpu_time(stat_path: &str) -> anyhow::Result<Duration> {
     Ok(process_cpu_times(stat_path)?.total())
@@ -442,6 +528,28 @@ mod tests {
             r#"{"fields":{"message":"created a new built-in CA","grpc_addr":"127.0.0.1:1"}}"#;
         assert_eq!(serving_addr(other), None);
         assert_eq!(serving_addr("not json"), None);
+    }
+
+    #[test]
+    fn parent_pid_is_read_after_the_command_name() {
+        // A command name with spaces and a parenthesis.
+        let text = "4242 (postgres: w (x)) S 4100 4100 4100 0 -1 4194560 1 0 0 0 7 3 0 0";
+        assert_eq!(parse_stat_ppid(text), Some(4100));
+        assert_eq!(parse_stat_ppid("4242 (x"), None);
+        // The tree of this process counts this process: burn some CPU, then
+        // the tree shows at least what the process alone showed before.
+        let mut x = 0u64;
+        let alone = loop {
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_add(i));
+            }
+            let t = process_cpu_times("/proc/self/stat").unwrap();
+            if t.total() >= Duration::from_millis(30) {
+                break t;
+            }
+        };
+        let tree = process_tree_cpu_times(std::process::id());
+        assert!(tree.total() >= alone.total(), "{tree:?} < {alone:?}");
     }
 
     #[test]

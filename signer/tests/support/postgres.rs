@@ -167,6 +167,11 @@ impl Postgres {
         self.dir.path().join("postgres.log")
     }
 
+    /// The postmaster's PID (its children are the server's other processes).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// PEM roots of the server's TLS certificate (with `start_tls`).
     pub fn ca_file(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
