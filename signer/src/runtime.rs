@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use meshward_proto::auth::istio_certificate_service_server::IstioCertificateServiceServer;
 use spiffe::TrustDomain;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -31,7 +30,7 @@ use crate::observer::IssuanceObserver;
 use crate::policy::namespaces::{KubeNamespaceLabels, NamespaceLabels};
 use crate::policy::nodes::{KubeNodeAuthorizer, NodeAuthorizer};
 use crate::policy::rate::{AuthFailureLimit, IssuanceRateLimit};
-use crate::server::ca_service::{CaPipeline, CaService, MAX_REQUEST_MESSAGE_BYTES, to_pem};
+use crate::server::ca_service::{CaPipeline, CaService, to_pem};
 use crate::server::connections::ConnectionLimit;
 use crate::server::serving::{
     IssuerFingerprint, ServingCertResolver, ServingError, ServingParams, issue_serving_identity,
@@ -309,7 +308,7 @@ impl Signer {
                 .collect(),
             metrics: metrics.clone(),
         });
-        let service = CaService::new(pipeline, config.server.max_concurrent_requests);
+        let service = CaService::new(pipeline).into_server(config.server.max_concurrent_requests);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let serving_flag = Arc::new(AtomicBool::new(false));
         let mut bundle = crate::bundle::BundleService::start(
@@ -336,10 +335,7 @@ impl Signer {
                 .http2_keepalive_timeout(Some(server.keepalive_timeout));
         }
         let router = builder
-            .add_service(
-                IstioCertificateServiceServer::new(service)
-                    .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES),
-            )
+            .add_service(service)
             .add_service(bundle.grpc_service());
         let mut rx = shutdown_rx.clone();
         let mut drain_rx = shutdown_rx.clone();

@@ -253,9 +253,8 @@ async fn idle_agent_connections_are_released_at_max_connection_age_and_reconnect
     h.signer.shutdown().await.unwrap();
 }
 
-/// A TLS connection to the gRPC port with ALPN h2 on which only the HTTP/2
-/// client preface and an empty SETTINGS frame were sent.
-async fn raw_h2(h: &Harness) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+/// A TLS connection to the gRPC port with ALPN h2, nothing sent yet.
+async fn tls_h2(h: &Harness) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in pem::parse_many(h.signer.roots_pem()).unwrap() {
         roots
@@ -273,10 +272,16 @@ async fn raw_h2(h: &Harness) -> tokio_rustls::client::TlsStream<tokio::net::TcpS
     let tcp = tokio::net::TcpStream::connect(h.signer.grpc_addr())
         .await
         .unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// A TLS connection to the gRPC port with ALPN h2 on which only the HTTP/2
+/// client preface and an empty SETTINGS frame were sent.
+async fn raw_h2(h: &Harness) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut tls = tls_h2(h).await;
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
         .await
         .unwrap();
@@ -398,5 +403,82 @@ async fn a_silent_peer_that_never_answers_pings_is_disconnected_by_keepalive() {
     h.issue("shop", "web", &h.opts("shop", "web"))
         .await
         .unwrap();
+    h.signer.shutdown().await.unwrap();
+}
+
+/// Attack: streams that declare a large message and then send it slowly.
+/// tonic buffers a request's whole body before the handler runs, so an
+/// in-flight limit taken in the handler would let every such stream hold
+/// its buffer (up to 100 streams × 128 KiB per connection, times every
+/// connection) while nothing is refused. The limit is taken when a stream
+/// opens: with `max_concurrent_requests = 1`, of two stalled streams the
+/// second is refused at once, its body never awaited.
+#[tokio::test]
+async fn requests_beyond_max_concurrent_requests_are_refused_before_their_bodies_are_buffered() {
+    use http_body_util::StreamBody;
+    use hyper::body::{Bytes, Frame};
+
+    let h = Harness::start_with(|c| c.server.max_concurrent_requests = 1).await;
+    let tls = tls_h2(&h).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let driver = tokio::spawn(conn);
+    type Chunks = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>;
+    // A CreateCertificate whose gRPC prefix declares 100 000 bytes, of which
+    // 10 arrive; the rest never does (the sender is kept, so the body stays
+    // open).
+    let stalled = || {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut first = vec![0u8];
+        first.extend(100_000u32.to_be_bytes());
+        first.extend([0u8; 10]);
+        tx.try_send(Ok(Frame::data(Bytes::from(first)))).unwrap();
+        let request = http::Request::post(
+            "https://localhost/istio.v1.auth.IstioCertificateService/CreateCertificate",
+        )
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap();
+        let held: Chunks = tx;
+        (held, request)
+    };
+    let (_a_body, a) = stalled();
+    let (_b_body, b) = stalled();
+    let mut a = Box::pin(send.send_request(a));
+    let mut b = Box::pin(send.send_request(b));
+    // Whichever stream was admitted waits for its body; the other is
+    // answered without it.
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! {
+            r = &mut a => r,
+            r = &mut b => r,
+        }
+    })
+    .await
+    .expect("a stream beyond the limit is answered without waiting for its body")
+    .unwrap();
+    assert_eq!(
+        answered
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap()),
+        Some("8"),
+        "RESOURCE_EXHAUSTED: {:?}",
+        answered.headers()
+    );
+    let text = h.metrics().await;
+    assert!(
+        text.contains(r#"meshward_signer_requests_total{outcome="resource_exhausted"} 1"#),
+        "{text}"
+    );
+    drop((a, b, send));
+    driver.abort();
     h.signer.shutdown().await.unwrap();
 }

@@ -7,12 +7,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use meshward_proto::auth::istio_certificate_service_server::IstioCertificateService;
+use meshward_proto::auth::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
 use meshward_proto::auth::{IstioCertificateRequest, IstioCertificateResponse};
 use sha2::{Digest, Sha256};
 use spiffe::TrustDomain;
 use time::OffsetDateTime;
-use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status};
 use tracing::{debug, info, warn};
 
@@ -142,11 +143,11 @@ pub struct CaPipeline {
     pub metrics: Arc<Metrics>,
 }
 
-/// The tonic service.
+/// The tonic service. Mount it with [`CaService::into_server`], which puts
+/// the in-flight limit in front of the body's decoding.
 #[derive(Clone)]
 pub struct CaService {
     pipeline: Arc<CaPipeline>,
-    in_flight: Arc<Semaphore>,
 }
 
 /// A successful issuance.
@@ -159,12 +160,30 @@ pub struct Issued {
 }
 
 impl CaService {
-    /// A service answering at most `max_in_flight` requests at once.
-    pub fn new(pipeline: Arc<CaPipeline>, max_in_flight: usize) -> Self {
-        Self {
-            pipeline,
-            in_flight: Arc::new(Semaphore::new(max_in_flight)),
-        }
+    /// The service around `pipeline`.
+    pub fn new(pipeline: Arc<CaPipeline>) -> Self {
+        Self { pipeline }
+    }
+
+    /// The gRPC service to mount: messages capped at
+    /// [`MAX_REQUEST_MESSAGE_BYTES`], at most `max_in_flight` requests
+    /// received or handled at once (admitted before their bodies are read;
+    /// see [`super::admission`]).
+    pub fn into_server(
+        self,
+        max_in_flight: usize,
+    ) -> super::admission::Admitted<
+        meshward_proto::auth::istio_certificate_service_server::IstioCertificateServiceServer<
+            CaService,
+        >,
+    > {
+        let metrics = self.pipeline.metrics.clone();
+        super::admission::Admitted::new(
+            IstioCertificateServiceServer::new(self)
+                .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES),
+            max_in_flight,
+            metrics,
+        )
     }
 }
 
@@ -465,13 +484,6 @@ impl IstioCertificateService for CaService {
                 wait.as_secs().max(1)
             )));
         }
-        let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
-            metrics.request(Outcome::ResourceExhausted);
-            warn!(%peer, "refused: too many requests in flight");
-            return Err(Status::resource_exhausted(
-                "signer is at its concurrent request limit; retry with backoff",
-            ));
-        };
         let started = Instant::now();
         let credentials = credentials_of(&request);
         let req = request.into_inner();
