@@ -36,3 +36,8 @@ pub mod server;
 
 pub use config::Config;
 pub use runtime::{RunningSigner, Signer, StartError, Stopper};
+
+/// The integration tests' PostgreSQL fixture, for the store's unit tests.
+#[cfg(test)]
+#[path = "../tests/support/postgres.rs"]
+mod test_postgres;

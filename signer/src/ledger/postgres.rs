@@ -18,8 +18,11 @@
 //! `commit_delay`. A group that does not commit within `write_timeout`
 //! fails its requests (nothing handed out) instead of holding them.
 //!
-//! **Reads** (lookups, counts, the rotation query, pruning) take a pooled
-//! connection each, so they never wait behind a group commit.
+//! **Reads** (lookups, counts, the rotation query, pruning) take a
+//! connection from their own pool (`pool_size`), and the writer has a pool
+//! of its own: a flood of lookups (any pod can ask the admin port) waits
+//! for read connections, never for the writer's, so it cannot delay an
+//! issuance.
 //!
 //! **Replicas.** Each row names the replica that recorded it
 //! (`recorded_by`, the pod name by default). The per-namespace gauges count
@@ -57,6 +60,10 @@ use super::{
 
 /// The schema version this signer writes.
 pub const SCHEMA_VERSION: i32 = 1;
+
+/// Connections of the writer's own pool (one in use at a time; a second
+/// is there while a broken one is replaced).
+pub const WRITER_CONNECTIONS: usize = 2;
 
 /// Most records inserted by one group commit.
 pub const MAX_GROUP: usize = 512;
@@ -109,7 +116,7 @@ pub struct PostgresOptions {
     pub password_file: Option<PathBuf>,
     /// TLS to the server.
     pub tls: PostgresTls,
-    /// Connections kept open (the writer uses one at a time).
+    /// Connections for reads; the writer has [`WRITER_CONNECTIONS`] more.
     pub pool_size: usize,
     /// Bound on opening a connection and on waiting for a pooled one.
     pub connect_timeout: Duration,
@@ -273,39 +280,20 @@ impl PostgresLedger {
         opts: &PostgresOptions,
         metrics: Option<Arc<LedgerMetrics>>,
     ) -> Result<Self, LedgerError> {
-        if opts.pool_size < 2 {
-            return Err(open_err(
-                "pool_size must be at least 2 (one for group commits, one for reads)",
-            ));
+        if opts.pool_size == 0 {
+            return Err(open_err("pool_size must be at least 1"));
         }
         if opts.replica.is_empty() {
             return Err(open_err("replica name is empty"));
         }
         let config = driver_config(opts)?;
-        let manager_config = ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        };
-        let manager = match &opts.tls {
-            PostgresTls::VerifyFull { ca_file } => {
-                Manager::from_config(config, tls_connector(ca_file)?, manager_config)
-            }
-            PostgresTls::Disable => {
-                Manager::from_config(config, tokio_postgres::NoTls, manager_config)
-            }
-        };
-        let pool = Pool::builder(manager)
-            .max_size(opts.pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(opts.connect_timeout))
-            .create_timeout(Some(opts.connect_timeout))
-            .recycle_timeout(Some(opts.connect_timeout))
-            .build()
-            .map_err(|e| open_err(e.to_string()))?;
+        let pool = build_pool(opts, config.clone(), opts.pool_size)?;
+        let writer_pool = build_pool(opts, config, WRITER_CONNECTIONS)?;
         ensure_schema(&pool).await?;
         let (writer, rx) = mpsc::unbounded_channel();
         let replica: Arc<str> = opts.replica.as_str().into();
         tokio::spawn(writer_loop(
-            pool.clone(),
+            writer_pool,
             rx,
             metrics,
             opts.commit_delay,
@@ -327,6 +315,33 @@ impl PostgresLedger {
     async fn client(&self, op: &'static str) -> Result<deadpool_postgres::Object, LedgerError> {
         self.pool.get().await.map_err(pool_err(op))
     }
+}
+
+/// A pool of `size` connections.
+fn build_pool(
+    opts: &PostgresOptions,
+    config: tokio_postgres::Config,
+    size: usize,
+) -> Result<Pool, LedgerError> {
+    let manager_config = || ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match &opts.tls {
+        PostgresTls::VerifyFull { ca_file } => {
+            Manager::from_config(config, tls_connector(ca_file)?, manager_config())
+        }
+        PostgresTls::Disable => {
+            Manager::from_config(config, tokio_postgres::NoTls, manager_config())
+        }
+    };
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(opts.connect_timeout))
+        .create_timeout(Some(opts.connect_timeout))
+        .recycle_timeout(Some(opts.connect_timeout))
+        .build()
+        .map_err(|e| open_err(e.to_string()))
 }
 
 /// Check the schema version, creating the schema on an empty database.
@@ -625,5 +640,52 @@ impl Ledger for PostgresLedger {
             max.map(|secs| from_unix("max(not_after)", secs))
                 .transpose()
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::test_postgres as pg_server;
+
+    #[tokio::test]
+    async fn lookups_holding_every_read_connection_cannot_delay_issuance() {
+        let Some(pg) = pg_server::Postgres::start() else {
+            return;
+        };
+        let opts = PostgresOptions {
+            url: pg.url("postgres"),
+            password_file: Some(pg.password_file()),
+            tls: PostgresTls::Disable,
+            pool_size: 1,
+            connect_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(30),
+            commit_delay: Duration::ZERO,
+            replica: "signer-0".to_string(),
+        };
+        let ledger = PostgresLedger::open(&opts, None).await.unwrap();
+        // A lookup flood has taken the only read connection.
+        let held = ledger.pool.get().await.unwrap();
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let rec = IssuanceRecord {
+            sha256: CertDigest::of(b"leaf"),
+            serial: "01".to_string(),
+            spiffe_id: "spiffe://cluster.local/ns/a/sa/b".to_string(),
+            namespace: "a".to_string(),
+            not_before: now,
+            not_after: now,
+            backend: "builtin".to_string(),
+            caller: "spiffe://cluster.local/ns/a/sa/b".to_string(),
+            issued_at: now,
+        };
+        // The issuance records on the writer's own connections.
+        ledger.record(&rec).await.unwrap();
+        // Reads wait for their pool (and give up after connect_timeout).
+        let err = ledger.lookup(rec.sha256).await.unwrap_err();
+        assert!(err.to_string().contains("lookup"), "{err}");
+        drop(held);
+        assert_eq!(ledger.lookup(rec.sha256).await.unwrap(), Some(rec));
     }
 }
