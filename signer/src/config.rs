@@ -95,6 +95,14 @@ pub struct ServerConfig {
     /// address and an agent one connection; raise it where many clients
     /// share an address (SNAT in front of the signer).
     pub max_connections_per_ip: usize,
+    /// Connections open on the admin port at once (kubelet probes,
+    /// Prometheus, the filters' ledger lookups); beyond it they wait in the
+    /// backlog. The port needs no credentials either.
+    pub admin_max_connections: usize,
+    /// Admin-port connections one address may hold (more are closed at
+    /// accept), so one pod cannot take every slot — and with them the
+    /// kubelet's probes.
+    pub admin_max_connections_per_ip: usize,
     /// HTTP/2 streams (requests) open at once on one connection (advertised
     /// as SETTINGS_MAX_CONCURRENT_STREAMS; tonic's default is no limit). An
     /// istio-agent sends one request at a time; ztunnel, for the pods of its
@@ -399,6 +407,8 @@ impl Default for ServerConfig {
             listen_backlog: 4096,
             max_connections: 8192,
             max_connections_per_ip: 64,
+            admin_max_connections: 4096,
+            admin_max_connections_per_ip: 32,
             max_concurrent_streams: 100,
             max_connection_age: Duration::from_secs(30 * 60),
             max_connection_age_grace: Duration::from_secs(10),
@@ -568,6 +578,19 @@ impl Config {
                 "bundle.endpoint_max_connections {} must be between 1 and {MAX_CONNECTIONS}",
                 self.bundle.endpoint_max_connections
             )));
+        }
+        for (name, value) in [
+            ("admin_max_connections", self.server.admin_max_connections),
+            (
+                "admin_max_connections_per_ip",
+                self.server.admin_max_connections_per_ip,
+            ),
+        ] {
+            if !(1..=MAX_CONNECTIONS).contains(&value) {
+                return Err(ConfigError::Invalid(format!(
+                    "server.{name} {value} must be between 1 and {MAX_CONNECTIONS}"
+                )));
+            }
         }
         if !(1..=MAX_CONNECTIONS).contains(&self.server.max_connections_per_ip) {
             return Err(ConfigError::Invalid(format!(
@@ -870,6 +893,13 @@ mod tests {
                 err.to_string().contains("endpoint_max_connections"),
                 "{err}"
             );
+            for name in ["admin_max_connections", "admin_max_connections_per_ip"] {
+                let err = Config::from_toml(&format!("[server]\n{name} = {bad}\n"), "inline")
+                    .unwrap()
+                    .validate()
+                    .unwrap_err();
+                assert!(err.to_string().contains(name), "{err}");
+            }
         }
         let err = Config::from_toml(
             "[server]\nkeepalive_interval = \"10s\"\nkeepalive_timeout = \"0s\"\n",

@@ -214,6 +214,12 @@ impl Signer {
             Some(config.server.max_connections_per_ip),
         );
         connection_limit.register(metrics.registry_mut(), "grpc");
+        let admin_limit = ConnectionLimit::with_per_ip(
+            config.server.admin_max_connections,
+            Some(admin::CONNECTION_LIFETIME),
+            Some(config.server.admin_max_connections_per_ip),
+        );
+        admin_limit.register(metrics.registry_mut(), "admin");
         let endpoint_limit = ConnectionLimit::new(
             config.bundle.endpoint_max_connections,
             Some(crate::bundle::endpoint::CONNECTION_LIFETIME),
@@ -424,13 +430,15 @@ impl Signer {
                 shutdown_rx.clone(),
             ));
         }
-        let mut rx = shutdown_rx;
         let admin_task = tokio::spawn(async move {
-            let result = axum::serve(admin_listener, admin_router)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
-                })
-                .await;
+            let result = admin::serve(
+                admin_listener,
+                admin_router,
+                admin_limit,
+                drain,
+                shutdown_rx,
+            )
+            .await;
             if let Err(e) = &result {
                 error!(error = %e, "admin server stopped with an error");
             }

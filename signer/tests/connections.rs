@@ -482,3 +482,107 @@ async fn requests_beyond_max_concurrent_requests_are_refused_before_their_bodies
     driver.abort();
     h.signer.shutdown().await.unwrap();
 }
+
+/// An HTTP/1.1 GET on the admin port from `local`, answered within
+/// `within` (else `None`).
+async fn admin_get_from(
+    h: &Harness,
+    local: std::net::IpAddr,
+    path: &str,
+    within: Duration,
+) -> Option<u16> {
+    let client = reqwest::Client::builder()
+        .local_address(local)
+        .timeout(within)
+        .build()
+        .unwrap();
+    client
+        .get(format!("http://{}{path}", h.signer.admin_addr()))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+/// Idle TCP connections to the admin port from `local`, each accepted (it
+/// answers a request) before the next is opened.
+async fn idle_admin_connections(
+    h: &Harness,
+    local: std::net::IpAddr,
+    n: usize,
+) -> Vec<tokio::net::TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::new(local, 0)).unwrap();
+        let mut tcp = socket.connect(h.signer.admin_addr()).await.unwrap();
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: signer\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .expect("admin connection answered")
+            .unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        held.push(tcp);
+    }
+    held
+}
+
+/// Attack: a pod opening connection after connection to the admin port
+/// (which needs no credentials, and which the kubelet's probes use). Its
+/// share is `admin_max_connections_per_ip`; the excess is closed at accept,
+/// and the probes from another address are still answered.
+#[tokio::test]
+async fn one_address_cannot_take_the_admin_port_from_the_probes() {
+    let h = Harness::start_with(|c| c.server.admin_max_connections_per_ip = 4).await;
+    let pod: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let kubelet: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let _held = idle_admin_connections(&h, pod, 4).await;
+    // The fifth from the same address is closed without an answer.
+    let mut fifth = tokio::net::TcpStream::connect(h.signer.admin_addr())
+        .await
+        .unwrap();
+    let _ = fifth
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: signer\r\n\r\n")
+        .await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), fifth.read(&mut buf))
+        .await
+        .expect("the excess connection is closed, not left hanging");
+    assert!(matches!(read, Ok(0) | Err(_)), "answered: {read:?}");
+    assert_eq!(
+        admin_get_from(&h, kubelet, "/readyz", Duration::from_secs(10)).await,
+        Some(200)
+    );
+    let text = h.signer.metrics().render().unwrap();
+    assert_counted(
+        &text,
+        "meshward_signer_admin_connections_refused_per_address_total",
+    );
+    drop(_held);
+    h.signer.shutdown().await.unwrap();
+}
+
+/// Attack: connections from many addresses, each idle. Past
+/// `admin_max_connections` the signer stops accepting, so they wait in the
+/// backlog and cost it nothing; a slot freed serves the next.
+#[tokio::test]
+async fn admin_connection_flood_waits_in_the_backlog_beyond_admin_max_connections() {
+    let h = Harness::start_with(|c| c.server.admin_max_connections = 4).await;
+    let flood: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+    let probe: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let held = idle_admin_connections(&h, flood, 4).await;
+    assert_eq!(
+        admin_get_from(&h, probe, "/healthz", Duration::from_millis(500)).await,
+        None,
+        "a fifth connection must wait while every slot is held"
+    );
+    drop(held);
+    assert_eq!(
+        admin_get_from(&h, probe, "/healthz", Duration::from_secs(10)).await,
+        Some(200)
+    );
+    h.signer.shutdown().await.unwrap();
+}
