@@ -435,3 +435,43 @@ async fn a_locked_ledger_table_cannot_hold_issuances_past_write_timeout() {
     assert_refused(refused, Code::Internal, "write_timeout");
     h.signer.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_signer_started_while_its_database_is_down_issues_once_it_is_back() {
+    // A failover during a rollout: the database does not answer when the
+    // signer starts. The signer must start (not crash-loop into Kubernetes'
+    // back-off, taking bundle distribution with it), refuse to issue
+    // unrecorded certificates meanwhile, and issue as soon as it answers.
+    let Some(mut pg) = Postgres::start() else {
+        return;
+    };
+    pg.create_database("failover");
+    pg.stop();
+    let h = Harness::start_with(shared(&pg, "failover", "signer-0")).await;
+    let refused = h.issue("pay", "api", &h.opts("pay", "api")).await;
+    assert_refused(refused, Code::Internal, "ledger");
+    let (status, _) = http_get(h.signer.admin_addr(), "/readyz").await;
+    assert_eq!(status, 200, "the signer serves (bundle, probes) meanwhile");
+
+    pg.restart();
+    let mut issued = None;
+    for _ in 0..50 {
+        match h.issue("pay", "api", &h.opts("pay", "api")).await {
+            Ok((_, cert)) => {
+                issued = Some(cert);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let cert = issued.expect("issuance resumes once the database answers");
+    // The schema was created on that first use, and the record is in it.
+    assert_eq!(
+        pg.psql("failover", "SELECT version FROM meshward_ledger_schema"),
+        "1"
+    );
+    let digest = CertDigest::of(&cert.leaf).to_hex();
+    let (status, _) = http_get(h.signer.admin_addr(), &format!("/v1/certificates/{digest}")).await;
+    assert_eq!(status, 200);
+    h.signer.shutdown().await.unwrap();
+}

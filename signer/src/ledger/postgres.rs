@@ -31,7 +31,12 @@
 //! the rotation query see every row.
 //!
 //! **Schema** (version 1, in `meshward_ledger_schema`), created on first
-//! open under an advisory lock (replicas starting together create it once):
+//! use under an advisory lock (replicas starting together create it once).
+//! A database that refuses at start (wrong password, no such database, a
+//! certificate that does not verify, a newer schema) stops the signer; one
+//! that cannot be reached does not (a failover during a rollout must not
+//! crash-loop the signer into Kubernetes' back-off): the signer serves, and
+//! issuance fails until the database answers.
 //!
 //! ```sql
 //! meshward_certificates (id BIGINT IDENTITY PRIMARY KEY,
@@ -152,6 +157,7 @@ pub struct PostgresLedger {
     pool: Pool,
     writer: mpsc::UnboundedSender<(Box<IssuanceRecord>, Reply)>,
     replica: Arc<str>,
+    schema: SchemaChecked,
 }
 
 impl std::fmt::Debug for PostgresLedger {
@@ -273,9 +279,11 @@ fn tls_connector(
 
 impl PostgresLedger {
     /// Connect, check (or create) the schema and start the writer task (it
-    /// ends when the last clone is dropped). Fails when the database cannot
-    /// be reached within `connect_timeout`: a signer that cannot record
-    /// cannot issue.
+    /// ends when the last clone is dropped). Fails when the database refuses
+    /// (a schema this signer does not know, no right to create it); a
+    /// database that cannot be reached is logged and tried again before each
+    /// operation, which fails until then (a signer that cannot record does
+    /// not issue).
     pub async fn open(
         opts: &PostgresOptions,
         metrics: Option<Arc<LedgerMetrics>>,
@@ -289,11 +297,27 @@ impl PostgresLedger {
         let config = driver_config(opts)?;
         let pool = build_pool(opts, config.clone(), opts.pool_size)?;
         let writer_pool = build_pool(opts, config, WRITER_CONNECTIONS)?;
-        ensure_schema(&pool).await?;
+        let schema = SchemaChecked::default();
+        match ensure_schema(&pool).await {
+            Ok(()) => {
+                let _ = schema.set(());
+            }
+            Err(SchemaError::Refused(reason)) => return Err(open_err(reason)),
+            // A database failing over while the signer restarts must not
+            // crash-loop the signer (and its bundle distribution) into
+            // Kubernetes' back-off: serve, and let issuance fail until the
+            // database answers.
+            Err(SchemaError::Unreachable(reason)) => tracing::warn!(
+                %reason,
+                "ledger database unreachable at start: serving, but every issuance fails \
+                 until it answers (tried again before each)"
+            ),
+        }
         let (writer, rx) = mpsc::unbounded_channel();
         let replica: Arc<str> = opts.replica.as_str().into();
         tokio::spawn(writer_loop(
             writer_pool,
+            schema.clone(),
             rx,
             metrics,
             opts.commit_delay,
@@ -304,6 +328,7 @@ impl PostgresLedger {
             pool,
             writer,
             replica,
+            schema,
         })
     }
 
@@ -313,6 +338,7 @@ impl PostgresLedger {
     }
 
     async fn client(&self, op: &'static str) -> Result<deadpool_postgres::Object, LedgerError> {
+        schema_ready(&self.schema, &self.pool, op).await?;
         self.pool.get().await.map_err(pool_err(op))
     }
 }
@@ -344,13 +370,88 @@ fn build_pool(
         .map_err(|e| open_err(e.to_string()))
 }
 
-/// Check the schema version, creating the schema on an empty database.
-async fn ensure_schema(pool: &Pool) -> Result<(), LedgerError> {
-    let mut client = pool
-        .get()
+/// Why the schema could not be checked.
+#[derive(Debug)]
+enum SchemaError {
+    /// The database could not be reached (down, failing over, network):
+    /// checked again before the next operation.
+    Unreachable(String),
+    /// The database answered, and this signer must not use it (a newer
+    /// schema, no right to create the tables).
+    Refused(String),
+}
+
+impl std::fmt::Display for SchemaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SchemaError::Unreachable(r) | SchemaError::Refused(r) => f.write_str(r),
+        }
+    }
+}
+
+/// Whether connecting failed for want of a reachable server (refused,
+/// reset, timed out, no route, no DNS answer: it may come back) rather than
+/// because the server answered no (authentication, no such database) or
+/// could not prove who it is (TLS).
+fn unreachable(e: &deadpool_postgres::PoolError) -> bool {
+    let pg = match e {
+        deadpool_postgres::PoolError::Timeout(_) => return true,
+        deadpool_postgres::PoolError::Backend(pg) => pg,
+        _ => return false,
+    };
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(pg);
+    while let Some(err) = cause {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            // tokio-rustls reports a failed handshake as an I/O error.
+            return !io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>());
+        }
+        cause = err.source();
+    }
+    false
+}
+
+/// The schema checked once per process: a database unreachable at start is
+/// checked again before each operation until it answers.
+type SchemaChecked = Arc<tokio::sync::OnceCell<()>>;
+
+/// Check (once) that the schema is there, before an operation `op`.
+async fn schema_ready(
+    checked: &SchemaChecked,
+    pool: &Pool,
+    op: &'static str,
+) -> Result<(), LedgerError> {
+    checked
+        .get_or_try_init(|| ensure_schema(pool))
         .await
-        .map_err(|e| open_err(format!("connecting: {}", describe_pool(&e))))?;
-    let schema_err = |e: tokio_postgres::Error| open_err(format!("schema: {}", describe(&e)));
+        .map(|_| ())
+        .map_err(|e| LedgerError::Store {
+            op,
+            reason: e.to_string(),
+        })
+}
+
+/// Check the schema version, creating the schema on an empty database.
+async fn ensure_schema(pool: &Pool) -> Result<(), SchemaError> {
+    let mut client = pool.get().await.map_err(|e| {
+        let reason = format!("connecting: {}", describe_pool(&e));
+        if unreachable(&e) {
+            SchemaError::Unreachable(reason)
+        } else {
+            SchemaError::Refused(reason)
+        }
+    })?;
+    // The server answering with an error (no right to create tables, …) is
+    // a refusal; losing the connection on the way is not.
+    let schema_err = |e: tokio_postgres::Error| {
+        let reason = format!("schema: {}", describe(&e));
+        if e.as_db_error().is_some() {
+            SchemaError::Refused(reason)
+        } else {
+            SchemaError::Unreachable(reason)
+        }
+    };
     let tx = client.transaction().await.map_err(schema_err)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
         .await
@@ -384,12 +485,12 @@ async fn ensure_schema(pool: &Pool) -> Result<(), LedgerError> {
         }
         [v] if *v == SCHEMA_VERSION => {}
         [v] => {
-            return Err(open_err(format!(
+            return Err(SchemaError::Refused(format!(
                 "the database holds ledger schema version {v}; this signer knows only {SCHEMA_VERSION} (a newer signer wrote it?)"
             )));
         }
         more => {
-            return Err(open_err(format!(
+            return Err(SchemaError::Refused(format!(
                 "meshward_ledger_schema holds {} rows, expected one",
                 more.len()
             )));
@@ -401,6 +502,7 @@ async fn ensure_schema(pool: &Pool) -> Result<(), LedgerError> {
 /// The writer task: one group commit per turn.
 async fn writer_loop(
     pool: Pool,
+    schema: SchemaChecked,
     mut rx: mpsc::UnboundedReceiver<(Box<IssuanceRecord>, Reply)>,
     metrics: Option<Arc<LedgerMetrics>>,
     commit_delay: Duration,
@@ -420,7 +522,7 @@ async fn writer_loop(
         let records: Vec<&IssuanceRecord> = group.iter().map(|(r, _)| r.as_ref()).collect();
         let result = match tokio::time::timeout(
             write_timeout,
-            insert_group(&pool, &records, &replica),
+            insert_group(&pool, &schema, &records, &replica),
         )
         .await
         {
@@ -459,9 +561,16 @@ fn take_waiting(
 /// every caller in the group hears.
 async fn insert_group(
     pool: &Pool,
+    schema: &SchemaChecked,
     records: &[&IssuanceRecord],
     replica: &str,
 ) -> Result<(), String> {
+    schema_ready(schema, pool, "record")
+        .await
+        .map_err(|e| match e {
+            LedgerError::Store { reason, .. } => reason,
+            other => other.to_string(),
+        })?;
     let client = pool.get().await.map_err(|e| describe_pool(&e))?;
     let stmt = client
         .prepare_cached(INSERT)
