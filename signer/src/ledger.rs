@@ -52,6 +52,11 @@ impl CertDigest {
         Self(Sha256::digest(der).into())
     }
 
+    /// A digest from its 32 bytes (as the stores keep it).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
     /// The 32 bytes (what the SQLite ledger stores).
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
@@ -252,6 +257,43 @@ pub trait Ledger: Send + Sync {
         &self,
         before: OffsetDateTime,
     ) -> LedgerFuture<'_, Option<OffsetDateTime>>;
+}
+
+/// What [`import_sqlite`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Records read from the file.
+    pub read: u64,
+    /// Of those, the ones the shared ledger did not hold yet.
+    pub inserted: u64,
+}
+
+/// Records copied per statement by [`import_sqlite`].
+pub const IMPORT_BATCH: usize = 1000;
+
+/// Copy every record of a replica's SQLite ledger into the shared PostgreSQL
+/// one (`meshward-signer ledger import`), in issuance order, in batches of
+/// [`IMPORT_BATCH`]. Records already there are skipped, so it can run again
+/// (after an interruption, or for every replica's file).
+pub async fn import_sqlite(
+    source: &SqliteLedger,
+    target: &PostgresLedger,
+) -> Result<ImportReport, LedgerError> {
+    let mut report = ImportReport {
+        read: 0,
+        inserted: 0,
+    };
+    let mut after = 0;
+    loop {
+        let batch = source.records_after(after, IMPORT_BATCH).await?;
+        let Some(&(last, _)) = batch.last() else {
+            return Ok(report);
+        };
+        after = last;
+        let records: Vec<IssuanceRecord> = batch.into_iter().map(|(_, r)| r).collect();
+        report.inserted += target.import(&records).await?;
+        report.read += records.len() as u64;
+    }
 }
 
 /// Record the leaf of a freshly signed chain, then give the chain back for

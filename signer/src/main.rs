@@ -44,6 +44,29 @@ enum Command {
     /// Rotate the built-in CA: `ca rotate-intermediate`, `ca rotate-root
     /// [--overlap 24h]`, `ca status`. A running signer picks the change up.
     Ca(CaArgs),
+    /// The issuance ledger: `ledger import --from <ledger.sqlite>` copies a
+    /// replica's SQLite records into the shared `[ledger.postgres]` store
+    /// (run it in each replica's pod when moving to the shared ledger; it
+    /// skips what is already there, so it can run again).
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum LedgerCommand {
+    /// Copy every record of a SQLite ledger file into `[ledger.postgres]`
+    /// (same configuration sources as `serve`).
+    Import(ImportArgs),
+}
+
+/// `ledger import`.
+#[derive(Debug, Args)]
+struct ImportArgs {
+    /// The SQLite ledger to read (e.g. /var/lib/meshward/ledger.sqlite).
+    #[arg(long)]
+    from: PathBuf,
+    #[command(flatten)]
+    config: ServeArgs,
 }
 
 /// `ca` subcommands, with the same configuration sources as `serve`.
@@ -189,6 +212,40 @@ fn init_logs(
     Some(guard)
 }
 
+/// `ledger import`: the SQLite file at `from` into the configured shared
+/// store.
+async fn import_ledger(config: &Config, from: &std::path::Path) -> anyhow::Result<String> {
+    use meshward_signer::ledger::{PostgresLedger, SqliteLedger, SqliteOptions, import_sqlite};
+    let Some(pg) = &config.ledger.postgres else {
+        anyhow::bail!("ledger import copies into [ledger.postgres], which the config does not set");
+    };
+    if !from.is_file() {
+        anyhow::bail!("{}: no such ledger file", from.display());
+    }
+    let source = SqliteLedger::open(&SqliteOptions {
+        path: from.to_path_buf(),
+        busy_timeout: config.ledger.busy_timeout,
+        commit_delay: std::time::Duration::ZERO,
+    })?;
+    let opts = pg.options(config.ledger.commit_delay)?;
+    let target = PostgresLedger::open(&opts, None).await?;
+    let report = import_sqlite(&source, &target).await?;
+    info!(
+        from = %from.display(),
+        read = report.read,
+        inserted = report.inserted,
+        replica = %opts.replica,
+        "ledger imported"
+    );
+    Ok(format!(
+        "imported {} new records of {} read from {} (recorded_by {}; the rest were already there)",
+        report.inserted,
+        report.read,
+        from.display(),
+        opts.replica
+    ))
+}
+
 /// mimalloc instead of glibc malloc: per-request allocations (h2 frames,
 /// protobuf, DER) cost ~10 % of the signer's CPU with glibc's allocator.
 #[global_allocator]
@@ -208,6 +265,11 @@ async fn main() -> anyhow::Result<()> {
             let labels: std::collections::BTreeMap<String, String> =
                 args.labels.into_iter().collect();
             print!("{}", explain(&config, &args.ns, &args.sa, &labels)?);
+            Ok(())
+        }
+        Command::Ledger(LedgerCommand::Import(args)) => {
+            let config = args.config.load()?;
+            println!("{}", import_ledger(&config, &args.from).await?);
             Ok(())
         }
         Command::Ca(args) => {

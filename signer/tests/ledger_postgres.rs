@@ -475,3 +475,87 @@ async fn a_signer_started_while_its_database_is_down_issues_once_it_is_back() {
     assert_eq!(status, 200);
     h.signer.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn sqlite_records_are_imported_into_the_shared_ledger_once() {
+    use meshward_signer::ledger::{SqliteLedger, SqliteOptions};
+    // Moving an existing deployment to the shared ledger: each replica's
+    // SQLite records (the audit trail, and what root retirement waits for)
+    // are copied over with `meshward-signer ledger import`, run in its pod.
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_database("moving");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ledger.sqlite");
+    let sqlite = SqliteLedger::open(&SqliteOptions {
+        path: file.clone(),
+        busy_timeout: Duration::from_secs(1),
+        commit_delay: Duration::ZERO,
+    })
+    .unwrap();
+    let now = 1_800_000_000;
+    let records: Vec<IssuanceRecord> = (0..2500u32)
+        .map(|i| {
+            let mut r = rec(0, "shop", now + i64::from(i), now - 60);
+            r.sha256 = CertDigest::of(&i.to_be_bytes());
+            r.serial = format!("{i:x}");
+            r
+        })
+        .collect();
+    for r in &records {
+        sqlite.record(r).await.unwrap();
+    }
+    // One of them is already in the shared ledger (recorded twice during a
+    // rollout, say).
+    let shared = PostgresLedger::open(&options(&pg, "moving", "signer-1"), None)
+        .await
+        .unwrap();
+    shared.record(&records[7]).await.unwrap();
+
+    let mut config = Config::default();
+    config.ledger.postgres = Some(PostgresConfig {
+        url: pg.url("moving"),
+        password_file: Some(pg.password_file()),
+        tls: PostgresTlsMode::Disable,
+        replica: Some("signer-0".to_string()),
+        ..PostgresConfig::default()
+    });
+    let cfg = dir.path().join("signer.toml");
+    std::fs::write(&cfg, config.to_toml().unwrap()).unwrap();
+    let import = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_meshward-signer"))
+            .args(["ledger", "import", "--from"])
+            .arg(&file)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = import();
+    assert!(
+        first.contains("imported 2499 new records of 2500 read"),
+        "{first}"
+    );
+    // Every record, every field, from the shared ledger.
+    for r in [&records[0], &records[7], &records[1999], &records[2499]] {
+        assert_eq!(shared.lookup(r.sha256).await.unwrap().as_ref(), Some(r));
+    }
+    assert_eq!(
+        pg.psql(
+            "moving",
+            "SELECT recorded_by, COUNT(*) FROM meshward_certificates GROUP BY 1 ORDER BY 1"
+        ),
+        "signer-0|2499\nsigner-1|1"
+    );
+    // Again (an interrupted import re-run): nothing new.
+    let again = import();
+    assert!(
+        again.contains("imported 0 new records of 2500 read"),
+        "{again}"
+    );
+}

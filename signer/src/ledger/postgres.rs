@@ -337,6 +337,19 @@ impl PostgresLedger {
         &self.replica
     }
 
+    /// Insert `records` recorded elsewhere (`ledger import`), in one
+    /// statement; those already there are skipped. Returns how many were
+    /// new.
+    pub async fn import(&self, records: &[IssuanceRecord]) -> Result<u64, LedgerError> {
+        let refs: Vec<&IssuanceRecord> = records.iter().collect();
+        insert_group(&self.pool, &self.schema, &refs, &self.replica)
+            .await
+            .map_err(|reason| LedgerError::Store {
+                op: "import",
+                reason,
+            })
+    }
+
     async fn client(&self, op: &'static str) -> Result<deadpool_postgres::Object, LedgerError> {
         schema_ready(&self.schema, &self.pool, op).await?;
         self.pool.get().await.map_err(pool_err(op))
@@ -526,7 +539,7 @@ async fn writer_loop(
         )
         .await
         {
-            Ok(result) => result,
+            Ok(result) => result.map(|_| ()),
             Err(_) => Err(format!(
                 "group commit of {} records not done within write_timeout {}",
                 records.len(),
@@ -564,7 +577,7 @@ async fn insert_group(
     schema: &SchemaChecked,
     records: &[&IssuanceRecord],
     replica: &str,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     schema_ready(schema, pool, "record")
         .await
         .map_err(|e| match e {
@@ -611,8 +624,7 @@ async fn insert_group(
             ],
         )
         .await
-        .map_err(|e| describe(&e))?;
-    Ok(())
+        .map_err(|e| describe(&e))
 }
 
 fn from_unix(what: &str, secs: i64) -> Result<OffsetDateTime, LedgerError> {

@@ -184,6 +184,57 @@ impl SqliteLedger {
         &self.path
     }
 
+    /// Up to `limit` records in issuance order after row `after` (0: from
+    /// the first), each with its row id: how `ledger import` reads a file.
+    pub async fn records_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, IssuanceRecord)>, LedgerError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read("export", move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id, sha256, serial, spiffe_id, namespace, not_before, not_after,
+                            backend, caller, issued_at
+                     FROM certificates WHERE id > ?1 ORDER BY id LIMIT ?2",
+                )
+                .map_err(store_err("export"))?;
+            let rows = stmt
+                .query_map(params![after, limit], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        (
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                            r.get(7)?,
+                            r.get(8)?,
+                            r.get(9)?,
+                        ),
+                    ))
+                })
+                .map_err(store_err("export"))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, digest, row) = row.map_err(store_err("export"))?;
+                let digest: [u8; 32] =
+                    digest
+                        .try_into()
+                        .map_err(|d: Vec<u8>| LedgerError::Corrupt {
+                            sha256: hex::encode(&d),
+                            reason: format!("digest of {} bytes", d.len()),
+                        })?;
+                out.push((id, row_to_record(CertDigest::from_bytes(digest), row)?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn read<T, F>(&self, op: &'static str, f: F) -> Result<T, LedgerError>
     where
         T: Send + 'static,
