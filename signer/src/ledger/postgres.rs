@@ -412,6 +412,9 @@ fn unreachable(e: &deadpool_postgres::PoolError) -> bool {
         deadpool_postgres::PoolError::Backend(pg) => pg,
         _ => return false,
     };
+    if let Some(db) = pg.as_db_error() {
+        return transient(db.code().code());
+    }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(pg);
     while let Some(err) = cause {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
@@ -423,6 +426,19 @@ fn unreachable(e: &deadpool_postgres::PoolError) -> bool {
         cause = err.source();
     }
     false
+}
+
+/// Whether a server error (its SQLSTATE) is a state the server passes
+/// through — starting up or shutting down (class 57), out of connections
+/// (53), a connection failure (08), a conflict to retry (40), a standby
+/// refusing writes during a failover (25006) — rather than a refusal that
+/// holds until someone changes something (authentication 28, no such
+/// database 3D000, no privilege 42501, ...).
+fn transient(sqlstate: &str) -> bool {
+    sqlstate == "25006"
+        || ["08", "40", "53", "57"]
+            .iter()
+            .any(|class| sqlstate.starts_with(class))
 }
 
 /// The schema checked once per process: a database unreachable at start is
@@ -459,10 +475,9 @@ async fn ensure_schema(pool: &Pool) -> Result<(), SchemaError> {
     // a refusal; losing the connection on the way is not.
     let schema_err = |e: tokio_postgres::Error| {
         let reason = format!("schema: {}", describe(&e));
-        if e.as_db_error().is_some() {
-            SchemaError::Refused(reason)
-        } else {
-            SchemaError::Unreachable(reason)
+        match e.as_db_error() {
+            Some(db) if !transient(db.code().code()) => SchemaError::Refused(reason),
+            _ => SchemaError::Unreachable(reason),
         }
     };
     let tx = client.transaction().await.map_err(schema_err)?;
@@ -769,6 +784,30 @@ impl Ledger for PostgresLedger {
 mod tests {
     use super::*;
     use crate::test_postgres as pg_server;
+
+    #[test]
+    fn server_states_that_pass_are_told_from_refusals() {
+        use tokio_postgres::error::SqlState;
+        for passing in [
+            SqlState::CANNOT_CONNECT_NOW, // the database system is starting up
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::CONNECTION_FAILURE,
+            SqlState::READ_ONLY_SQL_TRANSACTION, // a standby, mid-failover
+            SqlState::T_R_SERIALIZATION_FAILURE,
+        ] {
+            assert!(transient(passing.code()), "{passing:?}");
+        }
+        for refusal in [
+            SqlState::INVALID_PASSWORD,
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            SqlState::INVALID_CATALOG_NAME, // no such database
+            SqlState::INSUFFICIENT_PRIVILEGE,
+            SqlState::UNDEFINED_TABLE,
+        ] {
+            assert!(!transient(refusal.code()), "{refusal:?}");
+        }
+    }
 
     #[tokio::test]
     async fn lookups_holding_every_read_connection_cannot_delay_issuance() {
