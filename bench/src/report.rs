@@ -68,8 +68,19 @@ impl Machine {
             .unwrap_or_else(|| "unknown".to_string());
         let commit = match cmd("git", &["rev-parse", "--short=12", "HEAD"]) {
             Some(c) => {
-                let dirty = cmd("git", &["status", "--porcelain", "--untracked-files=no"])
-                    .is_some_and(|s| !s.is_empty());
+                // The report this run replaces does not count as a change.
+                let dirty = cmd(
+                    "git",
+                    &[
+                        "status",
+                        "--porcelain",
+                        "--untracked-files=no",
+                        "--",
+                        ".",
+                        ":(exclude)BENCHMARKS.md",
+                    ],
+                )
+                .is_some_and(|s| !s.is_empty());
                 if dirty {
                     format!("{c} (with uncommitted changes in the working tree)")
                 } else {
