@@ -205,16 +205,7 @@ impl SqliteLedger {
                     Ok((
                         r.get::<_, i64>(0)?,
                         r.get::<_, Vec<u8>>(1)?,
-                        (
-                            r.get(2)?,
-                            r.get(3)?,
-                            r.get(4)?,
-                            r.get(5)?,
-                            r.get(6)?,
-                            r.get(7)?,
-                            r.get(8)?,
-                            r.get(9)?,
-                        ),
+                        record_columns(r, 2)?,
                     ))
                 })
                 .map_err(store_err("export"))?;
@@ -332,9 +323,14 @@ fn writer_loop(
         previous_records = records.len();
         if !records.is_empty() {
             let (n, started) = (records.len(), Instant::now());
-            commit_group(&mut conn, records);
+            let answers = commit_group(&mut conn, records);
+            // Measured before anyone hears back: a caller that reads the
+            // metrics after its answer sees its commit.
             if let Some(m) = metrics {
                 m.committed(n, started.elapsed().as_secs_f64());
+            }
+            for (reply, answer) in answers {
+                let _ = reply.send(answer);
             }
         }
         for (cutoff, reply) in prunes {
@@ -343,28 +339,37 @@ fn writer_loop(
     }
 }
 
-/// Insert every record in one transaction; each caller hears `Ok` only if
-/// its insert succeeded and the commit is durable.
-fn commit_group(conn: &mut Connection, records: Vec<(Box<IssuanceRecord>, Reply<()>)>) {
+/// Insert every record in one transaction; each caller's answer is `Ok`
+/// only if its insert succeeded and the commit is durable. The answers are
+/// returned, for the writer to send once the commit is measured.
+fn commit_group(
+    conn: &mut Connection,
+    records: Vec<(Box<IssuanceRecord>, Reply<()>)>,
+) -> Vec<(Reply<()>, Result<(), LedgerError>)> {
     // `rusqlite::Error` is not `Clone`: a group failure reaches every
     // caller as the same message.
-    let fail_all = |records: Vec<(Box<IssuanceRecord>, Reply<()>)>, e: &rusqlite::Error| {
-        for (_, reply) in records {
-            let _ = reply.send(Err(LedgerError::Store {
-                op: "record",
-                reason: e.to_string(),
-            }));
-        }
+    let fail_all = |replies: Vec<Reply<()>>, e: &rusqlite::Error| {
+        replies
+            .into_iter()
+            .map(|reply| {
+                let answer = Err(LedgerError::Store {
+                    op: "record",
+                    reason: e.to_string(),
+                });
+                (reply, answer)
+            })
+            .collect::<Vec<_>>()
     };
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
-        Err(e) => return fail_all(records, &e),
+        Err(e) => return fail_all(records.into_iter().map(|(_, r)| r).collect(), &e),
     };
     let mut inserted = Vec::with_capacity(records.len());
+    let mut answers = Vec::new();
     {
         let mut stmt = match tx.prepare_cached(INSERT) {
             Ok(stmt) => stmt,
-            Err(e) => return fail_all(records, &e),
+            Err(e) => return fail_all(records.into_iter().map(|(_, r)| r).collect(), &e),
         };
         for (rec, reply) in records {
             match stmt.execute(params![
@@ -378,21 +383,16 @@ fn commit_group(conn: &mut Connection, records: Vec<(Box<IssuanceRecord>, Reply<
                 rec.caller,
                 rec.issued_at.unix_timestamp(),
             ]) {
-                Ok(_) => inserted.push((rec, reply)),
-                Err(e) => {
-                    let _ = reply.send(Err(store_err("record")(e)));
-                }
+                Ok(_) => inserted.push(reply),
+                Err(e) => answers.push((reply, Err(store_err("record")(e)))),
             }
         }
     }
     match tx.commit() {
-        Ok(()) => {
-            for (_, reply) in inserted {
-                let _ = reply.send(Ok(()));
-            }
-        }
-        Err(e) => fail_all(inserted, &e),
+        Ok(()) => answers.extend(inserted.into_iter().map(|reply| (reply, Ok(())))),
+        Err(e) => answers.extend(fail_all(inserted, &e)),
     }
+    answers
 }
 
 fn prune(conn: &Connection, cutoff: i64) -> Result<u64, LedgerError> {
@@ -422,6 +422,21 @@ fn from_unix(sha256: CertDigest, secs: i64) -> Result<OffsetDateTime, LedgerErro
 /// A row of [`LOOKUP`] (the digest is the lookup key, not read back).
 type Row = (String, String, String, i64, i64, String, String, i64);
 
+/// The [`Row`] columns (serial … issued_at, in [`LOOKUP`]'s order) of a
+/// result row, starting at column `first`.
+fn record_columns(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Row> {
+    Ok((
+        r.get(first)?,
+        r.get(first + 1)?,
+        r.get(first + 2)?,
+        r.get(first + 3)?,
+        r.get(first + 4)?,
+        r.get(first + 5)?,
+        r.get(first + 6)?,
+        r.get(first + 7)?,
+    ))
+}
+
 fn row_to_record(sha256: CertDigest, row: Row) -> Result<IssuanceRecord, LedgerError> {
     let (serial, spiffe_id, namespace, nb, na, backend, caller, at) = row;
     Ok(IssuanceRecord {
@@ -447,18 +462,7 @@ impl Ledger for SqliteLedger {
         Box::pin(self.read("lookup", move |conn| {
             let mut stmt = conn.prepare_cached(LOOKUP).map_err(store_err("lookup"))?;
             let row: Option<Row> = stmt
-                .query_row(params![sha256.as_bytes()], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                        r.get(7)?,
-                    ))
-                })
+                .query_row(params![sha256.as_bytes()], |r| record_columns(r, 0))
                 .optional()
                 .map_err(store_err("lookup"))?;
             row.map(|row| row_to_record(sha256, row)).transpose()
