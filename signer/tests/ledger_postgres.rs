@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use harness::{Harness, assert_refused, http_get};
+use meshward_signer::client::IssuedCertificate;
 use meshward_signer::config::Config;
 use meshward_signer::ledger::{
     CertDigest, CertificateView, IssuanceRecord, Ledger, LedgerMetrics, PostgresConfig,
@@ -68,6 +69,18 @@ fn rec(byte: u8, ns: &str, not_after: i64, issued_at: i64) -> IssuanceRecord {
         caller: format!("spiffe://cluster.local/ns/{ns}/sa/s{byte}"),
         issued_at: OffsetDateTime::from_unix_timestamp(issued_at).unwrap(),
     }
+}
+
+/// `pay/api` asks again (bounded: 50 tries, 100 ms apart) until the signer
+/// issues, after its database came back.
+async fn issue_once_the_database_answers(h: &Harness) -> IssuedCertificate {
+    for _ in 0..50 {
+        if let Ok((_, cert)) = h.issue("pay", "api", &h.opts("pay", "api")).await {
+            return cert;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("issuance did not resume once the database answered");
 }
 
 fn at(secs: i64) -> OffsetDateTime {
@@ -365,17 +378,7 @@ async fn database_outage_fails_issuance_instead_of_handing_out_unrecorded_certif
     // Back up: the signer reconnects by itself (bounded retries; the pool
     // drops the connections the outage closed).
     pg.restart();
-    let mut issued = None;
-    for _ in 0..50 {
-        match h.issue("pay", "api", &h.opts("pay", "api")).await {
-            Ok((_, cert)) => {
-                issued = Some(cert);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    let cert = issued.expect("issuance resumes once the database is back");
+    let cert = issue_once_the_database_answers(&h).await;
     let digest = CertDigest::of(&cert.leaf).to_hex();
     assert_eq!(
         pg.psql(
@@ -454,17 +457,7 @@ async fn a_signer_started_while_its_database_is_down_issues_once_it_is_back() {
     assert_eq!(status, 200, "the signer serves (bundle, probes) meanwhile");
 
     pg.restart();
-    let mut issued = None;
-    for _ in 0..50 {
-        match h.issue("pay", "api", &h.opts("pay", "api")).await {
-            Ok((_, cert)) => {
-                issued = Some(cert);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    let cert = issued.expect("issuance resumes once the database answers");
+    let cert = issue_once_the_database_answers(&h).await;
     // The schema was created on that first use, and the record is in it.
     assert_eq!(
         pg.psql("failover", "SELECT version FROM meshward_ledger_schema"),
