@@ -573,6 +573,12 @@ impl Config {
                 self.server.max_connections
             )));
         }
+        if !(1..=1_000_000).contains(&self.bundle.max_watchers) {
+            return Err(ConfigError::Invalid(format!(
+                "bundle.max_watchers {} must be between 1 and 1000000",
+                self.bundle.max_watchers
+            )));
+        }
         if !(1..=MAX_CONNECTIONS).contains(&self.bundle.endpoint_max_connections) {
             return Err(ConfigError::Invalid(format!(
                 "bundle.endpoint_max_connections {} must be between 1 and {MAX_CONNECTIONS}",
@@ -893,6 +899,13 @@ mod tests {
                 err.to_string().contains("endpoint_max_connections"),
                 "{err}"
             );
+            if bad == 0 {
+                let err = Config::from_toml("[bundle]\nmax_watchers = 0\n", "inline")
+                    .unwrap()
+                    .validate()
+                    .unwrap_err();
+                assert!(err.to_string().contains("max_watchers"), "{err}");
+            }
             for name in ["admin_max_connections", "admin_max_connections_per_ip"] {
                 let err = Config::from_toml(&format!("[server]\n{name} = {bad}\n"), "inline")
                     .unwrap()

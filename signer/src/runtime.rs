@@ -220,6 +220,10 @@ impl Signer {
             Some(config.server.admin_max_connections_per_ip),
         );
         admin_limit.register(metrics.registry_mut(), "admin");
+        let watchers = Arc::new(crate::bundle::grpc::Watchers::new(
+            config.bundle.max_watchers,
+        ));
+        watchers.register(metrics.registry_mut());
         let endpoint_limit = ConnectionLimit::new(
             config.bundle.endpoint_max_connections,
             Some(crate::bundle::endpoint::CONNECTION_LIFETIME),
@@ -342,7 +346,7 @@ impl Signer {
         }
         let router = builder
             .add_service(service)
-            .add_service(bundle.grpc_service());
+            .add_service(bundle.grpc_service(watchers));
         let mut rx = shutdown_rx.clone();
         let mut drain_rx = shutdown_rx.clone();
         let drain = config.server.shutdown_drain;

@@ -586,3 +586,41 @@ async fn admin_connection_flood_waits_in_the_backlog_beyond_admin_max_connection
     );
     h.signer.shutdown().await.unwrap();
 }
+
+/// Attack: `WatchBundle` streams opened and kept, each a task and a queue
+/// in the signer for as long as the client likes — bounded otherwise only
+/// by connections × streams per connection (hundreds of thousands). Beyond
+/// `bundle.max_watchers` a new stream is refused; a place freed by a client
+/// that leaves serves the next.
+#[tokio::test]
+async fn watch_bundle_streams_beyond_max_watchers_are_refused() {
+    let h = Harness::start_with(|c| c.bundle.max_watchers = 2).await;
+    let mut client = TrustBundleServiceClient::new(h.channel_from(None).await);
+    let watch = || WatchBundleRequest {
+        trust_domain: "cluster.local".to_string(),
+    };
+    let first = client.watch_bundle(watch()).await.unwrap().into_inner();
+    let second = client.watch_bundle(watch()).await.unwrap().into_inner();
+    let third = client.watch_bundle(watch()).await;
+    match third {
+        Err(status) => assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}"),
+        Ok(_) => panic!("a third watcher was admitted past bundle.max_watchers = 2"),
+    }
+    let text = h.signer.metrics().render().unwrap();
+    assert_eq!(sample(&text, "meshward_signer_bundle_watchers"), Some(2.0));
+    assert_counted(&text, "meshward_signer_bundle_watchers_refused_total");
+    // A watcher leaves: its place is free again (bounded wait while the
+    // signer notices the stream is gone).
+    drop(first);
+    let mut admitted = None;
+    for _ in 0..100 {
+        if let Ok(s) = client.watch_bundle(watch()).await {
+            admitted = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(admitted.is_some(), "the freed place was never given out");
+    drop((second, admitted, client));
+    h.signer.shutdown().await.unwrap();
+}

@@ -5,12 +5,88 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use meshward_proto::meshward::v1 as pb;
-use tokio::sync::{mpsc, watch};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{BundleChannel, TrustBundle};
+
+/// At most `bundle.max_watchers` `WatchBundle` streams at once. A stream
+/// lives as long as its client keeps it, and each holds a task, a channel
+/// and the bundles queued for a client that does not read; bounded only by
+/// connections × streams per connection, one client could open hundreds of
+/// thousands of them.
+#[derive(Debug)]
+pub struct Watchers {
+    slots: Arc<Semaphore>,
+    max: usize,
+    open: Gauge,
+    refused: Counter,
+}
+
+impl Watchers {
+    /// Room for `max` streams.
+    pub fn new(max: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            open: Gauge::default(),
+            refused: Counter::default(),
+        }
+    }
+
+    /// `meshward_signer_bundle_watchers{,_max}` and
+    /// `meshward_signer_bundle_watchers_refused_total`.
+    pub fn register(&self, registry: &mut Registry) {
+        let max = Gauge::<i64>::default();
+        max.set(i64::try_from(self.max).unwrap_or(i64::MAX));
+        registry.register(
+            "bundle_watchers",
+            "WatchBundle streams open",
+            self.open.clone(),
+        );
+        registry.register(
+            "bundle_watchers_max",
+            "WatchBundle streams allowed at once (bundle.max_watchers)",
+            max,
+        );
+        registry.register(
+            "bundle_watchers_refused",
+            "WatchBundle streams refused because bundle.max_watchers were open",
+            self.refused.clone(),
+        );
+    }
+
+    /// A place for one more stream, or `None` (counted) when all are taken.
+    fn admit(&self) -> Option<Watching> {
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            self.refused.inc();
+            return None;
+        };
+        self.open.inc();
+        Some(Watching {
+            _permit: permit,
+            open: self.open.clone(),
+        })
+    }
+}
+
+/// One open stream's place in [`Watchers`], given back when its forwarding
+/// task ends.
+struct Watching {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
 
 /// The gRPC service; add it to a tonic router with
 /// `TrustBundleServiceServer::new(WatchBundleService::new(channel))`.
@@ -18,6 +94,7 @@ use super::{BundleChannel, TrustBundle};
 pub struct WatchBundleService {
     channel: BundleChannel,
     shutdown: Option<watch::Receiver<bool>>,
+    watchers: Option<Arc<Watchers>>,
 }
 
 impl WatchBundleService {
@@ -26,7 +103,15 @@ impl WatchBundleService {
         Self {
             channel,
             shutdown: None,
+            watchers: None,
         }
+    }
+
+    /// At most `watchers`' room of streams at once; beyond it a new stream
+    /// is refused RESOURCE_EXHAUSTED.
+    pub fn with_watchers(mut self, watchers: Arc<Watchers>) -> Self {
+        self.watchers = Some(watchers);
+        self
     }
 
     /// End every open stream when `shutdown` turns true (a server's graceful
@@ -74,12 +159,29 @@ impl pb::trust_bundle_service_server::TrustBundleService for WatchBundleService 
                 current.trust_domain()
             )));
         }
+        let watching = match &self.watchers {
+            Some(w) => match w.admit() {
+                Some(place) => Some(place),
+                None => {
+                    tracing::warn!(
+                        max_watchers = w.max,
+                        "WatchBundle refused: every watcher place is taken (bundle.max_watchers)"
+                    );
+                    return Err(Status::resource_exhausted(
+                        "too many WatchBundle streams are open; retry with backoff",
+                    ));
+                }
+            },
+            None => None,
+        };
         let rx = self.channel.subscribe();
         let (tx, out) = mpsc::channel(4);
         let (_keep, never) = watch::channel(false);
         let shutdown = self.shutdown.clone().unwrap_or(never);
         tokio::spawn(async move {
             let _keep = _keep;
+            // Held until the client goes away (or shutdown).
+            let _watching = watching;
             forward(rx, tx, shutdown).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))

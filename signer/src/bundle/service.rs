@@ -40,6 +40,10 @@ pub struct BundleConfig {
     /// included); at the limit it stops accepting. Each connection is closed
     /// after 60 s at most.
     pub endpoint_max_connections: usize,
+    /// `WatchBundle` streams open at once on the gRPC port; beyond it a new
+    /// one is refused RESOURCE_EXHAUSTED (each lives as long as its client
+    /// keeps it).
+    pub max_watchers: usize,
     /// `ca rotate-root` without `--overlap`: how long the new root is
     /// published before issuance switches to it.
     #[serde(with = "humantime_serde")]
@@ -74,6 +78,7 @@ impl Default for BundleConfig {
             dir: None,
             endpoint_addr: None,
             endpoint_max_connections: 1024,
+            max_watchers: 4096,
             rotation_overlap: Duration::from_secs(24 * 3600),
             rotation_check_interval: Duration::from_secs(30),
             configmap: None,
@@ -176,11 +181,13 @@ impl BundleService {
     /// The `meshward.v1.TrustBundleService` gRPC service.
     pub fn grpc_service(
         &self,
+        watchers: Arc<super::grpc::Watchers>,
     ) -> meshward_proto::meshward::v1::trust_bundle_service_server::TrustBundleServiceServer<
         WatchBundleService,
     > {
         WatchBundleService::new(self.channel.clone())
             .with_shutdown(self.shutdown.clone())
+            .with_watchers(watchers)
             .into_server()
             // A WatchBundleRequest is a trust domain name.
             .max_decoding_message_size(4096)
