@@ -33,6 +33,23 @@ fn sample(metrics: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// Assert a new connection from 127.0.0.1 to `addr` (sending `request`, if
+/// any) is closed by the signer within `within`, unanswered: an address past
+/// its share.
+async fn assert_closed_at_accept(addr: std::net::SocketAddr, request: &[u8], within: Duration) {
+    let mut excess = tokio::net::TcpStream::connect(addr).await.unwrap();
+    if !request.is_empty() {
+        let _ = excess.write_all(request).await;
+    }
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(within, excess.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| {
+            panic!("the excess connection to {addr} was still open after {within:?}")
+        });
+    assert!(matches!(closed, Ok(0) | Err(_)), "answered: {closed:?}");
+}
+
 /// Assert the counter `name` in `/metrics` text moved (≥ 1).
 fn assert_counted(metrics: &str, name: &str) {
     assert!(
@@ -148,14 +165,9 @@ async fn one_address_cannot_take_every_connection_slot() {
         Duration::from_secs(10),
     )
     .await;
-    let mut excess = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut buf = [0u8; 1];
     // Closed at accept (a handshake that never starts would only time out
     // after 10 s).
-    let closed = tokio::time::timeout(Duration::from_secs(5), excess.read(&mut buf))
-        .await
-        .expect("the excess connection from 127.0.0.1 was still open after 5 s");
-    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    assert_closed_at_accept(addr, b"", Duration::from_secs(5)).await;
 
     // An agent from another address (127.0.0.2) is accepted and served.
     let other = CaClient::from_channel(h.channel_from(Some("127.0.0.2".parse().unwrap())).await);
@@ -541,17 +553,12 @@ async fn one_address_cannot_take_the_admin_port_from_the_probes() {
     let kubelet: std::net::IpAddr = "127.0.0.2".parse().unwrap();
     let _held = idle_admin_connections(&h, pod, 4).await;
     // The fifth from the same address is closed without an answer.
-    let mut fifth = tokio::net::TcpStream::connect(h.signer.admin_addr())
-        .await
-        .unwrap();
-    let _ = fifth
-        .write_all(b"GET /healthz HTTP/1.1\r\nhost: signer\r\n\r\n")
-        .await;
-    let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(Duration::from_secs(10), fifth.read(&mut buf))
-        .await
-        .expect("the excess connection is closed, not left hanging");
-    assert!(matches!(read, Ok(0) | Err(_)), "answered: {read:?}");
+    assert_closed_at_accept(
+        h.signer.admin_addr(),
+        b"GET /healthz HTTP/1.1\r\nhost: signer\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(
         admin_get_from(&h, kubelet, "/readyz", Duration::from_secs(10)).await,
         Some(200)
