@@ -25,6 +25,7 @@ pub mod bundle;
 pub mod client;
 pub mod config;
 pub mod csr;
+pub mod dashboard;
 pub mod issuer;
 pub mod kube_api;
 pub mod ledger;

@@ -381,7 +381,19 @@ impl Signer {
             issuer: issuer.clone(),
         })
         .merge(bundle.admin_routes())
-        .merge(ledger.as_ref().map(|l| l.routes()).unwrap_or_default());
+        .merge(ledger.as_ref().map(|l| l.routes()).unwrap_or_default())
+        .merge(crate::dashboard::routes(crate::dashboard::DashboardState {
+            issuer: issuer.clone(),
+            bundle: bundle.channel().clone(),
+            rotation: rotating.clone(),
+            ledger: match (&ledger, &config.ledger.postgres) {
+                (None, _) => crate::dashboard::LedgerKind::Off,
+                (Some(_), Some(_)) => crate::dashboard::LedgerKind::Postgres,
+                (Some(_), None) => crate::dashboard::LedgerKind::Sqlite,
+            },
+            replica: crate::ledger::service::host_name().unwrap_or_else(|| "unknown".into()),
+            started_at: OffsetDateTime::now_utc(),
+        }));
         let mut tasks = bundle.take_tasks();
         if let Some(l) = &ledger {
             tasks.push(l.spawn_maintenance(

@@ -187,7 +187,7 @@ impl PostgresConfig {
 
 /// The host name (`HOSTNAME`, else the kernel's): in a StatefulSet, the pod
 /// name.
-fn host_name() -> Option<String> {
+pub(crate) fn host_name() -> Option<String> {
     std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())

@@ -1,0 +1,230 @@
+//! The dashboard page on the admin port: `/dashboard` (one page, its script
+//! and stylesheet compiled into the binary) and `/v1/status`, the JSON it
+//! reads next to `/metrics` and `/readyz`.
+//!
+//! It is for an operator without Grafana at hand (`kubectl port-forward`
+//! to one replica during an incident): what this replica issues and
+//! refuses, how close it is to its load bounds, which roots it publishes and
+//! where a rotation stands, what its ledger holds. It shows nothing
+//! `/metrics` and the bundle routes do not already give any pod that
+//! reaches the admin port: aggregates, public certificates, no identities.
+//!
+//! The page runs no inline script and loads nothing from elsewhere; the
+//! Content-Security-Policy says so, and every value it shows is set as
+//! text, never parsed as markup (a CA subject is operator input).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use crate::bundle::BundleChannel;
+use crate::bundle::rotation::Phase;
+use crate::bundle::rotation::live::RotatingBuiltin;
+use crate::issuer::Issuer;
+
+const PAGE: &str = include_str!("dashboard/index.html");
+const SCRIPT: &str = include_str!("dashboard/app.js");
+const STYLE: &str = include_str!("dashboard/app.css");
+
+/// What the page may do: its own script, style and requests to this
+/// origin; no inline script, no other origin, no framing, no forms.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+     style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; \
+     form-action 'none'; frame-ancestors 'none'";
+
+/// Which ledger this replica records into, as the page names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerKind {
+    /// `[ledger] enabled = false`.
+    Off,
+    /// The replica's own SQLite file.
+    Sqlite,
+    /// `[ledger.postgres]`, shared by every replica.
+    Postgres,
+}
+
+/// What `/v1/status` is built from.
+#[derive(Clone)]
+pub struct DashboardState {
+    /// The signing backend.
+    pub issuer: Arc<dyn Issuer>,
+    /// The published trust bundle.
+    pub bundle: BundleChannel,
+    /// The built-in CA's rotation, when the backend is builtin.
+    pub rotation: Option<Arc<RotatingBuiltin>>,
+    /// Where issuances are recorded.
+    pub ledger: LedgerKind,
+    /// This replica's name (the pod name in a StatefulSet).
+    pub replica: String,
+    /// When this process started serving.
+    pub started_at: OffsetDateTime,
+}
+
+/// `/v1/status`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// The signer's version.
+    pub version: &'static str,
+    /// This replica's name.
+    pub replica: String,
+    /// Unix seconds.
+    pub started_at: i64,
+    /// Unix seconds, the signer's clock.
+    pub now: i64,
+    /// The trust domain certificates are issued in.
+    pub trust_domain: String,
+    /// `builtin`, `cacerts` or `vault`.
+    pub backend: &'static str,
+    /// Where issuances are recorded.
+    pub ledger: LedgerKind,
+    /// The certificate that signs leaves.
+    pub signing_ca: Validity,
+    /// The bundle as published.
+    pub bundle: BundleStatus,
+    /// The built-in CA's root rotation (absent for other backends).
+    pub rotation: Option<Phase>,
+    /// Why the rotation state could not be read, if it could not.
+    pub rotation_error: Option<String>,
+}
+
+/// A validity window in Unix seconds.
+#[derive(Debug, Serialize)]
+pub struct Validity {
+    /// notBefore.
+    pub not_before: i64,
+    /// notAfter.
+    pub not_after: i64,
+}
+
+/// The published trust bundle.
+#[derive(Debug, Serialize)]
+pub struct BundleStatus {
+    /// Increases with every published change.
+    pub sequence: u64,
+    /// Its roots, in bundle order.
+    pub roots: Vec<RootStatus>,
+}
+
+/// One root of the bundle.
+#[derive(Debug, Serialize)]
+pub struct RootStatus {
+    /// The subject as RFC 4514 text (`"?"` if the certificate does not
+    /// parse, which the bundle's own checks should have prevented).
+    pub subject: String,
+    /// SHA-256 of the DER, lower-case hex.
+    pub sha256: String,
+    /// Its validity.
+    pub validity: Option<Validity>,
+}
+
+impl DashboardState {
+    /// The status as of now.
+    pub fn status(&self) -> Status {
+        let bundle = self.bundle.current();
+        let signing = self.issuer.signing_validity();
+        let (rotation, rotation_error) = match &self.rotation {
+            None => (None, None),
+            Some(ca) => match ca.dir().phase() {
+                Ok(phase) => (Some(phase), None),
+                Err(e) => (None, Some(e.to_string())),
+            },
+        };
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            replica: self.replica.clone(),
+            started_at: self.started_at.unix_timestamp(),
+            now: OffsetDateTime::now_utc().unix_timestamp(),
+            trust_domain: bundle.trust_domain().to_string(),
+            backend: self.issuer.name(),
+            ledger: self.ledger,
+            signing_ca: Validity {
+                not_before: signing.not_before.unix_timestamp(),
+                not_after: signing.not_after.unix_timestamp(),
+            },
+            bundle: BundleStatus {
+                sequence: bundle.sequence(),
+                roots: bundle.roots().iter().map(|der| root_status(der)).collect(),
+            },
+            rotation,
+            rotation_error,
+        }
+    }
+}
+
+fn root_status(der: &[u8]) -> RootStatus {
+    let sha256 = hex::encode(Sha256::digest(der));
+    match x509_parser::parse_x509_certificate(der) {
+        Ok((_, cert)) => RootStatus {
+            subject: cert.subject().to_string(),
+            sha256,
+            validity: Some(Validity {
+                not_before: cert.validity().not_before.timestamp(),
+                not_after: cert.validity().not_after.timestamp(),
+            }),
+        },
+        Err(_) => RootStatus {
+            subject: "?".to_string(),
+            sha256,
+            validity: None,
+        },
+    }
+}
+
+/// `/` (redirects here), `/dashboard`, its assets, and `/v1/status`.
+pub fn routes(state: DashboardState) -> Router {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/dashboard") }))
+        .route(
+            "/dashboard",
+            get(|| async { asset("text/html; charset=utf-8", PAGE) }),
+        )
+        .route(
+            "/dashboard/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),
+        )
+        .route(
+            "/dashboard/app.css",
+            get(|| async { asset("text/css; charset=utf-8", STYLE) }),
+        )
+        .route("/v1/status", get(status))
+        .with_state(state)
+}
+
+async fn status(State(state): State<DashboardState>) -> Response {
+    let mut response = axum::Json(state.status()).into_response();
+    harden(&mut response);
+    response
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    let mut response = ([(header::CONTENT_TYPE, content_type)], body).into_response();
+    harden(&mut response);
+    response
+}
+
+/// The headers every dashboard response carries.
+fn harden(response: &mut Response) {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
