@@ -7,7 +7,7 @@
 //!   matchers ([`policy::Policy`]) and evaluated with
 //!   [`Policy::authorize`](policy::Policy::authorize)`(peer, request, now)`.
 //!   It builds natively (tests, benches, the e2e host) and for wasm32.
-//! * a **thin proxy-wasm shim** (`shim`, only on `wasm32`) that reads the host's
+//! * a **thin proxy-wasm shim** (`shim`, only on `wasm32-wasip1`) that reads the host's
 //!   properties and headers, calls the core, and acts on the decision.
 // `unsafe_code` is denied workspace-wide; in `shim` only the proxy-wasm entry
 // macro and `shim::abi` (two raw ABI reads on the per-request path) are allowed it.
@@ -26,7 +26,7 @@ pub mod request;
 pub mod telemetry;
 pub mod xfcc;
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 mod shim;
 
 pub use cert::{CertSource, CertTimes, CertValidity, PeerCert};

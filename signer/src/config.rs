@@ -65,6 +65,8 @@ pub struct Config {
     pub ledger: crate::ledger::LedgerConfig,
     /// Trust bundle publication (`[bundle]`).
     pub bundle: crate::bundle::BundleConfig,
+    /// The admin port's dashboard page (`[dashboard]`).
+    pub dashboard: crate::dashboard::DashboardConfig,
 }
 
 /// Listeners and the serving certificate.
@@ -389,6 +391,7 @@ impl Default for Config {
             authn: AuthnConfig::default(),
             ledger: crate::ledger::LedgerConfig::default(),
             bundle: crate::bundle::BundleConfig::default(),
+            dashboard: crate::dashboard::DashboardConfig::default(),
         }
     }
 }

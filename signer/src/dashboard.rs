@@ -13,6 +13,7 @@
 //! Content-Security-Policy says so, and every value it shows is set as
 //! text, never parsed as markup (a CA subject is operator input).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::Router;
@@ -20,7 +21,7 @@ use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
@@ -34,10 +35,79 @@ const SCRIPT: &str = include_str!("dashboard/app.js");
 const STYLE: &str = include_str!("dashboard/app.css");
 
 /// What the page may do: its own script, style and requests to this
-/// origin; no inline script, no other origin, no framing, no forms.
-pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+/// origin, and compiling the playground's WebAssembly (`wasm-unsafe-eval`
+/// allows WebAssembly compilation only, not JavaScript `eval`); no inline
+/// script, no other origin, no framing, no forms.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; \
      style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'";
+
+/// The largest playground module [`load_playground`] accepts.
+pub const MAX_PLAYGROUND_BYTES: u64 = 16 << 20;
+
+/// `[dashboard]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DashboardConfig {
+    /// The policy playground's module (`meshward_playground.wasm`, built by
+    /// `scripts/playground`): the filter's policy core, run in the browser
+    /// on a policy pasted into the page. Absent: the page shows no
+    /// playground.
+    pub playground_wasm: Option<PathBuf>,
+}
+
+/// Why the playground module was not loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaygroundError {
+    /// The file could not be read.
+    #[error("dashboard.playground_wasm {path}: {source}")]
+    Read {
+        /// The configured path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not a WebAssembly module this page can run.
+    #[error("dashboard.playground_wasm {path}: {reason}")]
+    Invalid {
+        /// The configured path.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Read and check the playground module: a WebAssembly binary (magic and
+/// version 1) of at most [`MAX_PLAYGROUND_BYTES`], exporting the page's ABI.
+pub fn load_playground(path: &Path) -> Result<Arc<[u8]>, PlaygroundError> {
+    let name = path.display().to_string();
+    let invalid = |reason: String| PlaygroundError::Invalid {
+        path: name.clone(),
+        reason,
+    };
+    let read = |source| PlaygroundError::Read {
+        path: name.clone(),
+        source,
+    };
+    let size = std::fs::metadata(path).map_err(read)?.len();
+    if size > MAX_PLAYGROUND_BYTES {
+        return Err(invalid(format!(
+            "{size} bytes, more than the {MAX_PLAYGROUND_BYTES} allowed"
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(read)?;
+    if bytes.get(..8) != Some(b"\0asm\x01\0\0\0".as_slice()) {
+        return Err(invalid("not a WebAssembly module (version 1)".into()));
+    }
+    for export in ["meshward_alloc", "meshward_evaluate", "meshward_free"] {
+        if !bytes.windows(export.len()).any(|w| w == export.as_bytes()) {
+            return Err(invalid(format!(
+                "does not export {export}: build it with scripts/playground"
+            )));
+        }
+    }
+    Ok(bytes.into())
+}
 
 /// Which ledger this replica records into, as the page names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -66,6 +136,8 @@ pub struct DashboardState {
     pub replica: String,
     /// When this process started serving.
     pub started_at: OffsetDateTime,
+    /// The policy playground's module, when configured.
+    pub playground: Option<Arc<[u8]>>,
 }
 
 /// `/v1/status`.
@@ -93,6 +165,8 @@ pub struct Status {
     pub rotation: Option<Phase>,
     /// Why the rotation state could not be read, if it could not.
     pub rotation_error: Option<String>,
+    /// Whether `/dashboard/playground.wasm` is served.
+    pub playground: bool,
 }
 
 /// A validity window in Unix seconds.
@@ -155,6 +229,7 @@ impl DashboardState {
             },
             rotation,
             rotation_error,
+            playground: self.playground.is_some(),
         }
     }
 }
@@ -194,12 +269,30 @@ pub fn routes(state: DashboardState) -> Router {
             "/dashboard/app.css",
             get(|| async { asset("text/css; charset=utf-8", STYLE) }),
         )
+        .route("/dashboard/playground.wasm", get(playground))
         .route("/v1/status", get(status))
         .with_state(state)
 }
 
 async fn status(State(state): State<DashboardState>) -> Response {
     let mut response = axum::Json(state.status()).into_response();
+    harden(&mut response);
+    response
+}
+
+async fn playground(State(state): State<DashboardState>) -> Response {
+    let mut response = match state.playground {
+        Some(module) => (
+            [(header::CONTENT_TYPE, "application/wasm")],
+            axum::body::Bytes::from_owner(module),
+        )
+            .into_response(),
+        None => (
+            axum::http::StatusCode::NOT_FOUND,
+            "no policy playground on this signer: set dashboard.playground_wasm\n",
+        )
+            .into_response(),
+    };
     harden(&mut response);
     response
 }

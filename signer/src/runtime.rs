@@ -192,6 +192,13 @@ impl Signer {
                 .then(|| ClientCertAuthenticator::new(trust_domain.clone(), issuer.clone())),
             token: token_authenticator,
         });
+        let playground = config
+            .dashboard
+            .playground_wasm
+            .as_deref()
+            .map(crate::dashboard::load_playground)
+            .transpose()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let ledger =
             crate::ledger::LedgerService::open(&config.ledger, &config.ca.data_dir).await?;
         let mut metrics = Metrics::new();
@@ -393,6 +400,7 @@ impl Signer {
             },
             replica: crate::ledger::service::host_name().unwrap_or_else(|| "unknown".into()),
             started_at: OffsetDateTime::now_utc(),
+            playground,
         }));
         let mut tasks = bundle.take_tasks();
         if let Some(l) = &ledger {

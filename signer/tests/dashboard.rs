@@ -42,6 +42,208 @@ fn dashboard_url(h: &Harness) -> String {
     format!("http://{}/dashboard", h.signer.admin_addr())
 }
 
+/// The playground module `scripts/playground` builds (`scripts/test` runs
+/// it first): `MESHWARD_PLAYGROUND_WASM`, else `target/` in the repo.
+fn playground_wasm() -> std::path::PathBuf {
+    let path = std::env::var_os("MESHWARD_PLAYGROUND_WASM").map_or_else(
+        || {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/meshward_playground.wasm")
+        },
+        std::path::PathBuf::from,
+    );
+    assert!(
+        path.is_file(),
+        "{} missing: run scripts/playground (scripts/test does this first) or set \
+         MESHWARD_PLAYGROUND_WASM",
+        path.display()
+    );
+    path
+}
+
+/// Percent-encodes a query-string value.
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The page with the playground form filled from `params` (it decides at
+/// once when a peer is given).
+async fn playground_decision(
+    browser: &std::path::Path,
+    h: &Harness,
+    params: &[(&str, &str)],
+) -> (String, String, String) {
+    let query: Vec<String> = params
+        .iter()
+        .map(|(k, v)| format!("{k}={}", encode(v)))
+        .collect();
+    let url = format!("{}?{}", dashboard_url(h), query.join("&"));
+    let dom = dump_dom(browser, &url, BUDGET).await;
+    assert!(
+        !between(&dom, "id=\"playground-form\"", ">").contains("hidden"),
+        "playground not shown:\n{dom}"
+    );
+    (
+        element_text(&dom, "pg-verdict").to_string(),
+        element_text(&dom, "pg-detail").to_string(),
+        dom,
+    )
+}
+
+const POLICY: &str = r#"{"trustDomain": "cluster.local", "requireMtls": true,
+  "rules": [
+    {"name": "deny-batch", "action": "DENY", "from": [{"namespaces": ["batch"]}]},
+    {"name": "frontend-reads-api", "action": "ALLOW",
+     "from": [{"principals": ["cluster.local/ns/shop/sa/frontend"]}],
+     "to": [{"methods": ["GET"], "paths": ["/api/*"]}],
+     "when": {"maxCertAge": "36h"}}]}"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn playground_decides_with_the_filters_own_policy_code() {
+    let Some(browser) = chromium() else { return };
+    let wasm = playground_wasm();
+    let h = Harness::start_with(|c| c.dashboard.playground_wasm = Some(wasm)).await;
+    let frontend = "spiffe://cluster.local/ns/shop/sa/frontend";
+
+    let (verdict, detail, _) = playground_decision(
+        &browser,
+        &h,
+        &[
+            ("policy", POLICY),
+            ("peer", frontend),
+            ("path", "/api/items"),
+            ("age", "2h"),
+        ],
+    )
+    .await;
+    assert_eq!(verdict, "allow", "{detail}");
+    assert!(
+        detail.contains("allowed by rule frontend-reads-api"),
+        "{detail}"
+    );
+    assert!(detail.contains("certificate age 2 h"), "{detail}");
+
+    // The same peer, a certificate older than maxCertAge.
+    let (verdict, detail, _) = playground_decision(
+        &browser,
+        &h,
+        &[
+            ("policy", POLICY),
+            ("peer", frontend),
+            ("path", "/api/items"),
+            ("age", "40h"),
+        ],
+    )
+    .await;
+    assert_eq!(verdict, "deny", "{detail}");
+    assert!(detail.contains("no ALLOW rule matched"), "{detail}");
+
+    let (verdict, detail, _) = playground_decision(
+        &browser,
+        &h,
+        &[
+            ("policy", POLICY),
+            ("peer", "spiffe://cluster.local/ns/batch/sa/job"),
+            ("path", "/api/items"),
+        ],
+    )
+    .await;
+    assert_eq!(verdict, "deny", "{detail}");
+    assert!(detail.contains("denied by rule deny-batch"), "{detail}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn playground_path_traversal_does_not_reach_an_allowed_prefix() {
+    let Some(browser) = chromium() else { return };
+    let wasm = playground_wasm();
+    let h = Harness::start_with(|c| c.dashboard.playground_wasm = Some(wasm)).await;
+    let (verdict, detail, _) = playground_decision(
+        &browser,
+        &h,
+        &[
+            ("policy", POLICY),
+            ("peer", "spiffe://cluster.local/ns/shop/sa/frontend"),
+            ("path", "/api/%2e%2e/admin"),
+            ("age", "1h"),
+        ],
+    )
+    .await;
+    assert_eq!(verdict, "deny", "{detail}");
+    assert!(
+        detail.contains("dot segments or encoded separators"),
+        "{detail}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn playground_shows_a_config_the_plugin_would_refuse_and_hostile_rule_names_as_text() {
+    let Some(browser) = chromium() else { return };
+    let wasm = playground_wasm();
+    let h = Harness::start_with(|c| c.dashboard.playground_wasm = Some(wasm)).await;
+    let refused = r#"{"rules": [{"name": "x", "action": "MAYBE"}]}"#;
+    let (verdict, detail, _) = playground_decision(
+        &browser,
+        &h,
+        &[
+            ("policy", refused),
+            ("peer", "spiffe://cluster.local/ns/a/sa/b"),
+        ],
+    )
+    .await;
+    assert_eq!(verdict, "config refused");
+    assert!(
+        detail.contains("fail closed") && detail.contains("MAYBE"),
+        "{detail}"
+    );
+
+    // A rule name is whatever the policy's author wrote; the plugin refuses
+    // this one, and the page shows the refusal, which quotes it, as text.
+    let hostile = r#"{"rules": [{"name": "<img src=x onerror=\"document.title='pwned'\">",
+        "action": "ALLOW", "from": [{"namespaces": ["a"]}]}]}"#;
+    let (verdict, detail, dom) = playground_decision(
+        &browser,
+        &h,
+        &[
+            ("policy", hostile),
+            ("peer", "spiffe://cluster.local/ns/a/sa/b"),
+        ],
+    )
+    .await;
+    assert_eq!(verdict, "config refused", "{detail}");
+    assert!(detail.contains("rule names are"), "{detail}");
+    assert!(detail.contains("&lt;img src=x"), "{detail}");
+    assert!(!dom.contains("<img"), "rule name became markup:\n{dom}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_that_is_not_the_playground_module_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("playground.wasm");
+    std::fs::write(&fake, "<script>alert(1)</script>").unwrap();
+    let tokens = meshward_signer::client::token::TokenIssuer::generate(
+        harness::K8S_ISSUER,
+        meshward_signer::authn::keys::JwtAlgorithm::Es256,
+    )
+    .unwrap();
+    let mut config = harness::test_config(dir.path(), &tokens);
+    config.dashboard.playground_wasm = Some(fake);
+    let Err(err) = meshward_signer::Signer::start(config).await else {
+        panic!("a signer started with a fake playground module");
+    };
+    assert!(
+        err.to_string().contains("not a WebAssembly module"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn dashboard_shows_what_this_replica_issued_refused_and_publishes() {
     let Some(browser) = chromium() else { return };
@@ -203,12 +405,18 @@ async fn dashboard_responses_forbid_inline_script_other_origins_and_framing() {
     }
     for directive in [
         "default-src 'none'",
-        "script-src 'self';",
+        "script-src 'self' 'wasm-unsafe-eval';",
         "frame-ancestors 'none'",
     ] {
         assert!(CONTENT_SECURITY_POLICY.contains(directive), "{directive}");
     }
-    assert!(!CONTENT_SECURITY_POLICY.contains("unsafe"));
+    // Only WebAssembly compilation (the playground), never JavaScript eval
+    // or inline script.
+    assert!(
+        !CONTENT_SECURITY_POLICY
+            .replace("'wasm-unsafe-eval'", "")
+            .contains("unsafe")
+    );
     // The page itself carries no inline script or style the policy would
     // have to allow.
     let (_, page) = http_get(h.signer.admin_addr(), "/dashboard").await;

@@ -360,6 +360,9 @@ async function refresh() {
     renderStatus(s);
     renderHealth(ready.ok, ready.text);
     renderMetrics(m, dt, s.ledger);
+    if (s.playground) loadPlayground();
+    else setText("playground-note", "No policy playground on this signer: set [dashboard] playground_wasm " +
+      "to the module scripts/playground builds.");
     previous = { t, m };
     byId("error").hidden = true;
     setText("updated", `updated ${new Date().toISOString().slice(11, 19)} UTC`);
@@ -371,6 +374,158 @@ async function refresh() {
     byId("health").className = "pill unknown";
     byId("health").textContent = "unreachable";
   }
+}
+
+// --- policy playground -------------------------------------------------------------
+
+// The HTTP example shipped in istio-manifests/wasmplugin/wasmplugin-http.yaml.
+const EXAMPLE_POLICY = {
+  trustDomain: "cluster.local",
+  mode: "enforce",
+  requireMtls: true,
+  unknownCertAge: "deny",
+  rules: [
+    { name: "deny-batch", action: "DENY", from: [{ namespaces: ["batch"] }] },
+    {
+      name: "frontend-reads-api",
+      action: "ALLOW",
+      from: [{ principals: ["cluster.local/ns/shop/sa/frontend"] }],
+      to: [{ methods: ["GET"], paths: ["/api/*"] }],
+      when: { maxCertAge: "36h", minRemainingValidity: "10m" },
+    },
+  ],
+};
+
+let playground = null; // the instantiated module's exports
+let playgroundLoading = false;
+
+// "36h", "10m", "90s", "2d", "1h30m" → seconds; "" → null; otherwise NaN.
+function parseDuration(text) {
+  const t = text.trim();
+  if (t === "") return null;
+  const re = /(\d+)(d|h|m|s)/gy;
+  const unit = { d: 86400, h: 3600, m: 60, s: 1 };
+  let total = 0;
+  let m;
+  let end = 0;
+  while ((m = re.exec(t)) !== null) {
+    total += Number(m[1]) * unit[m[2]];
+    end = re.lastIndex;
+  }
+  return end === t.length && end > 0 ? total : NaN;
+}
+
+async function loadPlayground() {
+  if (playground || playgroundLoading) return;
+  playgroundLoading = true;
+  try {
+    const response = await fetch("/dashboard/playground.wasm", { cache: "no-store" });
+    if (!response.ok) throw new Error(`/dashboard/playground.wasm answered ${response.status}`);
+    const { instance } = await WebAssembly.instantiate(await response.arrayBuffer(), {});
+    playground = instance.exports;
+    byId("playground-form").hidden = false;
+    prefillPlayground();
+  } catch (e) {
+    setText("playground-note", `The policy playground could not load: ${e.message}.`);
+  } finally {
+    playgroundLoading = false;
+  }
+}
+
+// Fills the form from the page's query string (?policy=<JSON>&peer=...&
+// method=...&path=...&host=...&port=...&age=...&lifetime=...&mtls=false),
+// so a decision can be shared as a link; decides at once when it names a
+// peer.
+function prefillPlayground() {
+  const q = new URLSearchParams(window.location.search);
+  byId("pg-policy").value = q.get("policy") ?? JSON.stringify(EXAMPLE_POLICY, null, 2);
+  byId("pg-peer").value = q.get("peer") ?? "spiffe://cluster.local/ns/shop/sa/frontend";
+  byId("pg-mtls").checked = q.get("mtls") !== "false";
+  for (const [param, id] of [["age", "pg-age"], ["lifetime", "pg-lifetime"], ["method", "pg-method"],
+    ["path", "pg-path"], ["host", "pg-host"], ["port", "pg-port"]]) {
+    if (q.has(param)) byId(id).value = q.get(param);
+  }
+  if (!q.has("age") && !q.has("peer")) byId("pg-age").value = "1h";
+  byId("pg-evaluate").addEventListener("click", decide);
+  if (q.has("peer")) decide();
+}
+
+function showDecision(verdict, className, detail) {
+  const v = byId("pg-verdict");
+  v.textContent = verdict;
+  v.className = className;
+  setText("pg-detail", detail);
+}
+
+// Runs the filter's policy code on the form's policy, peer and request.
+function decide() {
+  let config;
+  try {
+    config = JSON.parse(byId("pg-policy").value);
+  } catch (e) {
+    showDecision("config refused", "deny", `not JSON: ${e.message}`);
+    return;
+  }
+  const now = Math.floor(Date.now() / 1000);
+  const age = parseDuration(byId("pg-age").value);
+  const lifetime = parseDuration(byId("pg-lifetime").value);
+  if (Number.isNaN(age) || Number.isNaN(lifetime)) {
+    showDecision("?", "", "certificate age and lifetime are durations like 36h, 10m or 1h30m");
+    return;
+  }
+  const portText = byId("pg-port").value.trim();
+  const port = portText === "" ? null : Number(portText);
+  if (port !== null && !(Number.isInteger(port) && port >= 0 && port <= 65535)) {
+    showDecision("?", "", "the port is a number from 0 to 65535");
+    return;
+  }
+  const text = (id) => (byId(id).value.trim() === "" ? null : byId(id).value.trim());
+  const query = {
+    config,
+    peer: {
+      mtls: byId("pg-mtls").checked,
+      uriSan: text("pg-peer"),
+      notBefore: age === null ? null : now - age,
+      notAfter: age === null || lifetime === null ? null : now - age + lifetime,
+    },
+    request: { method: text("pg-method"), path: text("pg-path"), host: text("pg-host"), port },
+    now,
+  };
+  let answer;
+  try {
+    answer = JSON.parse(callPlayground(JSON.stringify(query)));
+  } catch (e) {
+    showDecision("deny", "deny", `internal error, the filter would fail closed: ${e.message}`);
+    return;
+  }
+  if (answer.status === "configRefused") {
+    showDecision("config refused", "deny",
+      `the plugin would refuse this config and fail closed: ${answer.error}`);
+  } else if (answer.status === "decided") {
+    const parts = [answer.explanation];
+    if (!answer.enforced) parts.push("shadow mode: reported, not enforced");
+    if (answer.audit) parts.push(`audited by rule ${answer.audit}`);
+    if (answer.certAgeSecs !== null) parts.push(`certificate age ${span(answer.certAgeSecs)}`);
+    parts.push(`${answer.filterType} filter, ${answer.rules} rule${answer.rules === 1 ? "" : "s"}`);
+    showDecision(answer.verdict, answer.verdict, parts.join(" · "));
+  } else {
+    showDecision("?", "", answer.error || "unexpected answer");
+  }
+}
+
+// One call through the module's ABI: the query in, the answer out, both
+// buffers freed.
+function callPlayground(json) {
+  const bytes = new TextEncoder().encode(json);
+  const ptr = playground.meshward_alloc(bytes.length) >>> 0;
+  if (ptr === 0) throw new Error("out of memory");
+  new Uint8Array(playground.memory.buffer, ptr, bytes.length).set(bytes);
+  const packed = BigInt.asUintN(64, BigInt(playground.meshward_evaluate(ptr, bytes.length)));
+  const outPtr = Number(packed >> 32n);
+  const outLen = Number(packed & 0xffffffffn);
+  const answer = new TextDecoder().decode(new Uint8Array(playground.memory.buffer, outPtr, outLen));
+  playground.meshward_free(outPtr, outLen);
+  return answer;
 }
 
 document.addEventListener("DOMContentLoaded", () => {
