@@ -5,4 +5,5 @@ pub mod attributes;
 pub mod demo;
 pub mod host;
 pub mod mesh;
+pub mod oci;
 pub mod wasm;

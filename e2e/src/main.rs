@@ -28,6 +28,21 @@ enum Command {
         #[arg(long)]
         update_readme: Option<PathBuf>,
     },
+    /// Package the filter as an OCI image (Istio's compat variant: one
+    /// tar+gzip layer holding plugin.wasm) in an OCI image layout directory,
+    /// and print the image digest for the WasmPlugin's `sha256` field.
+    /// Publish it with e.g. `skopeo copy oci:DIR:TAG docker://REGISTRY/meshward-filter:TAG`.
+    Oci {
+        /// The filter .wasm (default: MESHWARD_FILTER_WASM, else target/meshward_filter.wasm).
+        #[arg(long)]
+        wasm: Option<PathBuf>,
+        /// The layout directory to write (created if missing).
+        #[arg(long, default_value = "target/oci/meshward-filter")]
+        out: PathBuf,
+        /// The image tag.
+        #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+        tag: String,
+    },
 }
 
 #[tokio::main]
@@ -56,6 +71,36 @@ async fn main() -> anyhow::Result<()> {
                 std::fs::write(&path, meshward_e2e::demo::splice_readme(&readme, &out)?)?;
                 tracing::info!(path = %path.display(), "demo output written into the README");
             }
+        }
+        Command::Oci { wasm, out, tag } => {
+            let path = wasm.unwrap_or_else(meshward_e2e::wasm::filter_wasm_path);
+            let bytes = std::fs::read(&path).map_err(|e| {
+                anyhow::anyhow!("{}: {e} (build it with scripts/wasm)", path.display())
+            })?;
+            let image = meshward_e2e::oci::write_layout(
+                &bytes,
+                &out,
+                &tag,
+                env!("CARGO_PKG_REPOSITORY"),
+                env!("CARGO_PKG_VERSION"),
+            )?;
+            println!("layout:   {} (tag {})", image.layout.display(), image.tag);
+            println!(
+                "image:    {} ({} byte manifest)",
+                image.manifest_digest, image.manifest_size
+            );
+            println!("wasm:     {} ({} bytes)", image.wasm_digest, bytes.len());
+            println!(
+                "publish:  skopeo copy oci:{}:{} docker://<registry>/meshward-filter:{}",
+                image.layout.display(),
+                image.tag,
+                image.tag
+            );
+            println!(
+                "WasmPlugin: url: oci://<registry>/meshward-filter:{}  sha256: {}",
+                image.tag,
+                image.manifest_digest.trim_start_matches("sha256:")
+            );
         }
     }
     Ok(())

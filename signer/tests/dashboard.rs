@@ -106,65 +106,51 @@ const POLICY: &str = r#"{"trustDomain": "cluster.local", "requireMtls": true,
      "to": [{"methods": ["GET"], "paths": ["/api/*"]}],
      "when": {"maxCertAge": "36h"}}]}"#;
 
+/// A signer serving the playground module.
+async fn playground_signer() -> Harness {
+    let wasm = playground_wasm();
+    Harness::start_with(|c| c.dashboard.playground_wasm = Some(wasm)).await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn playground_decides_with_the_filters_own_policy_code() {
     let Some(browser) = chromium() else { return };
-    let wasm = playground_wasm();
-    let h = Harness::start_with(|c| c.dashboard.playground_wasm = Some(wasm)).await;
+    let h = playground_signer().await;
     let frontend = "spiffe://cluster.local/ns/shop/sa/frontend";
-
-    let (verdict, detail, _) = playground_decision(
-        &browser,
-        &h,
-        &[
-            ("policy", POLICY),
-            ("peer", frontend),
-            ("path", "/api/items"),
-            ("age", "2h"),
-        ],
-    )
-    .await;
-    assert_eq!(verdict, "allow", "{detail}");
-    assert!(
-        detail.contains("allowed by rule frontend-reads-api"),
-        "{detail}"
-    );
-    assert!(detail.contains("certificate age 2 h"), "{detail}");
-
-    // The same peer, a certificate older than maxCertAge.
-    let (verdict, detail, _) = playground_decision(
-        &browser,
-        &h,
-        &[
-            ("policy", POLICY),
-            ("peer", frontend),
-            ("path", "/api/items"),
-            ("age", "40h"),
-        ],
-    )
-    .await;
-    assert_eq!(verdict, "deny", "{detail}");
-    assert!(detail.contains("no ALLOW rule matched"), "{detail}");
-
-    let (verdict, detail, _) = playground_decision(
-        &browser,
-        &h,
-        &[
-            ("policy", POLICY),
-            ("peer", "spiffe://cluster.local/ns/batch/sa/job"),
-            ("path", "/api/items"),
-        ],
-    )
-    .await;
-    assert_eq!(verdict, "deny", "{detail}");
-    assert!(detail.contains("denied by rule deny-batch"), "{detail}");
+    let batch = "spiffe://cluster.local/ns/batch/sa/job";
+    // (peer, certificate age, verdict, what the detail says)
+    let cases = [
+        (
+            frontend,
+            "2h",
+            "allow",
+            "allowed by rule frontend-reads-api · certificate age 2 h",
+        ),
+        // Older than the rule's maxCertAge.
+        (frontend, "40h", "deny", "no ALLOW rule matched"),
+        (batch, "", "deny", "denied by rule deny-batch"),
+    ];
+    for (peer, age, want, says) in cases {
+        let (verdict, detail, _) = playground_decision(
+            &browser,
+            &h,
+            &[
+                ("policy", POLICY),
+                ("peer", peer),
+                ("path", "/api/items"),
+                ("age", age),
+            ],
+        )
+        .await;
+        assert_eq!(verdict, want, "{peer} {age}: {detail}");
+        assert!(detail.contains(says), "{peer} {age}: {detail}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn playground_path_traversal_does_not_reach_an_allowed_prefix() {
     let Some(browser) = chromium() else { return };
-    let wasm = playground_wasm();
-    let h = Harness::start_with(|c| c.dashboard.playground_wasm = Some(wasm)).await;
+    let h = playground_signer().await;
     let (verdict, detail, _) = playground_decision(
         &browser,
         &h,
@@ -186,8 +172,7 @@ async fn playground_path_traversal_does_not_reach_an_allowed_prefix() {
 #[tokio::test(flavor = "multi_thread")]
 async fn playground_shows_a_config_the_plugin_would_refuse_and_hostile_rule_names_as_text() {
     let Some(browser) = chromium() else { return };
-    let wasm = playground_wasm();
-    let h = Harness::start_with(|c| c.dashboard.playground_wasm = Some(wasm)).await;
+    let h = playground_signer().await;
     let refused = r#"{"rules": [{"name": "x", "action": "MAYBE"}]}"#;
     let (verdict, detail, _) = playground_decision(
         &browser,
