@@ -227,8 +227,9 @@ impl Signer {
             Some(config.server.admin_max_connections_per_ip),
         );
         admin_limit.register(metrics.registry_mut(), "admin");
-        let watchers = Arc::new(crate::bundle::grpc::Watchers::new(
+        let watchers = Arc::new(crate::bundle::grpc::Watchers::with_per_ip(
             config.bundle.max_watchers,
+            (config.bundle.max_watchers_per_ip > 0).then_some(config.bundle.max_watchers_per_ip),
         ));
         watchers.register(metrics.registry_mut());
         let endpoint_limit = ConnectionLimit::new(

@@ -601,7 +601,11 @@ async fn admin_connection_flood_waits_in_the_backlog_beyond_admin_max_connection
 /// that leaves serves the next.
 #[tokio::test]
 async fn watch_bundle_streams_beyond_max_watchers_are_refused() {
-    let h = Harness::start_with(|c| c.bundle.max_watchers = 2).await;
+    let h = Harness::start_with(|c| {
+        c.bundle.max_watchers = 2;
+        c.bundle.max_watchers_per_ip = 0;
+    })
+    .await;
     let mut client = TrustBundleServiceClient::new(h.channel_from(None).await);
     let watch = || WatchBundleRequest {
         trust_domain: "cluster.local".to_string(),
@@ -629,5 +633,59 @@ async fn watch_bundle_streams_beyond_max_watchers_are_refused() {
     }
     assert!(admitted.is_some(), "the freed place was never given out");
     drop((second, admitted, client));
+    h.signer.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_address_cannot_take_every_watch_bundle_place() {
+    let h = Harness::start_with(|c| {
+        c.bundle.max_watchers = 10;
+        c.bundle.max_watchers_per_ip = 2;
+    })
+    .await;
+    let watch = || WatchBundleRequest {
+        trust_domain: "cluster.local".to_string(),
+    };
+    let mut greedy = TrustBundleServiceClient::new(h.channel_from(None).await);
+    let first = greedy.watch_bundle(watch()).await.unwrap().into_inner();
+    let second = greedy.watch_bundle(watch()).await.unwrap().into_inner();
+    match greedy.watch_bundle(watch()).await {
+        Err(status) => {
+            assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+            assert!(status.message().contains("max_watchers_per_ip"), "{status}");
+        }
+        Ok(_) => panic!("a third stream from one address was admitted past its share of 2"),
+    }
+    // Another address still gets a place while the first holds its share.
+    let other = "127.0.0.2".parse().unwrap();
+    let mut neighbour = TrustBundleServiceClient::new(h.channel_from(Some(other)).await);
+    let theirs = neighbour.watch_bundle(watch()).await.unwrap().into_inner();
+    let text = h.signer.metrics().render().unwrap();
+    assert_eq!(sample(&text, "meshward_signer_bundle_watchers"), Some(3.0));
+    assert_counted(
+        &text,
+        "meshward_signer_bundle_watchers_refused_per_address_total",
+    );
+    assert_eq!(
+        sample(&text, "meshward_signer_bundle_watchers_refused_total"),
+        Some(0.0),
+        "a per-address refusal was counted as the global limit"
+    );
+    // The greedy address closes one stream: its share frees (bounded wait
+    // while the signer notices the stream is gone).
+    drop(first);
+    let mut admitted = None;
+    for _ in 0..100 {
+        if let Ok(s) = greedy.watch_bundle(watch()).await {
+            admitted = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        admitted.is_some(),
+        "the address's freed share was never given back"
+    );
+    drop((second, theirs, admitted, greedy, neighbour));
     h.signer.shutdown().await.unwrap();
 }

@@ -1,8 +1,10 @@
 //! `meshward.v1.TrustBundleService/WatchBundle`: the current bundle at once,
 //! then every change, on one server stream per client.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use meshward_proto::meshward::v1 as pb;
 use prometheus_client::metrics::counter::Counter;
@@ -15,27 +17,52 @@ use tonic::{Request, Response, Status};
 
 use super::{BundleChannel, TrustBundle};
 
-/// At most `bundle.max_watchers` `WatchBundle` streams at once. A stream
-/// lives as long as its client keeps it, and each holds a task, a channel
-/// and the bundles queued for a client that does not read; bounded only by
-/// connections × streams per connection, one client could open hundreds of
-/// thousands of them.
+/// At most `bundle.max_watchers` `WatchBundle` streams at once, and at most
+/// `bundle.max_watchers_per_ip` from one address. A stream lives as long as
+/// its client keeps it, and each holds a task, a channel and the bundles
+/// queued for a client that does not read; bounded only by connections ×
+/// streams per connection, one client could open hundreds of thousands of
+/// them — and with the global bound alone, one pod could still hold every
+/// place and lock every other consumer out.
 #[derive(Debug)]
 pub struct Watchers {
     slots: Arc<Semaphore>,
     max: usize,
+    per_ip: Option<usize>,
+    by_ip: StreamsByAddress,
     open: Gauge,
     refused: Counter,
+    refused_per_ip: Counter,
+}
+
+/// Open streams per client address.
+type StreamsByAddress = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// Why a stream was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Every place is taken.
+    Full,
+    /// The client's address holds its share.
+    AddressShare,
 }
 
 impl Watchers {
-    /// Room for `max` streams.
+    /// Room for `max` streams, any number from one address.
     pub fn new(max: usize) -> Self {
+        Self::with_per_ip(max, None)
+    }
+
+    /// Room for `max` streams, at most `per_ip` of them from one address.
+    pub fn with_per_ip(max: usize, per_ip: Option<usize>) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(max)),
             max,
+            per_ip: per_ip.map(|n| n.max(1)),
+            by_ip: Arc::default(),
             open: Gauge::default(),
             refused: Counter::default(),
+            refused_per_ip: Counter::default(),
         }
     }
 
@@ -59,19 +86,58 @@ impl Watchers {
             "WatchBundle streams refused because bundle.max_watchers were open",
             self.refused.clone(),
         );
+        registry.register(
+            "bundle_watchers_refused_per_address",
+            "WatchBundle streams refused because their address held bundle.max_watchers_per_ip",
+            self.refused_per_ip.clone(),
+        );
     }
 
-    /// A place for one more stream, or `None` (counted) when all are taken.
-    fn admit(&self) -> Option<Watching> {
+    /// A place for one more stream from `peer`, or why not (counted).
+    fn admit(&self, peer: Option<IpAddr>) -> Result<Watching, Refusal> {
+        // The address's share first: a refused stream takes no global place.
+        let address = match (self.per_ip, peer) {
+            (Some(share), Some(ip)) => {
+                let mut by_ip = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+                let held = by_ip.entry(ip).or_insert(0);
+                if *held >= share {
+                    drop(by_ip);
+                    self.refused_per_ip.inc();
+                    return Err(Refusal::AddressShare);
+                }
+                *held += 1;
+                Some((ip, self.by_ip.clone()))
+            }
+            _ => None,
+        };
+        let share = AddressShare(address);
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
             self.refused.inc();
-            return None;
+            return Err(Refusal::Full);
         };
         self.open.inc();
-        Some(Watching {
+        Ok(Watching {
             _permit: permit,
+            _share: share,
             open: self.open.clone(),
         })
+    }
+}
+
+/// A stream's count against its address, given back on drop.
+struct AddressShare(Option<(IpAddr, StreamsByAddress)>);
+
+impl Drop for AddressShare {
+    fn drop(&mut self) {
+        if let Some((ip, by_ip)) = self.0.take() {
+            let mut by_ip = by_ip.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(held) = by_ip.get_mut(&ip) {
+                *held = held.saturating_sub(1);
+                if *held == 0 {
+                    by_ip.remove(&ip);
+                }
+            }
+        }
     }
 }
 
@@ -79,6 +145,7 @@ impl Watchers {
 /// task ends.
 struct Watching {
     _permit: OwnedSemaphorePermit,
+    _share: AddressShare,
     open: Gauge,
 }
 
@@ -151,6 +218,7 @@ impl pb::trust_bundle_service_server::TrustBundleService for WatchBundleService 
         &self,
         request: Request<pb::WatchBundleRequest>,
     ) -> Result<Response<Self::WatchBundleStream>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
         let want = request.into_inner().trust_domain;
         let current = self.channel.current();
         if !want.is_empty() && want != current.trust_domain() {
@@ -160,15 +228,26 @@ impl pb::trust_bundle_service_server::TrustBundleService for WatchBundleService 
             )));
         }
         let watching = match &self.watchers {
-            Some(w) => match w.admit() {
-                Some(place) => Some(place),
-                None => {
+            Some(w) => match w.admit(peer) {
+                Ok(place) => Some(place),
+                Err(Refusal::Full) => {
                     tracing::warn!(
                         max_watchers = w.max,
                         "WatchBundle refused: every watcher place is taken (bundle.max_watchers)"
                     );
                     return Err(Status::resource_exhausted(
                         "too many WatchBundle streams are open; retry with backoff",
+                    ));
+                }
+                Err(Refusal::AddressShare) => {
+                    tracing::debug!(
+                        peer = ?peer,
+                        max_per_address = ?w.per_ip,
+                        "WatchBundle refused: this address holds its share (bundle.max_watchers_per_ip)"
+                    );
+                    return Err(Status::resource_exhausted(
+                        "this address has too many WatchBundle streams open \
+                         (bundle.max_watchers_per_ip); close one or retry with backoff",
                     ));
                 }
             },

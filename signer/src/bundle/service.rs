@@ -44,6 +44,10 @@ pub struct BundleConfig {
     /// one is refused RESOURCE_EXHAUSTED (each lives as long as its client
     /// keeps it).
     pub max_watchers: usize,
+    /// `WatchBundle` streams one client address may hold at once (0: no
+    /// per-address share); beyond it a new one from that address is refused
+    /// RESOURCE_EXHAUSTED, so one pod cannot take every place.
+    pub max_watchers_per_ip: usize,
     /// `ca rotate-root` without `--overlap`: how long the new root is
     /// published before issuance switches to it.
     #[serde(with = "humantime_serde")]
@@ -79,6 +83,7 @@ impl Default for BundleConfig {
             endpoint_addr: None,
             endpoint_max_connections: 1024,
             max_watchers: 4096,
+            max_watchers_per_ip: 16,
             rotation_overlap: Duration::from_secs(24 * 3600),
             rotation_check_interval: Duration::from_secs(30),
             configmap: None,

@@ -19,14 +19,14 @@ const OUTCOMES = {
   internal: "backend or ledger failure; nothing was handed out",
 };
 
-// [label, gauge, limit gauge, waits counter, refused counter]
+// [label, gauge, limit gauge, waits counter, refused counter(s)]
 const BOUNDS = [
   ["gRPC connections (15012)", "grpc_connections", "grpc_connections_max",
     "grpc_connection_limit_waits_total", "grpc_connections_refused_per_address_total"],
   ["admin connections", "admin_connections", "admin_connections_max",
     "admin_connection_limit_waits_total", "admin_connections_refused_per_address_total"],
   ["WatchBundle streams", "bundle_watchers", "bundle_watchers_max",
-    null, "bundle_watchers_refused_total"],
+    null, ["bundle_watchers_refused_total", "bundle_watchers_refused_per_address_total"]],
   ["bundle endpoint connections", "bundle_endpoint_connections", "bundle_endpoint_connections_max",
     "bundle_endpoint_connection_limit_waits_total", null],
 ];
@@ -236,6 +236,12 @@ function renderStatus(s) {
   setText("rotation", rotation);
 }
 
+// The sum of the refusal counters `names` (one name or several) present.
+function refusedOf(m, names) {
+  const found = [].concat(names || []).filter((n) => present(m, n));
+  return found.length ? count(found.reduce((sum, n) => sum + total(m, n), 0)) : "–";
+}
+
 function renderMetrics(m, dt, ledger) {
   const issued = (l) => l.outcome === "issued";
   const refused = (l) => l.outcome !== "issued";
@@ -271,7 +277,7 @@ function renderMetrics(m, dt, ledger) {
       return [
         cell(label), cell(count(used), "num"), cell(count(limit), "num"), cell(meter(used, limit)),
         cell(waits && present(m, waits) ? count(total(m, waits)) : "–", "num"),
-        cell(refusedName && present(m, refusedName) ? count(total(m, refusedName)) : "–", "num"),
+        cell(refusedOf(m, refusedName), "num"),
       ];
     }));
 
