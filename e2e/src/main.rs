@@ -43,6 +43,32 @@ enum Command {
         #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
         tag: String,
     },
+    /// Package the signer as a container image (linux/amd64, one layer: the
+    /// static binary, the dashboard's playground module, CA certificates;
+    /// user 65532) in an OCI image layout, for the StatefulSet's `image:`.
+    /// `scripts/signer-image` builds the binary for x86_64-unknown-linux-musl
+    /// first.
+    SignerImage {
+        /// The statically linked signer binary.
+        #[arg(long)]
+        binary: PathBuf,
+        /// The playground module (scripts/playground).
+        #[arg(long, default_value = "target/meshward_playground.wasm")]
+        playground: PathBuf,
+        /// CA certificates (PEM) for the signer's outbound TLS.
+        #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
+        ca_bundle: PathBuf,
+        /// The layout directory to write (created if missing).
+        #[arg(long, default_value = "target/oci/meshward-signer")]
+        out: PathBuf,
+        /// The image tag.
+        #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+        tag: String,
+    },
+}
+
+fn read(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 #[tokio::main]
@@ -100,6 +126,38 @@ async fn main() -> anyhow::Result<()> {
                 "WasmPlugin: url: oci://<registry>/meshward-filter:{}  sha256: {}",
                 image.tag,
                 image.manifest_digest.trim_start_matches("sha256:")
+            );
+        }
+        Command::SignerImage {
+            binary,
+            playground,
+            ca_bundle,
+            out,
+            tag,
+        } => {
+            let image = meshward_e2e::oci::write_signer_image(
+                &read(&binary)?,
+                &read(&playground)?,
+                &read(&ca_bundle)?,
+                &out,
+                &tag,
+                env!("CARGO_PKG_REPOSITORY"),
+                env!("CARGO_PKG_VERSION"),
+            )?;
+            println!("layout:   {} (tag {})", image.layout.display(), image.tag);
+            println!(
+                "image:    {} ({} byte manifest)",
+                image.manifest_digest, image.manifest_size
+            );
+            println!(
+                "publish:  skopeo copy oci:{}:{} docker://<registry>/meshward-signer:{}",
+                image.layout.display(),
+                image.tag,
+                image.tag
+            );
+            println!(
+                "StatefulSet: image: <registry>/meshward-signer:{}@{}",
+                image.tag, image.manifest_digest
             );
         }
     }

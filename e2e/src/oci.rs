@@ -41,7 +41,7 @@ pub struct Image {
     pub manifest_digest: String,
     /// The manifest's size in bytes.
     pub manifest_size: usize,
-    /// `sha256:<hex>` of the `.wasm` itself.
+    /// `sha256:<hex>` of the `.wasm` itself (filter images; empty otherwise).
     pub wasm_digest: String,
 }
 
@@ -54,6 +54,18 @@ pub enum OciError {
     /// The tag is not a valid OCI tag.
     #[error("tag {0:?} is not a valid tag ([A-Za-z0-9_][A-Za-z0-9._-]{{0,127}})")]
     Tag(String),
+    /// The signer binary is not an ELF executable.
+    #[error("not an ELF executable")]
+    NotElf,
+    /// The signer binary needs a dynamic loader the image does not have.
+    #[error(
+        "the binary is dynamically linked (it names a program interpreter); \
+         build it for x86_64-unknown-linux-musl (scripts/signer-image)"
+    )]
+    Dynamic,
+    /// A layer entry's path is not a short relative path.
+    #[error("layer path {0:?} must be relative, without `..`, at most 99 bytes")]
+    Path(String),
     /// Writing failed.
     #[error("{path}: {source}")]
     Io {
@@ -77,9 +89,21 @@ pub fn valid_tag(tag: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
-/// A ustar archive holding one regular file, `name`, with `content`: owner
-/// 0:0, mode 0444, mtime 0 (so the archive depends on the content only).
-pub fn single_file_tar(name: &str, content: &[u8]) -> Vec<u8> {
+/// One entry of a layer: a regular file, or a directory when `content` is
+/// `None`.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    /// Path inside the image, relative (`usr/local/bin/x`), at most 99 bytes.
+    pub path: &'a str,
+    /// Permission bits (e.g. `0o755`).
+    pub mode: u32,
+    /// The file's bytes; `None` for a directory.
+    pub content: Option<&'a [u8]>,
+}
+
+/// One ustar header: owner 0:0, mtime 0 (so the archive depends on the
+/// entries only).
+fn ustar_header(path: &str, mode: u32, size: usize, directory: bool) -> [u8; 512] {
     let mut header = [0u8; 512];
     let mut field = |at: usize, value: &[u8]| {
         if let Some(slot) = header.get_mut(at..at + value.len()) {
@@ -89,16 +113,16 @@ pub fn single_file_tar(name: &str, content: &[u8]) -> Vec<u8> {
     // The name field holds 100 bytes, NUL-terminated when shorter.
     field(
         0,
-        name.as_bytes()
-            .get(..name.len().min(99))
+        path.as_bytes()
+            .get(..path.len().min(99))
             .unwrap_or_default(),
     );
-    field(100, b"0000444\0");
+    field(100, format!("{:07o}\0", mode & 0o7777).as_bytes());
     field(108, b"0000000\0");
     field(116, b"0000000\0");
-    field(124, format!("{:011o}\0", content.len()).as_bytes());
+    field(124, format!("{size:011o}\0").as_bytes());
     field(136, b"00000000000\0");
-    field(156, b"0");
+    field(156, if directory { b"5" } else { b"0" });
     field(257, b"ustar\0");
     field(263, b"00");
     // The checksum is computed with its own field as eight spaces.
@@ -107,15 +131,52 @@ pub fn single_file_tar(name: &str, content: &[u8]) -> Vec<u8> {
     if let Some(slot) = header.get_mut(148..156) {
         slot.copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
     }
+    header
+}
 
-    let padded = content.len().div_ceil(512) * 512;
-    let mut tar = Vec::with_capacity(512 + padded + 1024);
-    tar.extend_from_slice(&header);
-    tar.extend_from_slice(content);
-    tar.resize(512 + padded, 0);
+/// A ustar archive of `entries` in order, each file's parent directories
+/// first (mode 0755) when not listed before it.
+pub fn tar(entries: &[Entry<'_>]) -> Result<Vec<u8>, OciError> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for e in entries {
+        if e.path.len() > 99 || e.path.starts_with('/') || e.path.split('/').any(|c| c == "..") {
+            return Err(OciError::Path(e.path.to_string()));
+        }
+        let parts: Vec<&str> = e.path.trim_end_matches('/').split('/').collect();
+        for depth in 1..parts.len() {
+            let dir = format!("{}/", parts.get(..depth).unwrap_or_default().join("/"));
+            if seen.insert(dir.clone()) {
+                out.extend_from_slice(&ustar_header(&dir, 0o755, 0, true));
+            }
+        }
+        match e.content {
+            None => {
+                let dir = format!("{}/", e.path.trim_end_matches('/'));
+                if seen.insert(dir.clone()) {
+                    out.extend_from_slice(&ustar_header(&dir, e.mode, 0, true));
+                }
+            }
+            Some(content) => {
+                out.extend_from_slice(&ustar_header(e.path, e.mode, content.len(), false));
+                out.extend_from_slice(content);
+                out.resize(out.len().div_ceil(512) * 512, 0);
+            }
+        }
+    }
     // Two zero blocks end the archive.
-    tar.resize(512 + padded + 1024, 0);
-    tar
+    out.resize(out.len() + 1024, 0);
+    Ok(out)
+}
+
+/// A ustar archive holding one regular file, `name`, mode 0444.
+pub fn single_file_tar(name: &str, content: &[u8]) -> Vec<u8> {
+    tar(&[Entry {
+        path: name,
+        mode: 0o444,
+        content: Some(content),
+    }])
+    .unwrap_or_default()
 }
 
 /// gzip of `bytes` with a fixed header (no name, mtime 0).
@@ -128,9 +189,9 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     encoder.finish().unwrap_or_default()
 }
 
-/// Write `wasm` as an image tagged `tag` into the OCI image layout `out`
-/// (created if missing; blobs already there are kept). `source` and
-/// `version` become the manifest's `org.opencontainers.image.*`
+/// Write `wasm` as Istio's compat Wasm image tagged `tag` into the OCI
+/// image layout `out` (created if missing; blobs already there are kept).
+/// `source` and `version` become the manifest's `org.opencontainers.image.*`
 /// annotations.
 pub fn write_layout(
     wasm: &[u8],
@@ -142,19 +203,57 @@ pub fn write_layout(
     if !wasm.starts_with(b"\0asm") {
         return Err(OciError::NotWasm);
     }
+    let layer = single_file_tar(PLUGIN_FILE, wasm);
+    let mut image = write_image(
+        &layer,
+        PLUGIN_FILE,
+        json!({"architecture": "wasm", "os": "wasip1", "config": {}}),
+        &[
+            ("org.opencontainers.image.source", source),
+            ("org.opencontainers.image.version", version),
+            (
+                "org.opencontainers.image.description",
+                "meshward filter: proxy-wasm plugin for Istio WasmPlugin (plugin.wasm)",
+            ),
+        ],
+        out,
+        tag,
+    )?;
+    image.wasm_digest = digest(wasm);
+    Ok(image)
+}
+
+/// Write a one-layer image into the OCI image layout `out`: `layer_tar`
+/// (gzip'd here) titled `title`, `config` (an image config without
+/// `rootfs`, which is added), the manifest with `annotations`, and
+/// `index.json` naming it `tag`.
+pub fn write_image(
+    layer_tar: &[u8],
+    title: &str,
+    mut config: serde_json::Value,
+    annotations: &[(&str, &str)],
+    out: &Path,
+    tag: &str,
+) -> Result<Image, OciError> {
     if !valid_tag(tag) {
         return Err(OciError::Tag(tag.to_string()));
     }
-    let tar = single_file_tar(PLUGIN_FILE, wasm);
-    let layer = gzip(&tar);
-    let config = serde_json::to_vec(&json!({
-        "architecture": "wasm",
-        "os": "wasip1",
-        "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [digest(&tar)]},
-        "history": [{"created_by": "meshward-e2e oci", "comment": "plugin.wasm"}],
-    }))
-    .unwrap_or_default();
+    let layer = gzip(layer_tar);
+    if let Some(c) = config.as_object_mut() {
+        c.insert(
+            "rootfs".into(),
+            json!({"type": "layers", "diff_ids": [digest(layer_tar)]}),
+        );
+        c.insert(
+            "history".into(),
+            json!([{"created_by": "meshward-e2e", "comment": title}]),
+        );
+    }
+    let config = serde_json::to_vec(&config).unwrap_or_default();
+    let annotations: serde_json::Map<String, serde_json::Value> = annotations
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), json!(v)))
+        .collect();
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": MANIFEST_MEDIA_TYPE,
@@ -163,14 +262,9 @@ pub fn write_layout(
             "mediaType": LAYER_MEDIA_TYPE,
             "digest": digest(&layer),
             "size": layer.len(),
-            "annotations": {"org.opencontainers.image.title": PLUGIN_FILE},
+            "annotations": {"org.opencontainers.image.title": title},
         }],
-        "annotations": {
-            "org.opencontainers.image.source": source,
-            "org.opencontainers.image.version": version,
-            "org.opencontainers.image.description":
-                "meshward filter: proxy-wasm plugin for Istio WasmPlugin (plugin.wasm)",
-        },
+        "annotations": annotations,
     }))
     .unwrap_or_default();
     let manifest_digest = digest(&manifest);
@@ -205,8 +299,124 @@ pub fn write_layout(
         tag: tag.to_string(),
         manifest_digest,
         manifest_size: manifest.len(),
-        wasm_digest: digest(wasm),
+        wasm_digest: String::new(),
     })
+}
+
+/// Where the signer image keeps its files (the StatefulSet mounts the
+/// config at `/etc/meshward/signer.toml`).
+pub const SIGNER_BINARY: &str = "usr/local/bin/meshward-signer";
+/// The dashboard's playground module in the signer image.
+pub const SIGNER_PLAYGROUND: &str = "usr/share/meshward/meshward_playground.wasm";
+/// The CA certificates the signer's outbound TLS (Vault, OIDC) may use.
+pub const SIGNER_CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
+
+/// Whether the 64-bit little-endian ELF `bytes` names a program
+/// interpreter (`PT_INTERP`: it needs the host's dynamic loader and
+/// libraries); `None` when it is not such an ELF file.
+pub fn elf_interpreter(bytes: &[u8]) -> Option<bool> {
+    const PT_INTERP: u32 = 3;
+    if bytes.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let u16_at = |at: usize| Some(u16::from_le_bytes(bytes.get(at..at + 2)?.try_into().ok()?));
+    let u32_at = |at: usize| Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
+    let u64_at = |at: usize| Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
+    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+    let phentsize = usize::from(u16_at(0x36)?);
+    let phnum = usize::from(u16_at(0x38)?);
+    for i in 0..phnum {
+        if u32_at(phoff.checked_add(i.checked_mul(phentsize)?)?)? == PT_INTERP {
+            return Some(true);
+        }
+    }
+    Some(false)
+}
+
+/// Write the signer's container image (linux/amd64, one layer) into the OCI
+/// image layout `out`: the statically linked `binary`, the dashboard's
+/// `playground` module and the `ca_bundle` (PEM), run as 65532:65532 with
+/// `meshward-signer serve --config /etc/meshward/signer.toml` by default,
+/// ports 15012 and 15014. Reproducible like [`write_layout`].
+pub fn write_signer_image(
+    binary: &[u8],
+    playground: &[u8],
+    ca_bundle: &[u8],
+    out: &Path,
+    tag: &str,
+    source: &str,
+    version: &str,
+) -> Result<Image, OciError> {
+    match elf_interpreter(binary) {
+        None => return Err(OciError::NotElf),
+        Some(true) => return Err(OciError::Dynamic),
+        Some(false) => {}
+    }
+    if !playground.starts_with(b"\0asm") {
+        return Err(OciError::NotWasm);
+    }
+    let layer = tar(&[
+        Entry {
+            path: SIGNER_BINARY,
+            mode: 0o555,
+            content: Some(binary),
+        },
+        Entry {
+            path: SIGNER_PLAYGROUND,
+            mode: 0o444,
+            content: Some(playground),
+        },
+        Entry {
+            path: SIGNER_CA_BUNDLE,
+            mode: 0o444,
+            content: Some(ca_bundle),
+        },
+        Entry {
+            path: "etc/meshward",
+            mode: 0o755,
+            content: None,
+        },
+        Entry {
+            path: "var/lib/meshward",
+            mode: 0o755,
+            content: None,
+        },
+        Entry {
+            path: "tmp",
+            mode: 0o1777,
+            content: None,
+        },
+    ])?;
+    write_image(
+        &layer,
+        "meshward-signer",
+        json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {
+                "User": "65532:65532",
+                "Entrypoint": [format!("/{SIGNER_BINARY}")],
+                "Cmd": ["serve", "--config", "/etc/meshward/signer.toml"],
+                "Env": [
+                    "PATH=/usr/local/bin",
+                    format!("SSL_CERT_FILE=/{SIGNER_CA_BUNDLE}"),
+                ],
+                "WorkingDir": "/",
+                "ExposedPorts": {"15012/tcp": {}, "15014/tcp": {}},
+                "Labels": {"org.opencontainers.image.source": source},
+            },
+        }),
+        &[
+            ("org.opencontainers.image.source", source),
+            ("org.opencontainers.image.version", version),
+            (
+                "org.opencontainers.image.description",
+                "meshward signer: Istio-compatible CA for SPIFFE workload certificates",
+            ),
+        ],
+        out,
+        tag,
+    )
 }
 
 /// The largest `plugin.wasm` [`plugin_from_manifest`] unpacks.

@@ -155,3 +155,73 @@ fn long_and_odd_sized_files_round_trip_through_the_tar_writer() {
         assert_eq!(got, content, "{n} bytes");
     }
 }
+
+#[test]
+fn a_dynamically_linked_signer_is_refused_for_the_image() {
+    // This test binary links glibc dynamically: the image has no loader.
+    let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    assert_eq!(elf_interpreter(&me), Some(true));
+    let dir = tempfile::tempdir().unwrap();
+    let err = write_signer_image(&me, &module(10), b"", dir.path(), "t", SOURCE, "1").unwrap_err();
+    assert!(matches!(err, OciError::Dynamic), "{err}");
+    assert!(matches!(
+        write_signer_image(b"#!/bin/sh", &module(10), b"", dir.path(), "t", SOURCE, "1"),
+        Err(OciError::NotElf)
+    ));
+    assert_eq!(
+        elf_interpreter(b"\x7fELF\x02\x01"),
+        None,
+        "truncated header"
+    );
+}
+
+#[test]
+fn layer_entries_get_their_parent_directories_and_modes() {
+    let layer = tar(&[
+        Entry {
+            path: "usr/local/bin/tool",
+            mode: 0o555,
+            content: Some(b"#!"),
+        },
+        Entry {
+            path: "tmp",
+            mode: 0o1777,
+            content: None,
+        },
+    ])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("layer.tar");
+    std::fs::write(&file, &layer).unwrap();
+    let listing = std::process::Command::new("tar")
+        .arg("-tvf")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8(listing.stdout).unwrap();
+    let lines: Vec<&str> = listing.lines().collect();
+    assert_eq!(lines.len(), 5, "{listing}");
+    assert!(
+        lines[0].starts_with("drwxr-xr-x 0/0") && lines[0].ends_with(" usr/"),
+        "{listing}"
+    );
+    assert!(lines[2].ends_with(" usr/local/bin/"), "{listing}");
+    assert!(lines[3].starts_with("-r-xr-xr-x 0/0") && lines[3].ends_with(" usr/local/bin/tool"));
+    assert!(
+        lines[4].starts_with("drwxrwxrwt 0/0") && lines[4].ends_with(" tmp/"),
+        "{listing}"
+    );
+    for bad in ["/etc/passwd", "a/../../etc", &"x".repeat(100)] {
+        assert!(
+            matches!(
+                tar(&[Entry {
+                    path: bad,
+                    mode: 0o444,
+                    content: Some(b"")
+                }]),
+                Err(OciError::Path(_))
+            ),
+            "{bad}"
+        );
+    }
+}
