@@ -67,6 +67,22 @@ enum Command {
     },
 }
 
+/// Where `image` was written, its digest, and how to publish it as
+/// `<registry>/<name>`.
+fn print_image(image: &meshward_e2e::oci::Image, name: &str) {
+    println!("layout:   {} (tag {})", image.layout.display(), image.tag);
+    println!(
+        "image:    {} ({} byte manifest)",
+        image.manifest_digest, image.manifest_size
+    );
+    println!(
+        "publish:  skopeo copy oci:{}:{} docker://<registry>/{name}:{}",
+        image.layout.display(),
+        image.tag,
+        image.tag
+    );
+}
+
 fn read(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
@@ -100,9 +116,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Oci { wasm, out, tag } => {
             let path = wasm.unwrap_or_else(meshward_e2e::wasm::filter_wasm_path);
-            let bytes = std::fs::read(&path).map_err(|e| {
-                anyhow::anyhow!("{}: {e} (build it with scripts/wasm)", path.display())
-            })?;
+            let bytes = read(&path)?;
             let image = meshward_e2e::oci::write_layout(
                 &bytes,
                 &out,
@@ -110,18 +124,8 @@ async fn main() -> anyhow::Result<()> {
                 env!("CARGO_PKG_REPOSITORY"),
                 env!("CARGO_PKG_VERSION"),
             )?;
-            println!("layout:   {} (tag {})", image.layout.display(), image.tag);
-            println!(
-                "image:    {} ({} byte manifest)",
-                image.manifest_digest, image.manifest_size
-            );
+            print_image(&image, "meshward-filter");
             println!("wasm:     {} ({} bytes)", image.wasm_digest, bytes.len());
-            println!(
-                "publish:  skopeo copy oci:{}:{} docker://<registry>/meshward-filter:{}",
-                image.layout.display(),
-                image.tag,
-                image.tag
-            );
             println!(
                 "WasmPlugin: url: oci://<registry>/meshward-filter:{}  sha256: {}",
                 image.tag,
@@ -144,17 +148,7 @@ async fn main() -> anyhow::Result<()> {
                 env!("CARGO_PKG_REPOSITORY"),
                 env!("CARGO_PKG_VERSION"),
             )?;
-            println!("layout:   {} (tag {})", image.layout.display(), image.tag);
-            println!(
-                "image:    {} ({} byte manifest)",
-                image.manifest_digest, image.manifest_size
-            );
-            println!(
-                "publish:  skopeo copy oci:{}:{} docker://<registry>/meshward-signer:{}",
-                image.layout.display(),
-                image.tag,
-                image.tag
-            );
+            print_image(&image, "meshward-signer");
             println!(
                 "StatefulSet: image: <registry>/meshward-signer:{}@{}",
                 image.tag, image.manifest_digest
