@@ -15,6 +15,18 @@ test *ARGS:
 wasm:
     scripts/wasm
 
+# Build the dashboard's policy playground module.
+playground:
+    scripts/playground
+
+# The filter as an OCI image layout for WasmPlugin url: oci://… (prints its digest).
+oci *ARGS:
+    scripts/oci {{ARGS}}
+
+# The signer's container image as an OCI image layout (static musl build).
+signer-image *ARGS:
+    scripts/signer-image {{ARGS}}
+
 # fmt, clippy (native and wasm32), tests: what .ci/run does.
 presubmit:
     .ci/run
