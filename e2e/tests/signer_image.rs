@@ -23,7 +23,7 @@ use meshward_e2e::oci::{
 };
 use meshward_signer::authn::keys::JwtAlgorithm;
 use meshward_signer::client::token::TokenIssuer;
-use registry::{Registry, tools};
+use registry::{Registry, free_port, tools};
 
 const REPOSITORY: &str = "meshward/meshward-signer";
 const TAG: &str = env!("CARGO_PKG_VERSION");
@@ -46,11 +46,6 @@ fn layout() -> PathBuf {
 
 fn repo_file(path: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)).unwrap()
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 /// Stops the signer started from the image (by its PID) when dropped.

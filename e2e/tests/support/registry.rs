@@ -52,7 +52,9 @@ impl Drop for Registry {
     }
 }
 
-fn free_port() -> u16 {
+/// A port free on 127.0.0.1 when asked (it can be taken before it is
+/// bound: callers retry or fail loudly).
+pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
