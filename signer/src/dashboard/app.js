@@ -250,8 +250,9 @@ function renderMetrics(m, dt, ledger) {
   setText("refused-total", count(total(m, "requests_total", refused)));
   setText("refused-rate", `${perSecond(rate(m, "requests_total", refused, dt))} now`);
   // Idle since the previous read: the figures since start, said so.
-  const recent = quantile(0.99, m, "issuance_duration_seconds") !== null;
-  const p99 = quantile(0.99, m, "issuance_duration_seconds", !recent);
+  const recentP99 = quantile(0.99, m, "issuance_duration_seconds");
+  const recent = recentP99 !== null;
+  const p99 = recent ? recentP99 : quantile(0.99, m, "issuance_duration_seconds", true);
   const p50 = quantile(0.5, m, "issuance_duration_seconds", !recent);
   setText("latency-p99", seconds(p99));
   setText("latency-p50", p50 === null ? "nothing issued yet"
