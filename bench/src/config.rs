@@ -99,6 +99,12 @@ pub struct FilterBench {
     pub rules: Vec<usize>,
     /// Timed batches per measurement.
     pub samples: usize,
+    /// Every measurement is repeated this many times, the rule counts and
+    /// filter types interleaved (round 1 of every slot, then round 2, …),
+    /// each wasm round with a freshly loaded plugin; a figure is the median
+    /// of its rounds' figures, so a burst of other work on the machine
+    /// during one round moves none of them.
+    pub rounds: usize,
     /// Wall time of one batch.
     #[serde(with = "humantime_serde")]
     pub batch: Duration,
@@ -194,6 +200,7 @@ impl BenchConfig {
         self.restart.enabled = false;
         self.filter.rules = vec![self.targets.flat_from, self.targets.flat_to];
         self.filter.samples = self.filter.samples.min(50);
+        self.filter.rounds = self.filter.rounds.min(3);
         self.openssl.seconds = 1;
         self
     }
@@ -218,6 +225,7 @@ impl BenchConfig {
         );
         anyhow::ensure!(!self.filter.rules.contains(&0), "filter.rules: 0 rules");
         anyhow::ensure!(self.filter.samples > 0, "filter.samples must be > 0");
+        anyhow::ensure!(self.filter.rounds > 0, "filter.rounds must be > 0");
         anyhow::ensure!(self.openssl.seconds > 0, "openssl.seconds must be > 0");
         Ok(())
     }

@@ -188,6 +188,39 @@ pub struct NativeCost {
     pub linear_ns: Summary,
     /// Policy compile time (ms), once per configure.
     pub compile_ms: f64,
+    /// `compiled_ns.p50` of each round, in the order they ran.
+    pub compiled_round_p50_ns: Vec<f64>,
+}
+
+/// The median of the rounds' values of `f`.
+fn median_by<T>(rounds: &[T], f: impl Fn(&T) -> f64) -> Option<f64> {
+    let mut v: Vec<f64> = rounds.iter().map(f).collect();
+    crate::stats::median(&mut v)
+}
+
+/// The rounds' summaries of `f` as one ([`Summary::median_of_rounds`]).
+fn summary_by<T>(rounds: &[T], f: impl Fn(&T) -> Summary) -> Option<Summary> {
+    Summary::median_of_rounds(&rounds.iter().map(f).collect::<Vec<_>>())
+}
+
+impl NativeCost {
+    /// The same slot measured in several rounds, as one: every figure is
+    /// the median of the rounds'. `None` for no rounds.
+    pub fn median_of_rounds(rounds: &[NativeCost]) -> Option<NativeCost> {
+        let first = rounds.first()?;
+        Some(NativeCost {
+            rules: first.rules,
+            kind: first.kind,
+            compiled_ns: summary_by(rounds, |r| r.compiled_ns)?,
+            new_identity_ns: summary_by(rounds, |r| r.new_identity_ns)?,
+            linear_ns: summary_by(rounds, |r| r.linear_ns)?,
+            compile_ms: median_by(rounds, |r| r.compile_ms)?,
+            compiled_round_p50_ns: rounds
+                .iter()
+                .flat_map(|r| r.compiled_round_p50_ns.iter().copied())
+                .collect(),
+        })
+    }
 }
 
 fn request(kind: Kind) -> Request<'static> {
@@ -264,6 +297,7 @@ pub fn native(rules: usize, kind: Kind, sampling: Sampling) -> anyhow::Result<Na
         new_identity_ns,
         linear_ns,
         compile_ms,
+        compiled_round_p50_ns: vec![compiled_ns.p50],
     })
 }
 
@@ -291,6 +325,49 @@ pub struct WasmCost {
     pub memory_after_configure: usize,
     /// Instantiate + configure time (ms).
     pub configure_ms: f64,
+    /// `decision_ns.p50` of each round, in the order they ran.
+    pub decision_round_p50_ns: Vec<f64>,
+    /// `abi_floor_ns.p50` of each round, in the order they ran.
+    pub abi_floor_round_p50_ns: Vec<f64>,
+}
+
+impl WasmCost {
+    /// The same slot measured in several rounds (each with a freshly
+    /// loaded plugin), as one: every figure is the median of the rounds'.
+    /// `None` for no rounds.
+    pub fn median_of_rounds(rounds: &[WasmCost]) -> Option<WasmCost> {
+        let first = rounds.first()?;
+        let decision_new_connection_ns = if rounds
+            .iter()
+            .all(|r| r.decision_new_connection_ns.is_some())
+        {
+            summary_by(rounds, |r| {
+                r.decision_new_connection_ns.unwrap_or(r.decision_ns)
+            })
+        } else {
+            None
+        };
+        Some(WasmCost {
+            rules: first.rules,
+            kind: first.kind,
+            decision_ns: summary_by(rounds, |r| r.decision_ns)?,
+            decision_new_connection_ns,
+            abi_floor_ns: summary_by(rounds, |r| r.abi_floor_ns)?,
+            stream_ns: summary_by(rounds, |r| r.stream_ns)?,
+            // Deterministic: the same module and policy configure the same
+            // way each round; the largest is reported.
+            memory_after_configure: rounds.iter().map(|r| r.memory_after_configure).max()?,
+            configure_ms: median_by(rounds, |r| r.configure_ms)?,
+            decision_round_p50_ns: rounds
+                .iter()
+                .flat_map(|r| r.decision_round_p50_ns.iter().copied())
+                .collect(),
+            abi_floor_round_p50_ns: rounds
+                .iter()
+                .flat_map(|r| r.abi_floor_round_p50_ns.iter().copied())
+                .collect(),
+        })
+    }
 }
 
 /// The size of the `.wasm` file.

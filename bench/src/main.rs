@@ -276,12 +276,33 @@ fn filter_costs(config: &BenchConfig, with_wasm: bool) -> FilterCosts {
         batch: config.filter.batch,
     };
     let mut skipped = Vec::new();
-    let mut native = Vec::new();
-    for kind in Kind::ALL {
-        for &rules in &config.filter.rules {
+    let path = wasm_path(config);
+    let size = match filter_cost::wasm_size(&path) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            skipped.push(format!("wasm: {e:#}"));
+            None
+        }
+    };
+    let mut wasm_bytes = if with_wasm && size.is_some() {
+        read_wasm(&path, &mut skipped)
+    } else {
+        None
+    };
+    let slots: Vec<(Kind, usize)> = Kind::ALL
+        .into_iter()
+        .flat_map(|kind| config.filter.rules.iter().map(move |&rules| (kind, rules)))
+        .collect();
+    // Per slot, its rounds; the slots interleaved within each round.
+    let mut native: Vec<Vec<filter_cost::NativeCost>> = vec![Vec::new(); slots.len()];
+    let mut wasm: Vec<Vec<filter_cost::WasmCost>> = vec![Vec::new(); slots.len()];
+    let rounds = config.filter.rounds.max(1);
+    for round in 1..=rounds {
+        for (slot, &(kind, rules)) in slots.iter().enumerate() {
             match filter_cost::native(rules, kind, sampling) {
                 Ok(n) => {
                     info!(
+                        round,
                         ?kind,
                         rules,
                         p50_ns = format!("{:.0}", n.compiled_ns.p50),
@@ -289,7 +310,9 @@ fn filter_costs(config: &BenchConfig, with_wasm: bool) -> FilterCosts {
                         linear_p50_ns = format!("{:.0}", n.linear_ns.p50),
                         "native decision"
                     );
-                    native.push(n);
+                    if let Some(r) = native.get_mut(slot) {
+                        r.push(n);
+                    }
                 }
                 Err(e) => {
                     return (
@@ -300,73 +323,78 @@ fn filter_costs(config: &BenchConfig, with_wasm: bool) -> FilterCosts {
                     );
                 }
             }
-        }
-    }
-    let path = wasm_path(config);
-    let size = match filter_cost::wasm_size(&path) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            skipped.push(format!("wasm: {e:#}"));
-            None
-        }
-    };
-    let wasm = if with_wasm && size.is_some() {
-        wasm_costs(config, &path, sampling, &mut skipped)
-    } else {
-        Vec::new()
-    };
-    (Ok(native), wasm, size, skipped)
-}
-
-#[cfg(feature = "wasm")]
-fn wasm_costs(
-    config: &BenchConfig,
-    path: &Path,
-    sampling: Sampling,
-    skipped: &mut Vec<String>,
-) -> Vec<filter_cost::WasmCost> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) => {
-            skipped.push(format!("wasm: reading {}: {e}", path.display()));
-            return Vec::new();
-        }
-    };
-    let mut out = Vec::new();
-    for kind in Kind::ALL {
-        for &rules in &config.filter.rules {
-            match wasm_cost::measure(&bytes, rules, kind, sampling) {
+            let Some(bytes) = wasm_bytes.as_deref() else {
+                continue;
+            };
+            match wasm_cost(bytes, rules, kind, sampling) {
                 Ok(w) => {
                     info!(
+                        round,
                         ?kind,
                         rules,
                         decision_p50_ns = format!("{:.0}", w.decision_ns.p50),
+                        abi_floor_p50_ns = format!("{:.0}", w.abi_floor_ns.p50),
                         stream_p50_ns = format!("{:.0}", w.stream_ns.p50),
                         memory = w.memory_after_configure,
                         "wasm decision"
                     );
-                    out.push(w);
+                    if let Some(r) = wasm.get_mut(slot) {
+                        r.push(w);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "wasm measurement failed");
                     skipped.push(format!("wasm {kind:?} at {rules} rules: {e:#}"));
-                    return out;
+                    // A plugin that fails once is not timed further.
+                    wasm_bytes = None;
+                    wasm.iter_mut().for_each(Vec::clear);
                 }
             }
         }
     }
-    out
+    let native = native
+        .iter()
+        .filter_map(|r| filter_cost::NativeCost::median_of_rounds(r))
+        .collect();
+    let wasm = wasm
+        .iter()
+        .filter_map(|r| filter_cost::WasmCost::median_of_rounds(r))
+        .collect();
+    (Ok(native), wasm, size, skipped)
+}
+
+fn read_wasm(path: &Path, skipped: &mut Vec<String>) -> Option<Vec<u8>> {
+    if !cfg!(feature = "wasm") {
+        skipped.push("wasm: meshward-bench was built without its `wasm` feature".to_string());
+        return None;
+    }
+    match std::fs::read(path) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            skipped.push(format!("wasm: reading {}: {e}", path.display()));
+            None
+        }
+    }
+}
+
+#[cfg(feature = "wasm")]
+fn wasm_cost(
+    bytes: &[u8],
+    rules: usize,
+    kind: Kind,
+    sampling: Sampling,
+) -> anyhow::Result<filter_cost::WasmCost> {
+    wasm_cost::measure(bytes, rules, kind, sampling)
 }
 
 #[cfg(not(feature = "wasm"))]
-fn wasm_costs(
-    _config: &BenchConfig,
-    _path: &Path,
+fn wasm_cost(
+    _bytes: &[u8],
+    _rules: usize,
+    _kind: Kind,
     _sampling: Sampling,
-    skipped: &mut Vec<String>,
-) -> Vec<filter_cost::WasmCost> {
-    skipped.push("wasm: meshward-bench was built without its `wasm` feature".to_string());
-    Vec::new()
+) -> anyhow::Result<filter_cost::WasmCost> {
+    anyhow::bail!("meshward-bench was built without its `wasm` feature")
 }
 
 fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {

@@ -231,6 +231,15 @@ pub fn ratio_machine(openssl: &OpensslSpeed, row: &SignerRow, cores: usize) -> f
     row.run.certs_per_s / (bound_per_core(openssl, row.key) * cores as f64)
 }
 
+/// Per-round nanoseconds as "89, 90, 88 ns".
+fn round_list(values: &[f64]) -> String {
+    if values.is_empty() {
+        return "–".to_string();
+    }
+    let list: Vec<String> = values.iter().map(|v| format!("{v:.0}")).collect();
+    format!("{} ns", list.join(", "))
+}
+
 fn find_native(r: &Results, kind: Kind, rules: usize) -> Option<&NativeCost> {
     r.native.iter().find(|n| n.kind == kind && n.rules == rules)
 }
@@ -753,8 +762,13 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
         "Policies of N rules mixing exact / prefix / suffix principals, namespaces, DENY and \
          AUDIT rules, paths and methods (HTTP) or ports (network) and `maxCertAge` \
          conditions; the peer `{}` is allowed only by the **last** rule (worst case for a \
-         scan). Each figure is the median (and p99) over {} batches of ~{} each of the mean \
-         time per decision (`std::time::Instant` around the batch).\n\n\
+         scan). A measurement is {} batches of ~{} each, a batch giving the mean time per \
+         decision (`std::time::Instant` around the batch); its figures are the median and p99 \
+         of its batches. Each measurement ran in {} rounds, every slot (filter type × rule \
+         count, native then wasm) once per round, and each wasm round loads the plugin \
+         afresh; a figure here is the median of its rounds' figures (the rounds' own medians \
+         are listed after the tables), so other work on the machine during one round does not \
+         move it.\n\n\
          - **native compiled**: per iteration, what the shim does per decision, natively. \
          HTTP, a request on an established connection: the request view and \
          `PeerRulesCache::authorize` — the peer was parsed when its connection was first \
@@ -788,6 +802,7 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
         crate::filter_cost::PEER_URI,
         config.filter.samples,
         humantime::format_duration(config.filter.batch),
+        config.filter.rounds,
     );
     let _ = writeln!(
         s,
@@ -858,6 +873,30 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
                 ns(n.compiled_ns.p50),
                 own / n.compiled_ns.p50,
                 w.abi_floor_ns.p50 / n.compiled_ns.p50,
+            );
+        }
+        let _ = writeln!(s);
+    }
+    if config.filter.rounds > 1 {
+        let _ = writeln!(
+            s,
+            "**Round to round** (p50 of each round, in the order they ran; the tables above \
+             give their median):\n"
+        );
+        let _ = writeln!(
+            s,
+            "| decision | rules | native compiled | wasm decision | ABI floor |"
+        );
+        let _ = writeln!(s, "| --- | ---: | --- | --- | --- |");
+        for (kind, n, w) in filter_rows(r) {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                kind.label(),
+                n.rules,
+                round_list(&n.compiled_round_p50_ns),
+                w.map_or("–".to_string(), |w| round_list(&w.decision_round_p50_ns)),
+                w.map_or("–".to_string(), |w| round_list(&w.abi_floor_round_p50_ns)),
             );
         }
         let _ = writeln!(s);

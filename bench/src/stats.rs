@@ -56,6 +56,35 @@ impl Summary {
     }
 }
 
+/// The median of `values` (sorted in place; the lower of the two
+/// middle values for an even count, so always a value that was observed). `None` when empty.
+pub fn median(values: &mut [f64]) -> Option<f64> {
+    sort(values);
+    percentile(values, 50.0)
+}
+
+impl Summary {
+    /// One summary for the same measurement repeated in several rounds:
+    /// each percentile is the median of the rounds' (so one round disturbed
+    /// by other work on the machine moves none of them), `min` / `max` are
+    /// the extremes of all rounds, `n` counts every sample, `mean` is the
+    /// mean of the rounds' means. `None` for no rounds.
+    pub fn median_of_rounds(rounds: &[Summary]) -> Option<Self> {
+        let field = |f: fn(&Summary) -> f64| {
+            let mut v: Vec<f64> = rounds.iter().map(f).collect();
+            median(&mut v)
+        };
+        Some(Self {
+            n: rounds.iter().map(|r| r.n).sum(),
+            min: rounds.iter().map(|r| r.min).reduce(f64::min)?,
+            p50: field(|r| r.p50)?,
+            p99: field(|r| r.p99)?,
+            max: rounds.iter().map(|r| r.max).reduce(f64::max)?,
+            mean: rounds.iter().map(|r| r.mean).sum::<f64>() / rounds.len() as f64,
+        })
+    }
+}
+
 /// Durations in milliseconds, for latency samples.
 pub fn millis(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -95,6 +124,36 @@ mod tests {
         assert_eq!(percentile(&[1.0], 100.1), None);
         assert_eq!(percentile(&[1.0], f64::NAN), None);
         assert_eq!(Summary::of(&mut []), None);
+    }
+
+    fn round(p50: f64, p99: f64) -> Summary {
+        Summary {
+            n: 10,
+            min: p50 - 1.0,
+            p50,
+            p99,
+            max: p99 + 1.0,
+            mean: p50,
+        }
+    }
+
+    #[test]
+    fn one_disturbed_round_moves_no_percentile_of_the_rounds() {
+        // Round 2 ran while something else took the core: its figures are
+        // 60 % higher. The median of three rounds ignores it.
+        let rounds = [
+            round(820.0, 900.0),
+            round(1_340.0, 1_500.0),
+            round(830.0, 905.0),
+        ];
+        let s = Summary::median_of_rounds(&rounds).unwrap();
+        assert_eq!((s.p50, s.p99), (830.0, 905.0));
+        assert_eq!((s.n, s.min, s.max), (30, 819.0, 1_501.0));
+        assert_eq!(Summary::median_of_rounds(&[]), None);
+        assert_eq!(
+            Summary::median_of_rounds(&rounds[..1]).map(|s| s.p50),
+            Some(820.0)
+        );
     }
 
     #[test]

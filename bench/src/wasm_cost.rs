@@ -157,6 +157,8 @@ pub fn measure(
         stream_ns,
         memory_after_configure,
         configure_ms,
+        decision_round_p50_ns: vec![decision_ns.p50],
+        abi_floor_round_p50_ns: vec![abi_floor_ns.p50],
     })
 }
 
