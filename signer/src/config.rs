@@ -506,6 +506,7 @@ impl Config {
                 self.trust_domain
             )));
         }
+        self.dashboard.validate().map_err(ConfigError::Invalid)?;
         let p = &self.policy;
         if p.default_ttl.is_zero() || p.max_ttl.is_zero() {
             return Err(ConfigError::Invalid(
@@ -765,7 +766,7 @@ pub(crate) mod human_opt {
 }
 
 /// serde for `Duration` as humantime strings (`"24h"`, `"90s"`, `"1h 30m"`).
-mod human {
+pub(crate) mod human {
     use super::*;
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

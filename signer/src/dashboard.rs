@@ -13,8 +13,11 @@
 //! Content-Security-Policy says so, and every value it shows is set as
 //! text, never parsed as markup (a CA subject is operator input).
 
+pub mod fleet;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -46,7 +49,7 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
 pub const MAX_PLAYGROUND_BYTES: u64 = 16 << 20;
 
 /// `[dashboard]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DashboardConfig {
     /// The policy playground's module (`meshward_playground.wasm`, built by
@@ -54,6 +57,59 @@ pub struct DashboardConfig {
     /// on a policy pasted into the page. Absent: the page shows no
     /// playground.
     pub playground_wasm: Option<PathBuf>,
+    /// Every replica's admin port for the fleet view (`/v1/fleet`):
+    /// `host:port` entries, each resolved again on every gather, so a
+    /// headless Service's name gives every ready replica. Empty: no fleet
+    /// view.
+    pub fleet: Vec<String>,
+    /// How long one replica may take to answer one request.
+    #[serde(with = "crate::config::human")]
+    pub fleet_timeout: Duration,
+    /// At most this many replicas are asked (the first by address).
+    pub fleet_max_replicas: usize,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        Self {
+            playground_wasm: None,
+            fleet: Vec::new(),
+            fleet_timeout: Duration::from_secs(2),
+            fleet_max_replicas: 32,
+        }
+    }
+}
+
+impl DashboardConfig {
+    /// Refuses a fleet entry that is not `host:port`, a timeout outside
+    /// 100 ms – 30 s and a replica cap outside 1 – 256.
+    pub fn validate(&self) -> Result<(), String> {
+        for t in &self.fleet {
+            fleet::check_target(t)?;
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(30)).contains(&self.fleet_timeout) {
+            return Err(format!(
+                "dashboard.fleet_timeout {} is outside 100ms-30s",
+                humantime::format_duration(self.fleet_timeout)
+            ));
+        }
+        if !(1..=256).contains(&self.fleet_max_replicas) {
+            return Err(format!(
+                "dashboard.fleet_max_replicas {} is outside 1-256",
+                self.fleet_max_replicas
+            ));
+        }
+        Ok(())
+    }
+
+    /// The fleet view's settings, when `fleet` names any replica.
+    pub fn fleet_settings(&self) -> Option<fleet::FleetSettings> {
+        (!self.fleet.is_empty()).then(|| fleet::FleetSettings {
+            targets: self.fleet.clone(),
+            timeout: self.fleet_timeout,
+            max_replicas: self.fleet_max_replicas,
+        })
+    }
 }
 
 /// Why the playground module was not loaded.
@@ -134,10 +190,15 @@ pub struct DashboardState {
     pub ledger: LedgerKind,
     /// This replica's name (the pod name in a StatefulSet).
     pub replica: String,
+    /// Random per process: tells this process from any other, restarts
+    /// and replicas sharing a name included.
+    pub instance: String,
     /// When this process started serving.
     pub started_at: OffsetDateTime,
     /// The policy playground's module, when configured.
     pub playground: Option<Arc<[u8]>>,
+    /// The fleet view, when `[dashboard] fleet` is set.
+    pub fleet: Option<Arc<fleet::Fleet>>,
 }
 
 /// `/v1/status`.
@@ -147,6 +208,8 @@ pub struct Status {
     pub version: &'static str,
     /// This replica's name.
     pub replica: String,
+    /// Random per process (see [`DashboardState::instance`]).
+    pub instance: String,
     /// Unix seconds.
     pub started_at: i64,
     /// Unix seconds, the signer's clock.
@@ -167,6 +230,13 @@ pub struct Status {
     pub rotation_error: Option<String>,
     /// Whether `/dashboard/playground.wasm` is served.
     pub playground: bool,
+    /// Whether `/v1/fleet` is served.
+    pub fleet: bool,
+}
+
+/// A random process instance id for [`DashboardState::instance`].
+pub fn new_instance_id() -> String {
+    hex::encode(rand::random::<[u8; 8]>())
 }
 
 /// A validity window in Unix seconds.
@@ -214,6 +284,7 @@ impl DashboardState {
         Status {
             version: env!("CARGO_PKG_VERSION"),
             replica: self.replica.clone(),
+            instance: self.instance.clone(),
             started_at: self.started_at.unix_timestamp(),
             now: OffsetDateTime::now_utc().unix_timestamp(),
             trust_domain: bundle.trust_domain().to_string(),
@@ -230,6 +301,7 @@ impl DashboardState {
             rotation,
             rotation_error,
             playground: self.playground.is_some(),
+            fleet: self.fleet.is_some(),
         }
     }
 }
@@ -253,7 +325,8 @@ fn root_status(der: &[u8]) -> RootStatus {
     }
 }
 
-/// `/` (redirects here), `/dashboard`, its assets, and `/v1/status`.
+/// `/` (redirects here), `/dashboard`, its assets, `/v1/status` and
+/// `/v1/fleet`.
 pub fn routes(state: DashboardState) -> Router {
     Router::new()
         .route("/", get(|| async { Redirect::to("/dashboard") }))
@@ -271,11 +344,25 @@ pub fn routes(state: DashboardState) -> Router {
         )
         .route("/dashboard/playground.wasm", get(playground))
         .route("/v1/status", get(status))
+        .route("/v1/fleet", get(fleet_view))
         .with_state(state)
 }
 
 async fn status(State(state): State<DashboardState>) -> Response {
     let mut response = axum::Json(state.status()).into_response();
+    harden(&mut response);
+    response
+}
+
+async fn fleet_view(State(state): State<DashboardState>) -> Response {
+    let mut response = match state.fleet {
+        Some(fleet) => axum::Json(fleet.view().await.as_ref().clone()).into_response(),
+        None => (
+            axum::http::StatusCode::NOT_FOUND,
+            "no fleet view on this signer: set dashboard.fleet to the replicas' admin ports\n",
+        )
+            .into_response(),
+    };
     harden(&mut response);
     response
 }

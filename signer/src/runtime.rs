@@ -383,6 +383,15 @@ impl Signer {
         });
         serving_flag.store(true, Ordering::Release);
 
+        let replica = crate::ledger::service::host_name().unwrap_or_else(|| "unknown".into());
+        let instance = crate::dashboard::new_instance_id();
+        let fleet = match config.dashboard.fleet_settings() {
+            Some(settings) => Some(Arc::new(
+                crate::dashboard::fleet::Fleet::new(settings, instance.clone())
+                    .map_err(ConfigError::Invalid)?,
+            )),
+            None => None,
+        };
         let admin_router = admin::router(AdminState {
             metrics: metrics.clone(),
             serving: serving_flag.clone(),
@@ -399,9 +408,11 @@ impl Signer {
                 (Some(_), Some(_)) => crate::dashboard::LedgerKind::Postgres,
                 (Some(_), None) => crate::dashboard::LedgerKind::Sqlite,
             },
-            replica: crate::ledger::service::host_name().unwrap_or_else(|| "unknown".into()),
+            replica,
+            instance,
             started_at: OffsetDateTime::now_utc(),
             playground,
+            fleet,
         }));
         let mut tasks = bundle.take_tasks();
         if let Some(l) = &ledger {

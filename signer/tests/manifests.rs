@@ -88,6 +88,43 @@ fn shipped_shared_ledger_block_is_valid_when_uncommented() {
     );
 }
 
+/// The shipped fleet view asks a Service that exists, is headless (so its
+/// name resolves to every replica, not one virtual IP), publishes replicas
+/// that are not ready (or a failing replica would vanish from the view),
+/// names the admin port the fleet entry uses, and is the StatefulSet's.
+#[test]
+fn shipped_fleet_view_asks_the_headless_service_naming_every_replica() {
+    let config = Config::from_toml(&manifest("signer/signer.toml"), "signer.toml").unwrap();
+    assert_eq!(
+        config.dashboard.fleet,
+        vec!["meshward-signer-headless:15014"]
+    );
+    assert_eq!(config.server.admin_addr.port(), 15014);
+    let headless = manifest("signer/service-headless.yaml");
+    for line in [
+        "  name: meshward-signer-headless",
+        "  clusterIP: None",
+        "  publishNotReadyAddresses: true",
+        "      port: 15014",
+        "      targetPort: http-admin",
+    ] {
+        assert!(
+            headless.lines().any(|l| l == line),
+            "{line:?} not in service-headless.yaml"
+        );
+    }
+    assert!(
+        manifest("signer/statefulset.yaml")
+            .lines()
+            .any(|l| l == "  serviceName: meshward-signer-headless")
+    );
+    assert!(
+        manifest("signer/kustomization.yaml")
+            .lines()
+            .any(|l| l == "  - service-headless.yaml")
+    );
+}
+
 /// `meshward_signer_*` metric names used by the alerts and the dashboard,
 /// reduced to their family name (no `_bucket`/`_total`/... suffix).
 fn referenced_signer_families() -> BTreeSet<String> {

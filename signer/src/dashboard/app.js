@@ -236,6 +236,65 @@ function renderStatus(s) {
   setText("rotation", rotation);
 }
 
+// A rotation phase in a word or two, for the fleet table.
+function phaseWord(r) {
+  if (!r) return "–";
+  if (r.phase === "overlap") return `overlap, switch ${date(r.switch_at)}`;
+  return r.phase;
+}
+
+// Every root set, as fingerprint prefixes, so rows can be compared by eye.
+function rootList(roots) {
+  const code = document.createElement("code");
+  code.textContent = roots.map((r) => `${r.slice(0, 12)}…`).join(" ");
+  code.title = roots.join("\n");
+  return code;
+}
+
+function renderFleet(f) {
+  const asked = f.replicas.length;
+  const notReady = f.replicas.filter((r) => r.ready === false).length;
+  setText("fleet-summary",
+    `${f.answered} of ${asked} replica${asked === 1 ? "" : "s"} answered` +
+    (notReady > 0 ? `, ${notReady} not ready` : "") +
+    ` (${f.targets.join(", ")}, read ${date(f.gathered_at)}). ` +
+    `Together: ${count(f.totals.issued)} issued, ${count(f.totals.refused)} refused since each started; ` +
+    `${count(f.totals.grpc_connections)} gRPC connections and ` +
+    `${count(f.totals.bundle_watchers)} WatchBundle streams open.`);
+  const warnings = [];
+  if (!f.roots_agree) {
+    warnings.push("Replicas publish different roots: workloads may not trust each other's " +
+      "certificates. Compare the roots column; a rotation must reach every replica.");
+  }
+  if (!f.versions_agree) warnings.push("Replicas run different versions (a rollout in progress?).");
+  if (f.answered < asked) warnings.push(`${asked - f.answered} replica(s) did not answer.`);
+  if (f.truncated) warnings.push("More replicas resolved than dashboard.fleet_max_replicas; the rest were not asked.");
+  for (const e of f.resolve_errors) warnings.push(`Not resolved: ${e}`);
+  const w = byId("fleet-warnings");
+  w.textContent = warnings.join(" ");
+  w.hidden = warnings.length === 0;
+  fillTable("fleet-replicas", f.replicas.map((r) => {
+    const s = r.status;
+    const c = r.counters;
+    const name = s ? s.replica + (r.this_replica ? " (this page)" : "") : "–";
+    return [
+      cell(name),
+      cell(r.address),
+      cell(r.ready === null ? "–" : r.ready ? "ready" : "NOT READY", r.ready === false ? "bad" : ""),
+      cell(s ? s.version : "–"),
+      cell(s ? `${s.backend}, ledger ${s.ledger}` : "–"),
+      cell(s ? rootList(s.roots) : "–"),
+      cell(s ? phaseWord(s.rotation) : "–"),
+      cell(c ? count(c.issued) : "–", "num"),
+      cell(c ? count(c.refused) : "–", "num"),
+      cell(c ? count(c.grpc_connections) : "–", "num"),
+      cell(c ? count(c.bundle_watchers) : "–", "num"),
+      cell(r.error || "", r.error ? "bad" : ""),
+    ];
+  }));
+  byId("fleet").hidden = false;
+}
+
 // The sum of the refusal counters `names` (one name or several) present.
 function refusedOf(m, names) {
   const found = [].concat(names || []).filter((n) => present(m, n));
@@ -367,6 +426,11 @@ async function refresh() {
     renderStatus(s);
     renderHealth(ready.ok, ready.text);
     renderMetrics(m, dt, s.ledger);
+    if (s.fleet) {
+      const fleet = await fetchText("/v1/fleet");
+      if (!fleet.ok) throw new Error(`/v1/fleet answered ${fleet.status}`);
+      renderFleet(JSON.parse(fleet.text));
+    }
     if (s.playground) loadPlayground();
     else setText("playground-note", "No policy playground on this signer: set [dashboard] playground_wasm " +
       "to the module scripts/playground builds.");
