@@ -6,4 +6,5 @@ pub mod demo;
 pub mod host;
 pub mod mesh;
 pub mod oci;
+pub mod sbom;
 pub mod wasm;

@@ -64,6 +64,10 @@ enum Command {
         /// The image tag.
         #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
         tag: String,
+        /// The workspace whose Cargo.lock and `cargo metadata` give the
+        /// image's SBOM (usr/share/meshward/sbom.cdx.json).
+        #[arg(long, default_value = ".")]
+        workspace: PathBuf,
     },
 }
 
@@ -138,11 +142,15 @@ async fn main() -> anyhow::Result<()> {
             ca_bundle,
             out,
             tag,
+            workspace,
         } => {
+            let sbom =
+                meshward_e2e::sbom::signer_image_sbom(&workspace, env!("CARGO_PKG_VERSION"))?;
             let image = meshward_e2e::oci::write_signer_image(
                 &read(&binary)?,
                 &read(&playground)?,
                 &read(&ca_bundle)?,
+                &sbom,
                 &out,
                 &tag,
                 env!("CARGO_PKG_REPOSITORY"),

@@ -335,13 +335,17 @@ pub fn elf_interpreter(bytes: &[u8]) -> Option<bool> {
 
 /// Write the signer's container image (linux/amd64, one layer) into the OCI
 /// image layout `out`: the statically linked `binary`, the dashboard's
-/// `playground` module and the `ca_bundle` (PEM), run as 65532:65532 with
+/// `playground` module, the `ca_bundle` (PEM) and the image's `sbom`
+/// (CycloneDX JSON, [`crate::sbom`]) at `/usr/share/meshward/sbom.cdx.json`,
+/// run as 65532:65532 with
 /// `meshward-signer serve --config /etc/meshward/signer.toml` by default,
 /// ports 15012 and 15014. Reproducible like [`write_layout`].
+#[allow(clippy::too_many_arguments)]
 pub fn write_signer_image(
     binary: &[u8],
     playground: &[u8],
     ca_bundle: &[u8],
+    sbom: &[u8],
     out: &Path,
     tag: &str,
     source: &str,
@@ -370,6 +374,11 @@ pub fn write_signer_image(
             path: SIGNER_CA_BUNDLE,
             mode: 0o444,
             content: Some(ca_bundle),
+        },
+        Entry {
+            path: crate::sbom::SBOM_PATH,
+            mode: 0o444,
+            content: Some(sbom),
         },
         Entry {
             path: "etc/meshward",

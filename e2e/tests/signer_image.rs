@@ -138,6 +138,46 @@ async fn signer_image_from_the_registry_runs_on_its_own_files_and_matches_the_st
         "the image's signer needs a dynamic loader the image does not have"
     );
     assert!(rootfs.join(SIGNER_CA_BUNDLE).is_file());
+    // Its SBOM names the signer at the version it will report, and the
+    // crates it is built from with their lockfile checksums.
+    let sbom: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rootfs.join(meshward_e2e::sbom::SBOM_PATH)).unwrap())
+            .unwrap();
+    assert_eq!(sbom["bomFormat"], "CycloneDX");
+    assert_eq!(sbom["metadata"]["component"]["version"], TAG);
+    let components = sbom["components"].as_array().unwrap();
+    let signer_ref = format!("meshward-signer@{TAG}");
+    assert!(
+        components
+            .iter()
+            .any(|c| c["bom-ref"] == signer_ref.as_str() && c["type"] == "application")
+    );
+    let rustls = components
+        .iter()
+        .find(|c| c["name"] == "rustls")
+        .expect("rustls in the SBOM");
+    assert_eq!(rustls["hashes"][0]["alg"], "SHA-256");
+    // The official CycloneDX 1.5 JSON schema, applied by CycloneDX's own
+    // library (scripts/cyclonedx installs it; scripts/test sets the python).
+    let python = std::env::var("MESHWARD_CYCLONEDX_PYTHON").unwrap_or_else(|_| "python3".into());
+    let validated = Command::new(&python)
+        .arg("-c")
+        .arg(
+            "import sys\n\
+             from cyclonedx.schema import SchemaVersion\n\
+             from cyclonedx.validation.json import JsonStrictValidator\n\
+             e = JsonStrictValidator(SchemaVersion.V1_5).validate_str(open(sys.argv[1]).read())\n\
+             sys.exit(str(e) if e else 0)",
+        )
+        .arg(rootfs.join(meshward_e2e::sbom::SBOM_PATH))
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e} (run scripts/cyclonedx)"));
+    assert!(
+        validated.status.success(),
+        "the SBOM does not validate against CycloneDX 1.5 (or {python} lacks \
+         cyclonedx-python-lib: run scripts/cyclonedx): {}",
+        String::from_utf8_lossy(&validated.stderr)
+    );
 
     // Start it from the unpacked files: the playground it serves is the
     // image's.

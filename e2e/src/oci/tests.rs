@@ -162,10 +162,20 @@ fn a_dynamically_linked_signer_is_refused_for_the_image() {
     let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
     assert_eq!(elf_interpreter(&me), Some(true));
     let dir = tempfile::tempdir().unwrap();
-    let err = write_signer_image(&me, &module(10), b"", dir.path(), "t", SOURCE, "1").unwrap_err();
+    let err =
+        write_signer_image(&me, &module(10), b"", b"{}", dir.path(), "t", SOURCE, "1").unwrap_err();
     assert!(matches!(err, OciError::Dynamic), "{err}");
     assert!(matches!(
-        write_signer_image(b"#!/bin/sh", &module(10), b"", dir.path(), "t", SOURCE, "1"),
+        write_signer_image(
+            b"#!/bin/sh",
+            &module(10),
+            b"",
+            b"{}",
+            dir.path(),
+            "t",
+            SOURCE,
+            "1"
+        ),
         Err(OciError::NotElf)
     ));
     assert_eq!(
