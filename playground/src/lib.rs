@@ -1,7 +1,8 @@
 //! The filter's policy core in the browser: the signer dashboard's policy
 //! playground.
 //!
-//! [`evaluate`] takes a plugin config (a `WasmPlugin`'s `pluginConfig`, as
+//! [`evaluate`] takes a plugin config (a `WasmPlugin`'s `pluginConfig`, or
+//! the whole `WasmPlugin` as `kubectl … -o json` prints it; as
 //! JSON), a peer and a request, and answers what the filter would decide,
 //! with the same code the proxy-wasm plugin runs: [`Config::from_json`],
 //! [`Policy::compile`], [`Policy::authorize`]. A config the plugin would
@@ -122,9 +123,27 @@ pub fn evaluate_json(query: &[u8]) -> String {
     })
 }
 
+/// The plugin config in `config`: itself, or, for a whole `WasmPlugin`
+/// resource (`kubectl get wasmplugin NAME -o json`), its
+/// `spec.pluginConfig` — the plugin config has no `kind`, so the two cannot
+/// be confused. A `WasmPlugin` without one is refused as the plugin would
+/// refuse an empty config.
+pub fn plugin_config(config: &serde_json::Value) -> Result<&serde_json::Value, String> {
+    if config.get("kind").and_then(serde_json::Value::as_str) != Some("WasmPlugin") {
+        return Ok(config);
+    }
+    config
+        .pointer("/spec/pluginConfig")
+        .ok_or_else(|| "this WasmPlugin has no spec.pluginConfig".to_string())
+}
+
 /// The decision for `query`.
 pub fn evaluate(query: &Query) -> Answer {
-    let bytes = match serde_json::to_vec(&query.config) {
+    let config = match plugin_config(&query.config) {
+        Ok(c) => c,
+        Err(error) => return Answer::ConfigRefused { error },
+    };
+    let bytes = match serde_json::to_vec(config) {
         Ok(b) => b,
         Err(e) => {
             return Answer::BadQuery {

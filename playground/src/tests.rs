@@ -136,3 +136,32 @@ fn malformed_queries_are_answered_not_panicked_on() {
         assert_eq!(a["status"], "badQuery", "{a}");
     }
 }
+
+#[test]
+fn a_whole_wasm_plugin_resource_is_decided_by_its_plugin_config() {
+    // What `kubectl get wasmplugin meshward -o json` prints.
+    let resource = json!({
+        "apiVersion": "extensions.istio.io/v1alpha1",
+        "kind": "WasmPlugin",
+        "metadata": {"name": "meshward", "namespace": "shop"},
+        "spec": {"url": "oci://registry/meshward-filter:0.1.0", "failStrategy": "FAIL_CLOSE",
+                 "pluginConfig": http_config()},
+    });
+    let a = ask(resource.clone(), Some(FRONTEND), "GET", "/api/items", 3600);
+    assert_eq!(a["verdict"], "allow", "{a}");
+    assert_eq!(a["rule"], "frontend-reads-api");
+    let a = ask(resource, Some(FRONTEND), "POST", "/api/items", 3600);
+    assert_eq!(a["verdict"], "deny", "{a}");
+
+    let mut empty = json!({"kind": "WasmPlugin", "spec": {"url": "oci://x"}});
+    let a = ask(empty.clone(), Some(FRONTEND), "GET", "/api/items", 60);
+    assert_eq!(a["status"], "configRefused");
+    assert!(
+        a["error"].as_str().unwrap().contains("spec.pluginConfig"),
+        "{a}"
+    );
+    // Any other kind is a plugin config, which has no `kind`: refused.
+    empty["kind"] = json!("EnvoyFilter");
+    let a = ask(empty, Some(FRONTEND), "GET", "/api/items", 60);
+    assert_eq!(a["status"], "configRefused", "{a}");
+}
