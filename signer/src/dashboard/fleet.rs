@@ -390,19 +390,11 @@ async fn ask(client: &reqwest::Client, address: SocketAddr) -> ReplicaView {
         fetch(client, &metrics_url, MAX_METRICS_BYTES),
     );
     let mut errors = Vec::new();
-    let status = match status {
-        Ok((200, body)) => PeerStatus::from_json(&body)
+    let status = ok_body(status, "/v1/status", &mut errors).and_then(|body| {
+        PeerStatus::from_json(&body)
             .map_err(|e| errors.push(e))
-            .ok(),
-        Ok((code, _)) => {
-            errors.push(format!("/v1/status answered {code}"));
-            None
-        }
-        Err(e) => {
-            errors.push(format!("/v1/status: {e}"));
-            None
-        }
-    };
+            .ok()
+    });
     let ready = match ready {
         Ok((code, _)) => Some(code == 200),
         Err(e) => {
@@ -410,17 +402,8 @@ async fn ask(client: &reqwest::Client, address: SocketAddr) -> ReplicaView {
             None
         }
     };
-    let counters = match metrics {
-        Ok((200, body)) => Some(Counters::from_exposition(&String::from_utf8_lossy(&body))),
-        Ok((code, _)) => {
-            errors.push(format!("/metrics answered {code}"));
-            None
-        }
-        Err(e) => {
-            errors.push(format!("/metrics: {e}"));
-            None
-        }
-    };
+    let counters = ok_body(metrics, "/metrics", &mut errors)
+        .map(|body| Counters::from_exposition(&String::from_utf8_lossy(&body)));
     // The same failure on all three routes is said once.
     errors.dedup_by(|a, b| a.split_once(": ").map(|x| x.1) == b.split_once(": ").map(|x| x.1));
     ReplicaView {
@@ -430,6 +413,25 @@ async fn ask(client: &reqwest::Client, address: SocketAddr) -> ReplicaView {
         status,
         counters,
         error: (!errors.is_empty()).then(|| errors.join("; ")),
+    }
+}
+
+/// The body of a 200 answer from `route`; anything else is said in `errors`.
+fn ok_body(
+    answer: Result<(u16, Vec<u8>), String>,
+    route: &str,
+    errors: &mut Vec<String>,
+) -> Option<Vec<u8>> {
+    match answer {
+        Ok((200, body)) => Some(body),
+        Ok((code, _)) => {
+            errors.push(format!("{route} answered {code}"));
+            None
+        }
+        Err(e) => {
+            errors.push(format!("{route}: {e}"));
+            None
+        }
     }
 }
 
