@@ -11,14 +11,17 @@
 
 #[path = "support/harness.rs"]
 mod harness;
+#[path = "support/kube_api.rs"]
+mod kube_api;
 #[path = "support/openbao.rs"]
 mod openbao;
 
 use std::time::{Duration, Instant};
 
 use harness::{Harness, assert_refused, id, webpki_verify};
+use kube_api::KubeApi;
 use meshward_signer::client::{ClientError, WorkloadKey, WorkloadKeyType};
-use openbao::{AuthKind, BaoOptions, OpenBao};
+use openbao::{AuthKind, BaoOptions, K8S_AUDIENCE, OpenBao};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tonic::Code;
 
@@ -99,6 +102,79 @@ async fn workload_gets_a_vault_signed_chain_with_approle_auth() {
         .await
         .unwrap();
     webpki_verify(&cert, now());
+}
+
+/// In a cluster the signer logs in with its pod's projected service-account
+/// token: nothing secret to hand out. The kubelet rewrites that file before
+/// the token expires; a Vault token lost later (revoked, Vault restarted)
+/// must be replaced by a login with the token in the file *now*.
+#[tokio::test(flavor = "multi_thread")]
+async fn workload_gets_a_vault_signed_chain_with_kubernetes_auth_and_the_rotated_token_is_used() {
+    let Some(bao) = OpenBao::start(BaoOptions::default()) else {
+        return;
+    };
+    let api = KubeApi::start();
+    bao.enable_kubernetes_auth(&api).unwrap();
+    let first = api.mint("istio-system", "meshward-signer", K8S_AUDIENCE);
+    std::fs::write(bao.kubernetes_token_file(), format!("{first}\n")).unwrap();
+    let h = signer_on(&bao, AuthKind::Kubernetes, "").await;
+    issue_and_check(&h, &bao).await;
+    assert_eq!(api.reviewed(), vec![first.clone()], "one login at start");
+    assert_eq!(api.unauthorized(), 0);
+
+    // The kubelet writes a new token and the old one stops being valid;
+    // then the Vault token the signer holds is revoked.
+    let second = api.mint("istio-system", "meshward-signer", K8S_AUDIENCE);
+    std::fs::write(bao.kubernetes_token_file(), &second).unwrap();
+    api.invalidate(&first);
+    bao.revoke_login_tokens("kubernetes").unwrap();
+    issue_and_check(&h, &bao).await;
+    assert_eq!(api.reviewed(), vec![first, second]);
+    let m = h.metrics().await;
+    assert!(m.contains("meshward_signer_vault_logins_total 2"), "{m}");
+}
+
+/// A token of another service account (say, read from a compromised
+/// workload's pod) in the signer's token file gets no Vault token: the
+/// role is bound to `istio-system/meshward-signer`. The signer answers
+/// UNAVAILABLE, issues nothing, and recovers once its own token is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_service_accounts_token_gets_no_vault_token_and_nothing_is_issued() {
+    let Some(bao) = OpenBao::start(BaoOptions::default()) else {
+        return;
+    };
+    let api = KubeApi::start();
+    bao.enable_kubernetes_auth(&api).unwrap();
+    let own = api.mint("istio-system", "meshward-signer", K8S_AUDIENCE);
+    std::fs::write(bao.kubernetes_token_file(), &own).unwrap();
+    let h = signer_on(
+        &bao,
+        AuthKind::Kubernetes,
+        "max_attempts = 1\nfailure_threshold = 100",
+    )
+    .await;
+    issue_and_check(&h, &bao).await;
+
+    for (namespace, service_account, audience) in [
+        ("shop", "web", K8S_AUDIENCE),
+        // The right account, but a token meant for the API server.
+        (
+            "istio-system",
+            "meshward-signer",
+            "https://kubernetes.default.svc",
+        ),
+    ] {
+        let foreign = api.mint(namespace, service_account, audience);
+        std::fs::write(bao.kubernetes_token_file(), &foreign).unwrap();
+        bao.revoke_login_tokens("kubernetes").unwrap();
+        let before = bao.issued_count().unwrap();
+        let r = h.issue("default", "foo", &h.opts("default", "foo")).await;
+        assert_refused(r, Code::Unavailable, "");
+        assert_eq!(bao.issued_count().unwrap(), before, "Vault signed nothing");
+    }
+
+    std::fs::write(bao.kubernetes_token_file(), &own).unwrap();
+    issue_and_check(&h, &bao).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

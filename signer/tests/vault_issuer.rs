@@ -9,6 +9,8 @@
     clippy::indexing_slicing
 )]
 
+#[path = "support/kube_api.rs"]
+mod kube_api;
 #[path = "support/openbao.rs"]
 mod openbao;
 

@@ -124,6 +124,27 @@ pub enum VaultAuthConfig {
         /// File holding the secret id.
         secret_id_file: PathBuf,
     },
+    /// Kubernetes auth: logs in with the pod's service-account token (read
+    /// again at every login: the kubelet rotates projected tokens); logs in
+    /// again at half the token TTL and when refused. No secret to hand out.
+    Kubernetes {
+        /// Auth mount. Default `kubernetes`.
+        #[serde(default = "default_kubernetes_mount")]
+        mount: String,
+        /// The Vault role bound to the signer's service account.
+        role: String,
+        /// File holding the service-account token. Default: the pod's
+        /// token, `/var/run/secrets/kubernetes.io/serviceaccount/token`.
+        #[serde(default = "default_kubernetes_token_file")]
+        token_file: PathBuf,
+    },
+}
+
+fn default_kubernetes_mount() -> String {
+    "kubernetes".to_owned()
+}
+fn default_kubernetes_token_file() -> PathBuf {
+    PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
 }
 
 fn default_mount() -> String {
@@ -262,6 +283,15 @@ impl VaultIssuer {
                 mount: mount.clone(),
                 role_id: role_id.clone(),
                 secret_id_file: secret_id_file.clone(),
+            },
+            VaultAuthConfig::Kubernetes {
+                mount,
+                role,
+                token_file,
+            } => Auth::Kubernetes {
+                mount: mount.clone(),
+                role: role.clone(),
+                token_file: token_file.clone(),
             },
         };
         if cfg.max_attempts == 0 {
@@ -566,6 +596,42 @@ mod tests {
         assert!(
             matches!(cfg.auth, VaultAuthConfig::Approle { ref mount, .. } if mount == "approle")
         );
+    }
+
+    #[test]
+    fn kubernetes_auth_defaults_to_the_pods_token_and_the_kubernetes_mount() {
+        let cfg: VaultConfig = toml::from_str(
+            r#"
+            address = "https://vault.example:8200"
+            role = "istio"
+            roots_file = "/r.pem"
+            [auth]
+            method = "kubernetes"
+            role = "meshward-signer"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.auth,
+            VaultAuthConfig::Kubernetes {
+                mount: "kubernetes".into(),
+                role: "meshward-signer".into(),
+                token_file: "/var/run/secrets/kubernetes.io/serviceaccount/token".into(),
+            }
+        );
+        // The token is only ever read from a file.
+        let inline: Result<VaultConfig, _> = toml::from_str(
+            r#"
+            address = "https://vault.example:8200"
+            role = "istio"
+            roots_file = "/r.pem"
+            [auth]
+            method = "kubernetes"
+            role = "meshward-signer"
+            jwt = "eyJ..."
+            "#,
+        );
+        assert!(inline.is_err());
     }
 
     #[test]

@@ -58,7 +58,17 @@ pub enum AuthKind {
     Token,
     /// AppRole with the fixed role id and the secret id from a file.
     AppRole,
+    /// Kubernetes auth (role [`K8S_ROLE`]) with the service-account token
+    /// in [`OpenBao::kubernetes_token_file`], after
+    /// [`OpenBao::enable_kubernetes_auth`].
+    Kubernetes,
 }
+
+/// Kubernetes auth role bound to `istio-system/meshward-signer`, audience
+/// [`K8S_AUDIENCE`].
+pub const K8S_ROLE: &str = "meshward-signer";
+/// The audience of the projected token the signer presents to Vault.
+pub const K8S_AUDIENCE: &str = "vault";
 
 /// How the server is started and provisioned.
 #[derive(Clone, Debug, Default)]
@@ -534,6 +544,10 @@ impl OpenBao {
                 "[auth]\nmethod = \"approle\"\nrole_id = {APPROLE_ROLE_ID:?}\nsecret_id_file = {:?}\n",
                 self.secret_id_file().display().to_string()
             ),
+            AuthKind::Kubernetes => format!(
+                "[auth]\nmethod = \"kubernetes\"\nrole = {K8S_ROLE:?}\ntoken_file = {:?}\n",
+                self.kubernetes_token_file().display().to_string()
+            ),
         };
         format!(
             "address = {:?}\nmount = {MOUNT:?}\nrole = {ROLE:?}\nserving_role = {SERVING_ROLE:?}\n\
@@ -562,6 +576,50 @@ impl OpenBao {
     /// The AppRole secret id, as a file.
     pub fn secret_id_file(&self) -> PathBuf {
         self.file("approle-secret-id", &self.secret_id).unwrap()
+    }
+
+    /// Where [`AuthKind::Kubernetes`] reads the service-account token (the
+    /// test writes it, as the kubelet writes a projected token).
+    pub fn kubernetes_token_file(&self) -> PathBuf {
+        self.dir.path().join("k8s-sa-token")
+    }
+
+    /// The documented Kubernetes auth setup (docs/vault.md) against `api`:
+    /// the method at `kubernetes`, reviewing tokens with its own reviewer
+    /// token, checking the cluster's issuer, and role [`K8S_ROLE`] bound to
+    /// `istio-system/meshward-signer`, audience [`K8S_AUDIENCE`], with the
+    /// signer's policy and the AppRole token TTLs.
+    pub fn enable_kubernetes_auth(&self, api: &super::kube_api::KubeApi) -> Result<()> {
+        self.cli(&["auth", "enable", "kubernetes"])?;
+        // Required with disable_local_ca_jwt; the stand-in API speaks plain
+        // HTTP, so this CA is never used to verify anything.
+        let ca = self.file("k8s-ca.pem", &self.root_pem)?;
+        self.write(
+            "auth/kubernetes/config",
+            &[
+                &format!("kubernetes_host={}", api.url),
+                &format!("kubernetes_ca_cert=@{}", ca.display()),
+                &format!("token_reviewer_jwt={}", api.reviewer_token),
+                &format!("issuer={}", super::kube_api::K8S_ISSUER),
+                "disable_local_ca_jwt=true",
+            ],
+        )?;
+        let (ttl, max_ttl) = match &self.options.approle_token_ttl {
+            Some(t) => (t.clone(), t.clone()),
+            None => ("1h".to_owned(), "4h".to_owned()),
+        };
+        self.write(
+            &format!("auth/kubernetes/role/{K8S_ROLE}"),
+            &[
+                "bound_service_account_names=meshward-signer",
+                "bound_service_account_namespaces=istio-system",
+                &format!("audience={K8S_AUDIENCE}"),
+                &format!("token_policies={POLICY}"),
+                &format!("token_ttl={ttl}"),
+                &format!("token_max_ttl={max_ttl}"),
+            ],
+        )?;
+        Ok(())
     }
 
     /// Kills the server (by PID) and waits for it.
@@ -614,6 +672,12 @@ impl OpenBao {
 
     /// Revokes every token issued through the AppRole (e.g. the signer's).
     pub fn revoke_approle_tokens(&self) -> Result<()> {
+        self.revoke_login_tokens("approle")
+    }
+
+    /// Revokes every token issued by logins at `auth/<mount>/`.
+    pub fn revoke_login_tokens(&self, mount: &str) -> Result<()> {
+        let prefix = format!("auth/{mount}/");
         let out = self.cli(&["list", "-format=json", "auth/token/accessors"])?;
         let accessors: Vec<String> = serde_json::from_str(&out)?;
         for acc in accessors {
@@ -621,7 +685,7 @@ impl OpenBao {
             let info: serde_json::Value = serde_json::from_str(&info)?;
             if info["data"]["path"]
                 .as_str()
-                .is_some_and(|p| p.starts_with("auth/approle/"))
+                .is_some_and(|p| p.starts_with(&prefix))
             {
                 self.cli(&["token", "revoke", "-accessor", &acc])?;
             }

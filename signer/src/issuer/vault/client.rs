@@ -1,7 +1,8 @@
-//! HTTP client for Vault / OpenBao: authentication (token with `renew-self`,
-//! AppRole with re-login), the PKI `sign` / `sign-verbatim` call, per-attempt
-//! timeouts, retries with backoff and jitter, and a circuit breaker so that a
-//! Vault outage costs callers one fast `UNAVAILABLE`, not a hung request.
+//! HTTP client for Vault / OpenBao: authentication (token with `renew-self`;
+//! AppRole or Kubernetes auth with re-login), the PKI `sign` /
+//! `sign-verbatim` call, per-attempt timeouts, retries with backoff and
+//! jitter, and a circuit breaker so that a Vault outage costs callers one
+//! fast `UNAVAILABLE`, not a hung request.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -32,6 +33,16 @@ pub enum Auth {
         role_id: String,
         /// File holding the secret id.
         secret_id_file: PathBuf,
+    },
+    /// Kubernetes auth login at `auth/<mount>/login` with the service-account
+    /// token from a file (re-read at every login); replaced like AppRole's.
+    Kubernetes {
+        /// Auth mount path (usually `kubernetes`).
+        mount: String,
+        /// The Vault role bound to the signer's service account.
+        role: String,
+        /// File holding the service-account token (JWT).
+        token_file: PathBuf,
     },
 }
 
@@ -104,7 +115,8 @@ pub struct SignedCert {
 struct Token {
     value: String,
     renewable: bool,
-    /// When to renew (token auth) or log in again (AppRole); None = never.
+    /// When to renew (token auth) or log in again (AppRole, Kubernetes);
+    /// None = never.
     refresh_at: Option<Instant>,
 }
 
@@ -405,31 +417,45 @@ impl VaultClient {
             } => {
                 let secret_id = read_secret(secret_id_file).map_err(Failure::Forbidden)?;
                 let body = json!({ "role_id": role_id, "secret_id": secret_id });
-                let v = self
-                    .post(&format!("auth/{mount}/login"), None, &body)
-                    .await
-                    .map_err(|f| match f {
-                        // A bad role/secret id answers 400: it is a refusal.
-                        Failure::Refused { message, .. } => Failure::Forbidden(message),
-                        other => other,
-                    })?;
-                let auth = v.get("auth").cloned().unwrap_or(Value::Null);
-                let value = auth
-                    .get("client_token")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| Failure::Bad("AppRole login: no auth.client_token".into()))?
-                    .to_owned();
-                let ttl = auth
-                    .get("lease_duration")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0);
-                tracing::info!(ttl, "logged in to Vault with AppRole");
-                self.settings.metrics.logins.inc();
-                // AppRole tokens are replaced by a fresh login, never renewed:
-                // a login also resets token_max_ttl.
-                Ok(token_with_ttl(value, false, ttl))
+                self.login_at(mount, &body, "AppRole").await
+            }
+            Auth::Kubernetes {
+                mount,
+                role,
+                token_file,
+            } => {
+                let jwt = read_secret(token_file).map_err(Failure::Forbidden)?;
+                let body = json!({ "role": role, "jwt": jwt });
+                self.login_at(mount, &body, "Kubernetes auth").await
             }
         }
+    }
+
+    /// `auth/<mount>/login` with `body`; the answer's client token, replaced
+    /// by a fresh login at half its TTL (never renewed: a login also resets
+    /// the token's max TTL and re-reads the credential file).
+    async fn login_at(&self, mount: &str, body: &Value, method: &str) -> Result<Token, Failure> {
+        let v = self
+            .post(&format!("auth/{mount}/login"), None, body)
+            .await
+            .map_err(|f| match f {
+                // Bad credentials answer 400 (AppRole) or 403: a refusal.
+                Failure::Refused { message, .. } => Failure::Forbidden(message),
+                other => other,
+            })?;
+        let auth = v.get("auth").cloned().unwrap_or(Value::Null);
+        let value = auth
+            .get("client_token")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Failure::Bad(format!("{method} login: no auth.client_token")))?
+            .to_owned();
+        let ttl = auth
+            .get("lease_duration")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        tracing::info!(ttl, mount, "logged in to Vault with {method}");
+        self.settings.metrics.logins.inc();
+        Ok(token_with_ttl(value, false, ttl))
     }
 
     async fn lookup_self(&self, token: &str) -> Result<Value, Failure> {

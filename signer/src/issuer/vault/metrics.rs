@@ -42,7 +42,7 @@ struct OutcomeLabel {
 #[derive(Debug, Clone, Default)]
 pub struct VaultMetrics {
     signings: Family<OutcomeLabel, Counter>,
-    /// Logins (AppRole) or token (re)reads.
+    /// Logins (AppRole, Kubernetes auth) or token (re)reads.
     pub logins: Counter,
     /// Successful `renew-self` calls.
     pub renewals: Counter,
