@@ -284,13 +284,25 @@ async fn identity_outside_the_vault_role_is_permission_denied() {
     assert_refused(r, Code::PermissionDenied, "");
 }
 
-/// The fenced block of `lang` in docs/vault.md (the first one).
-fn doc_block(lang: &str) -> String {
+/// The fenced blocks of `lang` in docs/vault.md, in order.
+fn doc_blocks(lang: &str) -> Vec<String> {
     let doc =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/vault.md")).unwrap();
-    let start = doc.find(&format!("```{lang}\n")).unwrap() + lang.len() + 4;
-    let len = doc[start..].find("```").unwrap();
-    doc[start..start + len].to_string()
+    let fence = format!("```{lang}\n");
+    let mut out = Vec::new();
+    let mut rest = doc.as_str();
+    while let Some(at) = rest.find(&fence) {
+        let body = &rest[at + fence.len()..];
+        let len = body.find("```").unwrap();
+        out.push(body[..len].to_string());
+        rest = &body[len + 3..];
+    }
+    out
+}
+
+/// The first fenced block of `lang` in docs/vault.md.
+fn doc_block(lang: &str) -> String {
+    doc_blocks(lang).swap_remove(0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -333,6 +345,65 @@ async fn documented_vault_setup_and_signer_config_issue_certificates() {
     let root = CertificateDer::from(pem::parse(read("root-cert.pem")).unwrap().into_contents());
     assert_eq!(cert.roots, vec![root]);
     webpki_verify(&cert, now());
+}
+
+/// docs/vault.md's Kubernetes auth commands, run as written after the main
+/// setup, let a signer log in with a projected service-account token.
+#[tokio::test(flavor = "multi_thread")]
+async fn documented_kubernetes_auth_setup_logs_the_signer_in_with_its_service_account_token() {
+    let Some(bao) = OpenBao::start(BaoOptions {
+        bare: true,
+        ..BaoOptions::default()
+    }) else {
+        return;
+    };
+    let api = KubeApi::start();
+    let work = tempfile::tempdir().unwrap();
+    // Stand-ins for the API server's CA (unused: the stand-in speaks plain
+    // HTTP) and the reviewer token the documented kubectl commands make.
+    std::fs::write(work.path().join("k8s-ca.pem"), &bao.root_pem).unwrap();
+    std::fs::write(work.path().join("reviewer-token"), &api.reviewer_token).unwrap();
+    let blocks = doc_blocks("sh");
+    assert_eq!(
+        blocks.len(),
+        2,
+        "the setup and the Kubernetes auth commands"
+    );
+    let setup = blocks[0].replace("export BAO_ADDR=https://vault.example:8200", "");
+    bao.run_script(&setup, work.path()).unwrap();
+    bao.run_script(
+        &format!("KUBERNETES_HOST={}\n{}", api.url, blocks[1]),
+        work.path(),
+    )
+    .unwrap();
+
+    let documented = meshward_signer::config::Config::from_toml(&doc_block("toml"), "docs")
+        .unwrap()
+        .ca
+        .vault
+        .unwrap();
+    let mut vault = documented;
+    vault.address = bao.addr.clone();
+    vault.ca_file = None;
+    vault.roots_file = work.path().join("root-cert.pem");
+    vault.auth = meshward_signer::issuer::vault::VaultAuthConfig::Kubernetes {
+        mount: "kubernetes".into(),
+        role: "meshward-signer".into(),
+        token_file: work.path().join("token"),
+    };
+    let token = api.mint("istio-system", "meshward-signer", "vault");
+    std::fs::write(work.path().join("token"), &token).unwrap();
+    let h = Harness::start_with(move |c| {
+        c.ca.backend = "vault".to_string();
+        c.ca.vault = Some(vault);
+    })
+    .await;
+    let (_key, cert) = h
+        .issue("default", "foo", &h.opts("default", "foo"))
+        .await
+        .unwrap();
+    webpki_verify(&cert, now());
+    assert_eq!(api.reviewed(), vec![token]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
