@@ -177,6 +177,60 @@ async fn another_service_accounts_token_gets_no_vault_token_and_nothing_is_issue
     issue_and_check(&h, &bao).await;
 }
 
+/// With Vault's `jwt` method, Vault verifies the service-account token's
+/// signature itself. A token forged with another key — same issuer name,
+/// same claims — gets no Vault token, so nothing is issued.
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_service_account_token_gets_no_vault_token_with_jwt_auth() {
+    use meshward_signer::authn::keys::JwtAlgorithm;
+    use meshward_signer::client::token::TokenIssuer;
+    let Some(bao) = OpenBao::start(BaoOptions::default()) else {
+        return;
+    };
+    let cluster = TokenIssuer::generate(kube_api::K8S_ISSUER, JwtAlgorithm::Es256).unwrap();
+    bao.enable_jwt_auth(kube_api::K8S_ISSUER, &cluster.public_key_pem())
+        .unwrap();
+    let now = i64::try_from(UnixTime::now().as_secs()).unwrap();
+    let token_of = |issuer: &TokenIssuer, ns: &str, sa: &str| {
+        issuer
+            .sign_claims(&issuer.service_account_claims(ns, sa, K8S_AUDIENCE, now, 3600))
+            .unwrap()
+    };
+    std::fs::write(
+        bao.kubernetes_token_file(),
+        token_of(&cluster, "istio-system", "meshward-signer"),
+    )
+    .unwrap();
+    let h = signer_on(
+        &bao,
+        AuthKind::Jwt,
+        "max_attempts = 1\nfailure_threshold = 100",
+    )
+    .await;
+    issue_and_check(&h, &bao).await;
+
+    let forger = TokenIssuer::generate(kube_api::K8S_ISSUER, JwtAlgorithm::Es256).unwrap();
+    for token in [
+        token_of(&forger, "istio-system", "meshward-signer"),
+        token_of(&cluster, "shop", "web"),
+    ] {
+        std::fs::write(bao.kubernetes_token_file(), token).unwrap();
+        bao.revoke_login_tokens("jwt").unwrap();
+        let before = bao.issued_count().unwrap();
+        let r = h.issue("default", "foo", &h.opts("default", "foo")).await;
+        assert_refused(r, Code::Unavailable, "");
+        assert_eq!(bao.issued_count().unwrap(), before, "Vault signed nothing");
+    }
+    std::fs::write(
+        bao.kubernetes_token_file(),
+        token_of(&cluster, "istio-system", "meshward-signer"),
+    )
+    .unwrap();
+    issue_and_check(&h, &bao).await;
+    let m = h.metrics().await;
+    assert!(m.contains("meshward_signer_vault_logins_total 2"), "{m}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn csr_for_another_identity_is_refused_before_vault_is_asked() {
     let Some(bao) = OpenBao::start(BaoOptions::default()) else {

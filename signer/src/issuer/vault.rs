@@ -138,8 +138,26 @@ pub enum VaultAuthConfig {
         #[serde(default = "default_kubernetes_token_file")]
         token_file: PathBuf,
     },
+    /// JWT auth (Vault's `jwt` method set up to verify the cluster's
+    /// service-account tokens itself, with the issuer's keys or OIDC
+    /// discovery, instead of asking the API server): the same login with
+    /// the same token file as `kubernetes`.
+    Jwt {
+        /// Auth mount. Default `jwt`.
+        #[serde(default = "default_jwt_mount")]
+        mount: String,
+        /// The Vault role (`role_type=jwt`) the signer's token satisfies.
+        role: String,
+        /// File holding the service-account token. Default: the pod's
+        /// token, `/var/run/secrets/kubernetes.io/serviceaccount/token`.
+        #[serde(default = "default_kubernetes_token_file")]
+        token_file: PathBuf,
+    },
 }
 
+fn default_jwt_mount() -> String {
+    "jwt".to_owned()
+}
 fn default_kubernetes_mount() -> String {
     "kubernetes".to_owned()
 }
@@ -289,6 +307,15 @@ impl VaultIssuer {
                 role,
                 token_file,
             } => Auth::Kubernetes {
+                mount: mount.clone(),
+                role: role.clone(),
+                token_file: token_file.clone(),
+            },
+            VaultAuthConfig::Jwt {
+                mount,
+                role,
+                token_file,
+            } => Auth::Jwt {
                 mount: mount.clone(),
                 role: role.clone(),
                 token_file: token_file.clone(),
@@ -619,6 +646,18 @@ mod tests {
                 token_file: "/var/run/secrets/kubernetes.io/serviceaccount/token".into(),
             }
         );
+        let jwt: VaultConfig = toml::from_str(
+            r#"
+            address = "https://vault.example:8200"
+            role = "istio"
+            roots_file = "/r.pem"
+            [auth]
+            method = "jwt"
+            role = "meshward-signer"
+            "#,
+        )
+        .unwrap();
+        assert!(matches!(jwt.auth, VaultAuthConfig::Jwt { ref mount, .. } if mount == "jwt"));
         // The token is only ever read from a file.
         let inline: Result<VaultConfig, _> = toml::from_str(
             r#"

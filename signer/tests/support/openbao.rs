@@ -62,6 +62,9 @@ pub enum AuthKind {
     /// in [`OpenBao::kubernetes_token_file`], after
     /// [`OpenBao::enable_kubernetes_auth`].
     Kubernetes,
+    /// JWT auth (role [`K8S_ROLE`] at mount `jwt`) with the same token file,
+    /// after [`OpenBao::enable_jwt_auth`].
+    Jwt,
 }
 
 /// Kubernetes auth role bound to `istio-system/meshward-signer`, audience
@@ -548,6 +551,10 @@ impl OpenBao {
                 "[auth]\nmethod = \"kubernetes\"\nrole = {K8S_ROLE:?}\ntoken_file = {:?}\n",
                 self.kubernetes_token_file().display().to_string()
             ),
+            AuthKind::Jwt => format!(
+                "[auth]\nmethod = \"jwt\"\nrole = {K8S_ROLE:?}\ntoken_file = {:?}\n",
+                self.kubernetes_token_file().display().to_string()
+            ),
         };
         format!(
             "address = {:?}\nmount = {MOUNT:?}\nrole = {ROLE:?}\nserving_role = {SERVING_ROLE:?}\n\
@@ -617,6 +624,35 @@ impl OpenBao {
                 &format!("token_policies={POLICY}"),
                 &format!("token_ttl={ttl}"),
                 &format!("token_max_ttl={max_ttl}"),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// JWT auth at `jwt`, verifying tokens itself with `issuer_public_pem`
+    /// (the cluster's service-account signing key) and the issuer name, and
+    /// role [`K8S_ROLE`] accepting only `istio-system/meshward-signer`
+    /// tokens for [`K8S_AUDIENCE`].
+    pub fn enable_jwt_auth(&self, issuer: &str, issuer_public_pem: &str) -> Result<()> {
+        self.cli(&["auth", "enable", "jwt"])?;
+        let key = self.file("sa-issuer.pub", issuer_public_pem)?;
+        self.write(
+            "auth/jwt/config",
+            &[
+                &format!("jwt_validation_pubkeys=@{}", key.display()),
+                &format!("bound_issuer={issuer}"),
+            ],
+        )?;
+        self.write(
+            &format!("auth/jwt/role/{K8S_ROLE}"),
+            &[
+                "role_type=jwt",
+                "user_claim=sub",
+                "bound_subject=system:serviceaccount:istio-system:meshward-signer",
+                &format!("bound_audiences={K8S_AUDIENCE}"),
+                &format!("token_policies={POLICY}"),
+                "token_ttl=1h",
+                "token_max_ttl=4h",
             ],
         )?;
         Ok(())

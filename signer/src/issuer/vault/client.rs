@@ -1,5 +1,5 @@
 //! HTTP client for Vault / OpenBao: authentication (token with `renew-self`;
-//! AppRole or Kubernetes auth with re-login), the PKI `sign` /
+//! AppRole, Kubernetes or JWT auth with re-login), the PKI `sign` /
 //! `sign-verbatim` call, per-attempt timeouts, retries with backoff and
 //! jitter, and a circuit breaker so that a Vault outage costs callers one
 //! fast `UNAVAILABLE`, not a hung request.
@@ -40,6 +40,16 @@ pub enum Auth {
         /// Auth mount path (usually `kubernetes`).
         mount: String,
         /// The Vault role bound to the signer's service account.
+        role: String,
+        /// File holding the service-account token (JWT).
+        token_file: PathBuf,
+    },
+    /// JWT auth login at `auth/<mount>/login`: the same request as
+    /// [`Auth::Kubernetes`], to Vault's `jwt` method.
+    Jwt {
+        /// Auth mount path (usually `jwt`).
+        mount: String,
+        /// The Vault role (`role_type=jwt`).
         role: String,
         /// File holding the service-account token (JWT).
         token_file: PathBuf,
@@ -423,10 +433,19 @@ impl VaultClient {
                 mount,
                 role,
                 token_file,
+            }
+            | Auth::Jwt {
+                mount,
+                role,
+                token_file,
             } => {
                 let jwt = read_secret(token_file).map_err(Failure::Forbidden)?;
                 let body = json!({ "role": role, "jwt": jwt });
-                self.login_at(mount, &body, "Kubernetes auth").await
+                let method = match &self.settings.auth {
+                    Auth::Jwt { .. } => "JWT auth",
+                    _ => "Kubernetes auth",
+                };
+                self.login_at(mount, &body, method).await
             }
         }
     }
