@@ -2,8 +2,9 @@
 //! playground.
 //!
 //! [`evaluate`] takes a plugin config (a `WasmPlugin`'s `pluginConfig`, or
-//! the whole `WasmPlugin` as `kubectl … -o json` prints it; as
-//! JSON), a peer and a request, and answers what the filter would decide,
+//! the whole `WasmPlugin` as `kubectl … -o yaml` or `-o json` prints it; as
+//! JSON or YAML text, [`parse_config_text`]), a peer and a request, and
+//! answers what the filter would decide,
 //! with the same code the proxy-wasm plugin runs: [`Config::from_json`],
 //! [`Policy::compile`], [`Policy::authorize`]. A config the plugin would
 //! refuse is refused here with the same message.
@@ -20,8 +21,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Query {
-    /// The plugin config (`pluginConfig`).
-    pub config: serde_json::Value,
+    /// The plugin config (`pluginConfig`, or a whole `WasmPlugin`), parsed.
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+    /// The same as text, JSON or YAML, as pasted (instead of `config`).
+    #[serde(default)]
+    pub config_text: Option<String>,
     /// The connection's peer.
     pub peer: PeerQuery,
     /// The request (HTTP filter) or the connection's destination (network).
@@ -137,9 +142,51 @@ pub fn plugin_config(config: &serde_json::Value) -> Result<&serde_json::Value, S
         .ok_or_else(|| "this WasmPlugin has no spec.pluginConfig".to_string())
 }
 
+/// Pasted config text as the JSON the plugin would receive. JSON is read as
+/// JSON; anything else as one YAML document (what `kubectl get -o yaml`
+/// prints, or a `pluginConfig` copied out of a manifest), turned into JSON
+/// as Istio turns a `WasmPlugin`'s YAML `pluginConfig` into the JSON text
+/// the plugin gets. Several documents, or keys that are not strings, are
+/// refused; so is a document whose aliases would expand without bound.
+pub fn parse_config_text(text: &str) -> Result<serde_json::Value, String> {
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('{') || trimmed.starts_with('[') {
+        return serde_json::from_str(trimmed).map_err(|e| format!("not valid JSON: {e}"));
+    }
+    let mut docs = serde_yaml::Deserializer::from_str(text);
+    let first = docs
+        .next()
+        .ok_or_else(|| "the config is empty".to_string())?;
+    let value = <serde_json::Value as Deserialize>::deserialize(first)
+        .map_err(|e| format!("not valid YAML (or JSON): {e}"))?;
+    if docs.next().is_some() {
+        return Err("several YAML documents: paste one WasmPlugin or one pluginConfig".to_string());
+    }
+    if value.is_null() {
+        return Err("the config is empty".to_string());
+    }
+    Ok(value)
+}
+
 /// The decision for `query`.
 pub fn evaluate(query: &Query) -> Answer {
-    let config = match plugin_config(&query.config) {
+    let parsed;
+    let config = match (&query.config, &query.config_text) {
+        (Some(c), None) => c,
+        (None, Some(text)) => match parse_config_text(text) {
+            Ok(v) => {
+                parsed = v;
+                &parsed
+            }
+            Err(error) => return Answer::ConfigRefused { error },
+        },
+        _ => {
+            return Answer::BadQuery {
+                error: "give exactly one of config and configText".to_string(),
+            };
+        }
+    };
+    let config = match plugin_config(config) {
         Ok(c) => c,
         Err(error) => return Answer::ConfigRefused { error },
     };

@@ -165,3 +165,110 @@ fn a_whole_wasm_plugin_resource_is_decided_by_its_plugin_config() {
     let a = ask(empty, Some(FRONTEND), "GET", "/api/items", 60);
     assert_eq!(a["status"], "configRefused", "{a}");
 }
+
+fn ask_text(text: &str, method: &str) -> Value {
+    let query = json!({
+        "configText": text,
+        "peer": {"mtls": true, "uriSan": FRONTEND,
+                 "notBefore": NOW - 3600, "notAfter": NOW + 20 * 3600},
+        "request": {"method": method, "path": "/api/items", "host": "backend.shop"},
+        "now": NOW,
+    });
+    serde_json::from_str(&evaluate_json(query.to_string().as_bytes())).unwrap()
+}
+
+const SHIPPED_HTTP: &str = include_str!("../../istio-manifests/wasmplugin/wasmplugin-http.yaml");
+
+#[test]
+fn the_shipped_wasm_plugin_yaml_pasted_as_is_is_decided_by_its_plugin_config() {
+    // Its pluginConfig, as Istio hands it to the plugin, is this file's
+    // JSON example: the two cannot drift apart.
+    let parsed = super::parse_config_text(SHIPPED_HTTP).unwrap();
+    assert_eq!(super::plugin_config(&parsed).unwrap(), &http_config());
+
+    let a = ask_text(SHIPPED_HTTP, "GET");
+    assert_eq!(a["verdict"], "allow", "{a}");
+    assert_eq!(a["rule"], "frontend-reads-api");
+    assert_eq!(ask_text(SHIPPED_HTTP, "POST")["verdict"], "deny");
+
+    // What `kubectl get wasmplugin -o yaml` adds around it changes nothing.
+    let printed = format!(
+        "{}\n  uid: 6a1e0f7e-0000-4000-8000-000000000000\n  resourceVersion: \"4711\"\n\
+         status:\n  conditions: []\n",
+        SHIPPED_HTTP.replace(
+            "metadata:\n",
+            "metadata:\n  annotations:\n    kubectl.kubernetes.io/last-applied-configuration: |\n      {\"kind\":\"WasmPlugin\"}\n  creationTimestamp: \"2026-11-26T10:00:00Z\"\n  generation: 1\n",
+        ),
+    );
+    let a = ask_text(&printed, "GET");
+    assert_eq!(a["verdict"], "allow", "{a}");
+}
+
+#[test]
+fn yaml_and_json_text_of_one_plugin_config_decide_alike() {
+    let yaml = "trustDomain: cluster.local\nrequireMtls: true\nrules:\n\
+                - name: frontend-reads-api\n  action: ALLOW\n\
+                \x20 from: [{principals: [cluster.local/ns/shop/sa/frontend]}]\n\
+                \x20 to: [{methods: [GET]}]\n";
+    let json_text = r#"{"trustDomain": "cluster.local", "requireMtls": true, "rules": [
+        {"name": "frontend-reads-api", "action": "ALLOW",
+         "from": [{"principals": ["cluster.local/ns/shop/sa/frontend"]}],
+         "to": [{"methods": ["GET"]}]}]}"#;
+    for method in ["GET", "POST"] {
+        assert_eq!(ask_text(yaml, method), ask_text(json_text, method));
+    }
+    assert_eq!(ask_text(yaml, "GET")["verdict"], "allow");
+    // JSON that is not valid says so as JSON.
+    let a = ask_text("{\"rules\": [", "GET");
+    assert_eq!(a["status"], "configRefused");
+    assert!(
+        a["error"].as_str().unwrap().contains("not valid JSON"),
+        "{a}"
+    );
+}
+
+#[test]
+fn several_yaml_documents_or_none_are_refused() {
+    let two = format!("{SHIPPED_HTTP}---\n{SHIPPED_HTTP}");
+    let a = ask_text(&two, "GET");
+    assert_eq!(a["status"], "configRefused", "{a}");
+    assert!(a["error"].as_str().unwrap().contains("several"), "{a}");
+    for empty in ["", "   \n", "# only a comment\n", "~"] {
+        let a = ask_text(empty, "GET");
+        assert_eq!(a["status"], "configRefused", "{empty:?}: {a}");
+    }
+}
+
+/// A "billion laughs" document: nine levels of aliases, each repeating the
+/// previous nine times. Expanded, it is 10^9 strings; the page would hang
+/// or run out of memory. It is refused instead.
+#[test]
+fn yaml_alias_bomb_is_refused_without_being_expanded() {
+    let mut bomb = String::from(
+        "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+    );
+    let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
+    for pair in names.windows(2) {
+        let (prev, next) = (pair[0], pair[1]);
+        bomb.push_str(&format!(
+            "{next}: &{next} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"
+        ));
+    }
+    let a = ask_text(&bomb, "GET");
+    assert_eq!(a["status"], "configRefused", "{a}");
+    // Refused by the YAML reader, before any expansion reaches the config.
+    assert!(
+        a["error"].as_str().unwrap().contains("not valid YAML"),
+        "{a}"
+    );
+}
+
+#[test]
+fn config_and_config_text_together_are_a_bad_query() {
+    let query = json!({
+        "config": http_config(), "configText": SHIPPED_HTTP,
+        "peer": {"mtls": true}, "now": NOW,
+    });
+    let a: Value = serde_json::from_str(&evaluate_json(query.to_string().as_bytes())).unwrap();
+    assert_eq!(a["status"], "badQuery", "{a}");
+}

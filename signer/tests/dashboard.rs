@@ -145,6 +145,28 @@ async fn playground_decides_with_the_filters_own_policy_code() {
         assert_eq!(verdict, want, "{peer} {age}: {detail}");
         assert!(detail.contains(says), "{peer} {age}: {detail}");
     }
+    // The shipped WasmPlugin manifest, pasted as YAML, decides the same.
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../istio-manifests/wasmplugin/wasmplugin-http.yaml"
+    ))
+    .unwrap();
+    for (method, want) in [("GET", "allow"), ("POST", "deny")] {
+        let (verdict, detail, _) = playground_decision(
+            &browser,
+            &h,
+            &[
+                ("policy", &shipped),
+                ("peer", frontend),
+                ("method", method),
+                ("path", "/api/items"),
+                ("age", "2h"),
+            ],
+        )
+        .await;
+        assert_eq!(verdict, want, "YAML, {method}: {detail}");
+        assert!(detail.contains("http filter, 2 rules"), "{detail}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

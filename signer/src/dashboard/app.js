@@ -503,7 +503,7 @@ async function loadPlayground() {
   }
 }
 
-// Fills the form from the page's query string (?policy=<JSON>&peer=...&
+// Fills the form from the page's query string (?policy=<JSON or YAML>&peer=...&
 // method=...&path=...&host=...&port=...&age=...&lifetime=...&mtls=false),
 // so a decision can be shared as a link; decides at once when it names a
 // peer.
@@ -530,13 +530,9 @@ function showDecision(verdict, className, detail) {
 
 // Runs the filter's policy code on the form's policy, peer and request.
 function decide() {
-  let config;
-  try {
-    config = JSON.parse(byId("pg-policy").value);
-  } catch (e) {
-    showDecision("config refused", "deny", `not JSON: ${e.message}`);
-    return;
-  }
+  // JSON or YAML, parsed by the module (as Istio turns a WasmPlugin's YAML
+  // pluginConfig into the JSON the plugin gets).
+  const configText = byId("pg-policy").value;
   const now = Math.floor(Date.now() / 1000);
   const age = parseDuration(byId("pg-age").value);
   const lifetime = parseDuration(byId("pg-lifetime").value);
@@ -552,7 +548,7 @@ function decide() {
   }
   const text = (id) => (byId(id).value.trim() === "" ? null : byId(id).value.trim());
   const query = {
-    config,
+    configText,
     peer: {
       mtls: byId("pg-mtls").checked,
       uriSan: text("pg-peer"),
