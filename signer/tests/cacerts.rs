@@ -172,6 +172,65 @@ async fn root_used_directly_as_ca_cert_is_accepted() {
     issue_and_verify(&issuer).await;
 }
 
+/// istiod's own CA Secret (`istio-ca-secret`), mounted as it is: its
+/// self-signed RSA root and PKCS#1 key, `cert-chain.pem`, `key.pem` and
+/// `root-cert.pem` empty. A mesh moving from istiod's CA to the signer keeps
+/// that root: workloads' existing certificates and new ones chain to it.
+#[tokio::test]
+async fn istiods_own_istio_ca_secret_keeps_the_meshs_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkcs8 = meshward_signer::issuer::builtin::generate_rsa_pkcs8(2048).unwrap();
+    let key = KeyPair::try_from(pkcs8.as_slice()).unwrap();
+    // istiod: subject O=<trust domain>, CA, keyCertSign.
+    let mut params = ca_params("unused", ca_usages(), true);
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "cluster.local");
+    let root = params.self_signed(&key).unwrap();
+    let (_, info) = x509_parser::der_parser::parse_der(&pkcs8).unwrap();
+    let pkcs1 = info.as_sequence().unwrap()[2].as_slice().unwrap().to_vec();
+    std::fs::write(dir.path().join("ca-cert.pem"), root.pem()).unwrap();
+    std::fs::write(
+        dir.path().join("ca-key.pem"),
+        pem::encode(&pem::Pem::new("RSA PRIVATE KEY", pkcs1)),
+    )
+    .unwrap();
+    for empty in ["cert-chain.pem", "key.pem", "root-cert.pem"] {
+        std::fs::write(dir.path().join(empty), "").unwrap();
+    }
+    let issuer = load(dir.path()).unwrap();
+    let roots = issue_and_verify(&issuer).await;
+    assert_eq!(roots, vec![root.der().clone()]);
+    // Leaf, then the root: no copy of the root as an intermediate.
+    let (_key, req) = request();
+    let chain = issuer.sign(&req).await.unwrap();
+    assert!(chain.intermediates.is_empty(), "{:?}", chain.intermediates);
+
+    // The same Secret without the empty root file at all.
+    std::fs::remove_file(dir.path().join("root-cert.pem")).unwrap();
+    assert_eq!(
+        issue_and_verify(&load(dir.path()).unwrap()).await,
+        vec![root.der().clone()]
+    );
+}
+
+/// An empty root-cert.pem next to an intermediate must not make that
+/// intermediate a trust anchor: workloads would be told to trust a CA
+/// whose own issuer nobody checked.
+#[test]
+fn intermediate_is_not_made_a_trust_anchor_when_root_cert_is_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = root("root");
+    let ca = intermediate("istioca", &root);
+    write_istio(dir.path(), &ca, &[], &root);
+    std::fs::write(dir.path().join("root-cert.pem"), "").unwrap();
+    let err = invalid(load(dir.path()));
+    assert!(err.to_string().contains("root-cert.pem"), "{err}");
+    std::fs::remove_file(dir.path().join("root-cert.pem")).unwrap();
+    invalid(load(dir.path()));
+}
+
 #[test]
 fn ca_key_not_matching_ca_cert_is_refused() {
     let dir = tempfile::tempdir().unwrap();

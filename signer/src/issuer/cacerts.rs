@@ -9,6 +9,11 @@
 //! | `cert-chain.pem` (optional) | rest of `tls.crt` | intermediates (+ root) |
 //! | `root-cert.pem` | `ca.crt` | trust anchors |
 //!
+//! istiod's own CA Secret, `istio-ca-secret` (its self-signed root as
+//! `ca-cert.pem` and `ca-key.pem`, the other files empty), loads as it is:
+//! an empty or absent root file makes a self-signed `ca-cert.pem` its own
+//! root, so a mesh moved from istiod's CA keeps its root and its mTLS.
+//!
 //! On load the files are validated ([`material::validate`]): key matches the
 //! CA certificate, the CA may sign, the chain reaches the root. The directory
 //! is polled ([`CaCertsIssuer::reload_if_changed`]); changed files are
@@ -96,14 +101,15 @@ pub fn read_dir(dir: &Path) -> Result<PluggedInFiles, CaCertsError> {
             ca_cert: read("ca-cert.pem")?,
             ca_key: read("ca-key.pem")?,
             cert_chain: read_optional("cert-chain.pem")?,
-            root_cert: read("root-cert.pem")?,
+            // Empty or absent in istiod's own istio-ca-secret.
+            root_cert: read_optional("root-cert.pem")?,
         })
     } else if dir.join("tls.key").exists() {
         Ok(PluggedInFiles {
             ca_cert: read("tls.crt")?,
             ca_key: read("tls.key")?,
             cert_chain: Vec::new(),
-            root_cert: read("ca.crt")?,
+            root_cert: read_optional("ca.crt")?,
         })
     } else {
         Err(CaCertsError::NoLayout(dir.to_path_buf()))

@@ -19,7 +19,9 @@ pub struct PluggedInFiles {
     /// `cert-chain.pem` (usually ca-cert, intermediates, root), or the rest of
     /// `tls.crt`. May be empty.
     pub cert_chain: Vec<u8>,
-    /// `root-cert.pem` / `ca.crt`: the trust anchors (one or more).
+    /// `root-cert.pem` / `ca.crt`: the trust anchors (one or more). May be
+    /// empty when `ca_cert` is a self-signed root (istiod's
+    /// `istio-ca-secret`): it is then its own trust anchor.
     pub root_cert: Vec<u8>,
 }
 
@@ -143,19 +145,31 @@ fn issued_by(child: &X509Certificate<'_>, parent: &X509Certificate<'_>) -> bool 
 /// Checks plugged-in CA files at `now`: the key matches ca-cert.pem, which is
 /// a CA allowed to sign (basicConstraints CA:true, keyUsage keyCertSign) and
 /// currently valid, and a path of valid CA certificates from cert-chain.pem
-/// leads from it to a certificate of root-cert.pem.
+/// leads from it to a certificate of root-cert.pem (or ca-cert.pem is a
+/// self-signed root and root-cert.pem is empty or absent).
 pub fn validate(files: &PluggedInFiles, now: OffsetDateTime) -> Result<CaMaterial, MaterialError> {
     let ca_list = certs("ca-cert.pem", &files.ca_cert)?;
     let ca_der = ca_list.first().cloned().ok_or(MaterialError::Malformed {
         file: "ca-cert.pem",
         reason: "no certificate".into(),
     })?;
-    let roots = certs("root-cert.pem", &files.root_cert)?;
+    let mut roots = certs("root-cert.pem", &files.root_cert)?;
     if roots.is_empty() {
-        return Err(MaterialError::Malformed {
-            file: "root-cert.pem",
-            reason: "no certificate".into(),
-        });
+        // istiod's own CA Secret (`istio-ca-secret`) holds only its
+        // self-signed root and key; root-cert.pem is empty, and istiod
+        // trusts ca-cert.pem itself. Only a self-signed certificate may
+        // stand in for the root: an intermediate never becomes a trust
+        // anchor because a file is empty.
+        let ca = parse(&ca_der)?;
+        if !issued_by(&ca, &ca) {
+            return Err(MaterialError::Malformed {
+                file: "root-cert.pem",
+                reason: "no certificate (only a self-signed ca-cert.pem, as in istiod's \
+                         istio-ca-secret, is its own root)"
+                    .into(),
+            });
+        }
+        roots.push(ca_der.clone());
     }
     // Anything after the CA certificate in its own file counts as chain too
     // (the tls.crt layout puts the chain there).
