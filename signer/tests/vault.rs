@@ -104,6 +104,18 @@ async fn workload_gets_a_vault_signed_chain_with_approle_auth() {
     webpki_verify(&cert, now());
 }
 
+/// With `token` in the signer's token file and the Vault token it holds
+/// revoked (logins at `auth/<mount>/`), a request is UNAVAILABLE and Vault
+/// signs nothing.
+async fn login_with_token_issues_nothing(h: &Harness, bao: &OpenBao, mount: &str, token: &str) {
+    std::fs::write(bao.kubernetes_token_file(), token).unwrap();
+    bao.revoke_login_tokens(mount).unwrap();
+    let before = bao.issued_count().unwrap();
+    let r = h.issue("default", "foo", &h.opts("default", "foo")).await;
+    assert_refused(r, Code::Unavailable, "");
+    assert_eq!(bao.issued_count().unwrap(), before, "Vault signed nothing");
+}
+
 /// In a cluster the signer logs in with its pod's projected service-account
 /// token: nothing secret to hand out. The kubelet rewrites that file before
 /// the token expires; a Vault token lost later (revoked, Vault restarted)
@@ -165,12 +177,7 @@ async fn another_service_accounts_token_gets_no_vault_token_and_nothing_is_issue
         ),
     ] {
         let foreign = api.mint(namespace, service_account, audience);
-        std::fs::write(bao.kubernetes_token_file(), &foreign).unwrap();
-        bao.revoke_login_tokens("kubernetes").unwrap();
-        let before = bao.issued_count().unwrap();
-        let r = h.issue("default", "foo", &h.opts("default", "foo")).await;
-        assert_refused(r, Code::Unavailable, "");
-        assert_eq!(bao.issued_count().unwrap(), before, "Vault signed nothing");
+        login_with_token_issues_nothing(&h, &bao, "kubernetes", &foreign).await;
     }
 
     std::fs::write(bao.kubernetes_token_file(), &own).unwrap();
@@ -214,12 +221,7 @@ async fn forged_service_account_token_gets_no_vault_token_with_jwt_auth() {
         token_of(&forger, "istio-system", "meshward-signer"),
         token_of(&cluster, "shop", "web"),
     ] {
-        std::fs::write(bao.kubernetes_token_file(), token).unwrap();
-        bao.revoke_login_tokens("jwt").unwrap();
-        let before = bao.issued_count().unwrap();
-        let r = h.issue("default", "foo", &h.opts("default", "foo")).await;
-        assert_refused(r, Code::Unavailable, "");
-        assert_eq!(bao.issued_count().unwrap(), before, "Vault signed nothing");
+        login_with_token_issues_nothing(&h, &bao, "jwt", &token).await;
     }
     std::fs::write(
         bao.kubernetes_token_file(),

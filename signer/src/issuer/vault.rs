@@ -604,6 +604,14 @@ fn is_self_issued(der: &CertificateDer<'_>) -> bool {
 mod tests {
     use super::*;
 
+    /// A minimal `[ca.vault]` with `auth` as its `[auth]` table's lines.
+    fn with_auth(auth: &str) -> Result<VaultConfig, toml::de::Error> {
+        toml::from_str(&format!(
+            "address = \"https://vault.example:8200\"\nrole = \"istio\"\n\
+             roots_file = \"/r.pem\"\n[auth]\n{auth}"
+        ))
+    }
+
     #[test]
     fn config_with_approle_parses_with_defaults() {
         let cfg: VaultConfig = toml::from_str(
@@ -627,17 +635,7 @@ mod tests {
 
     #[test]
     fn kubernetes_auth_defaults_to_the_pods_token_and_the_kubernetes_mount() {
-        let cfg: VaultConfig = toml::from_str(
-            r#"
-            address = "https://vault.example:8200"
-            role = "istio"
-            roots_file = "/r.pem"
-            [auth]
-            method = "kubernetes"
-            role = "meshward-signer"
-            "#,
-        )
-        .unwrap();
+        let cfg = with_auth("method = \"kubernetes\"\nrole = \"meshward-signer\"").unwrap();
         assert_eq!(
             cfg.auth,
             VaultAuthConfig::Kubernetes {
@@ -646,31 +644,10 @@ mod tests {
                 token_file: "/var/run/secrets/kubernetes.io/serviceaccount/token".into(),
             }
         );
-        let jwt: VaultConfig = toml::from_str(
-            r#"
-            address = "https://vault.example:8200"
-            role = "istio"
-            roots_file = "/r.pem"
-            [auth]
-            method = "jwt"
-            role = "meshward-signer"
-            "#,
-        )
-        .unwrap();
+        let jwt = with_auth("method = \"jwt\"\nrole = \"meshward-signer\"").unwrap();
         assert!(matches!(jwt.auth, VaultAuthConfig::Jwt { ref mount, .. } if mount == "jwt"));
         // The token is only ever read from a file.
-        let inline: Result<VaultConfig, _> = toml::from_str(
-            r#"
-            address = "https://vault.example:8200"
-            role = "istio"
-            roots_file = "/r.pem"
-            [auth]
-            method = "kubernetes"
-            role = "meshward-signer"
-            jwt = "eyJ..."
-            "#,
-        );
-        assert!(inline.is_err());
+        assert!(with_auth("method = \"kubernetes\"\nrole = \"r\"\njwt = \"eyJ...\"").is_err());
     }
 
     #[test]
