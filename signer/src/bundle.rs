@@ -235,6 +235,49 @@ pub async fn run_sink(
     }
 }
 
+/// Keeps `bundle` on the roots `issuer` trusts, for the backends whose roots
+/// change outside the signer (a `cacerts` reload, new roots for Vault): every
+/// `interval` the issuer's trust anchors are compared with the bundle's, and
+/// a different set is published as the next bundle (a higher sequence), which
+/// the sinks and `WatchBundle` streams then carry. The built-in CA's
+/// rotation publishes its own bundles and does not need this.
+pub fn spawn_roots_follower(
+    issuer: Arc<dyn crate::issuer::Issuer>,
+    bundle: BundleChannel,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            }
+            let roots = issuer.trust_anchors();
+            let current = bundle.current();
+            if roots.is_empty() || roots.as_slice() == current.roots() {
+                continue;
+            }
+            match current.with_roots(roots) {
+                Ok(next) => {
+                    let (sequence, count) = (next.sequence(), next.roots().len());
+                    if bundle.publish(next) {
+                        tracing::info!(
+                            sequence,
+                            roots = count,
+                            backend = issuer.name(),
+                            "trust bundle follows the CA's new roots"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the CA's new roots do not form a bundle; keeping the current one")
+                }
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod test_roots {
     //! Root certificates made with rcgen for the bundle tests.

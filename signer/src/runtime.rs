@@ -167,7 +167,10 @@ impl Signer {
                         .await
                         .map_err(|e| ConfigError::Invalid(e.to_string()))?;
                     vault_metrics = Some(vault.metrics().clone());
-                    Arc::new(vault)
+                    let vault = Arc::new(vault);
+                    // Ends with the issuer (it holds a weak reference).
+                    drop(vault.spawn_roots_reloader(v.roots_reload_interval));
+                    vault
                 }
                 _ => {
                     let ca = Arc::new(load_rotating_builtin(&config, &trust_domain).await?);
@@ -422,16 +425,17 @@ impl Signer {
                 shutdown_rx.clone(),
             ));
         }
-        // The serving certificate follows the issuer: checked as often as
-        // the CA itself can change (rotation tick, cacerts reload) and on
-        // every bundle change.
-        let serving_check_interval = config
-            .ca
-            .cacerts
-            .as_ref()
-            .filter(|_| cacerts_metrics.is_some())
-            .map_or(config.bundle.rotation_check_interval, |c| {
-                c.reload_interval.min(config.bundle.rotation_check_interval)
+        // The serving certificate and the trust bundle follow the issuer:
+        // checked as often as the CA itself can change (rotation tick,
+        // cacerts reload, Vault roots reload) and on every bundle change.
+        let reload_interval = match (&cacerts_metrics, &vault_metrics) {
+            (Some(_), _) => config.ca.cacerts.as_ref().map(|c| c.reload_interval),
+            (_, Some(_)) => config.ca.vault.as_ref().map(|v| v.roots_reload_interval),
+            _ => None,
+        };
+        let serving_check_interval = reload_interval
+            .map_or(config.bundle.rotation_check_interval, |r| {
+                r.min(config.bundle.rotation_check_interval)
             });
         tasks.push(spawn_serving_renewal(
             issuer.clone(),
@@ -448,6 +452,14 @@ impl Signer {
             Some(bundle.channel().subscribe()),
             shutdown_rx.clone(),
         ));
+        if rotating.is_none() {
+            tasks.push(crate::bundle::spawn_roots_follower(
+                issuer.clone(),
+                bundle.channel().clone(),
+                serving_check_interval,
+                shutdown_rx.clone(),
+            ));
+        }
         if let Some(ca) = rotating {
             // The longest TTL any tier may grant bounds how long an old root
             // must stay trusted after a switch.

@@ -233,6 +233,87 @@ async fn forged_service_account_token_gets_no_vault_token_with_jwt_auth() {
     assert!(m.contains("meshward_signer_vault_logins_total 2"), "{m}");
 }
 
+/// Waits until the published trust bundle holds exactly `want`.
+async fn wait_for_bundle(h: &Harness, want: &[CertificateDer<'static>]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while h.signer.bundle().current().roots() != want {
+        assert!(
+            Instant::now() < deadline,
+            "the trust bundle never followed roots_file"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A Vault root rotation: the operator puts old and new roots in
+/// `roots_file`, later the new one alone. Each step is taken without a
+/// restart and reaches the trust bundle (the ConfigMaps, bundle endpoints
+/// and WatchBundle streams); a broken file is refused, once, and the
+/// current roots stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn new_vault_roots_are_taken_without_a_restart_and_reach_the_trust_bundle() {
+    let Some(bao) = OpenBao::start(BaoOptions::default()) else {
+        return;
+    };
+    let h = signer_on(&bao, AuthKind::Token, "roots_reload_interval = \"100ms\"").await;
+    issue_and_check(&h, &bao).await;
+    let roots_file = bao.dir.path().join("vault-roots.pem");
+    let next = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "cluster.local root 2");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        p.self_signed(&key).unwrap()
+    };
+    let both = vec![root_der(&bao), next.der().clone()];
+
+    std::fs::write(&roots_file, format!("{}{}", bao.root_pem, next.pem())).unwrap();
+    wait_for_bundle(&h, &both).await;
+    let (_key, cert) = h
+        .issue("default", "foo", &h.opts("default", "foo"))
+        .await
+        .unwrap();
+    assert_eq!(cert.roots, both, "workloads get both roots");
+    webpki_verify(&cert, now());
+
+    std::fs::write(&roots_file, "-----BEGIN CERTIFICATE-----\nbroken\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !h
+        .metrics()
+        .await
+        .contains("meshward_signer_vault_roots_reload_failures_total 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the broken roots were never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = h.metrics().await;
+    assert!(
+        m.contains("meshward_signer_vault_roots_reload_failures_total 1"),
+        "counted once: {m}"
+    );
+    assert_eq!(h.signer.bundle().current().roots(), both.as_slice());
+    let (_key, cert) = h
+        .issue("default", "foo", &h.opts("default", "foo"))
+        .await
+        .unwrap();
+    assert_eq!(cert.roots, both);
+
+    std::fs::write(&roots_file, &bao.root_pem).unwrap();
+    wait_for_bundle(&h, &[root_der(&bao)]).await;
+    issue_and_check(&h, &bao).await;
+    let m = h.metrics().await;
+    assert!(
+        m.contains("meshward_signer_vault_roots_reloads_total 2"),
+        "{m}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn csr_for_another_identity_is_refused_before_vault_is_asked() {
     let Some(bao) = OpenBao::start(BaoOptions::default()) else {

@@ -20,7 +20,7 @@ pub mod client;
 pub mod metrics;
 
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rustls_pki_types::{CertificateDer, TrustAnchor};
@@ -71,8 +71,13 @@ pub struct VaultConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     /// PEM roots every certificate from Vault must chain to; sent to workloads
-    /// as the trust anchors.
+    /// as the trust anchors. Re-read when it changes (a root rotation: first
+    /// old and new roots, later the new one alone), and the trust bundle
+    /// follows.
     pub roots_file: PathBuf,
+    /// How often `roots_file` is checked for changes. Default 10s.
+    #[serde(default = "default_roots_reload_interval", with = "human_duration")]
+    pub roots_reload_interval: Duration,
     /// Use `sign-verbatim/<role>` instead of `sign/<role>`.
     #[serde(default)]
     pub sign_verbatim: bool,
@@ -165,6 +170,9 @@ fn default_kubernetes_token_file() -> PathBuf {
     PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
 }
 
+fn default_roots_reload_interval() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_mount() -> String {
     "pki_int".to_owned()
 }
@@ -228,6 +236,34 @@ pub enum VaultConfigError {
     Invalid(String),
 }
 
+/// The configured roots (`roots_file`), parsed, and the digest of the file
+/// they came from.
+#[derive(Debug)]
+struct Roots {
+    roots: Vec<CertificateDer<'static>>,
+    anchors: Vec<TrustAnchor<'static>>,
+    digest: [u8; 32],
+}
+
+impl Roots {
+    fn parse(pem: &[u8]) -> Result<Self, String> {
+        let roots = pem_certs(pem)?;
+        if roots.is_empty() {
+            return Err("holds no certificate".into());
+        }
+        let anchors = roots
+            .iter()
+            .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("not a usable trust anchor: {e:?}"))?;
+        Ok(Self {
+            roots,
+            anchors,
+            digest: <sha2::Sha256 as sha2::Digest>::digest(pem).into(),
+        })
+    }
+}
+
 /// The `vault` issuer.
 #[derive(Debug)]
 pub struct VaultIssuer {
@@ -236,14 +272,67 @@ pub struct VaultIssuer {
     sign_path: String,
     serving_sign_path: String,
     sign_verbatim: bool,
-    roots: Vec<CertificateDer<'static>>,
-    anchors: Vec<TrustAnchor<'static>>,
+    roots_file: PathBuf,
+    trust: RwLock<Arc<Roots>>,
     clock_skew: Duration,
     signing_validity: RwLock<SigningValidity>,
     metrics: VaultMetrics,
 }
 
 impl VaultIssuer {
+    fn trust(&self) -> Arc<Roots> {
+        match self.trust.read() {
+            Ok(t) => t.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Reads `roots_file` again; new, valid contents replace the roots
+    /// (`Ok(true)`), unchanged ones do nothing (`Ok(false)`), and unreadable
+    /// or invalid ones are refused while the current roots stay (`Err`).
+    pub fn reload_roots_if_changed(&self) -> Result<bool, String> {
+        let pem = std::fs::read(&self.roots_file)
+            .map_err(|e| format!("{}: {e}", self.roots_file.display()))?;
+        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&pem).into();
+        if digest == self.trust().digest {
+            return Ok(false);
+        }
+        let next = Roots::parse(&pem).map_err(|e| format!("{}: {e}", self.roots_file.display()))?;
+        let count = next.roots.len();
+        match self.trust.write() {
+            Ok(mut t) => *t = Arc::new(next),
+            Err(p) => *p.into_inner() = Arc::new(next),
+        }
+        tracing::info!(roots = count, file = %self.roots_file.display(), "Vault roots reloaded");
+        Ok(true)
+    }
+
+    /// Checks `roots_file` every `interval` ([`Self::reload_roots_if_changed`]),
+    /// counting reloads and refusals, for as long as the issuer lives.
+    pub fn spawn_roots_reloader(
+        self: &Arc<Self>,
+        interval: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(issuer) = weak.upgrade() else { return };
+                match issuer.reload_roots_if_changed() {
+                    Ok(true) => {
+                        issuer.metrics.roots_reloads.inc();
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        if issuer.metrics.note_roots_failure(&e) {
+                            tracing::warn!(error = %e, "new Vault roots refused; the current roots stay");
+                        }
+                    }
+                }
+            }
+        })
+    }
+
     /// Reads the configured files and builds the client; no network I/O.
     pub fn new(cfg: &VaultConfig) -> Result<Self, VaultConfigError> {
         let read = |path: &PathBuf| {
@@ -270,21 +359,11 @@ impl VaultIssuer {
                 )));
             }
         }
-        let roots = pem_certs(&read(&cfg.roots_file)?).map_err(|e| {
+        let trust = Roots::parse(&read(&cfg.roots_file)?).map_err(|e| {
             VaultConfigError::Invalid(format!("roots_file {}: {e}", cfg.roots_file.display()))
         })?;
-        if roots.is_empty() {
-            return Err(VaultConfigError::Invalid(format!(
-                "roots_file {} holds no certificate",
-                cfg.roots_file.display()
-            )));
-        }
-        let anchors = roots
-            .iter()
-            .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| VaultConfigError::Invalid(format!("roots_file: {e:?}")))?;
-        let initial_validity = roots
+        let initial_validity = trust
+            .roots
             .first()
             .and_then(|r| cert_validity(r))
             .ok_or_else(|| VaultConfigError::Invalid("roots_file: unreadable validity".into()))?;
@@ -355,8 +434,8 @@ impl VaultIssuer {
             sign_path: format!("{}/{verb}/{}", cfg.mount, cfg.role),
             serving_sign_path: format!("{}/{verb}/{serving_role}", cfg.mount),
             sign_verbatim: cfg.sign_verbatim,
-            roots,
-            anchors,
+            roots_file: cfg.roots_file.clone(),
+            trust: RwLock::new(Arc::new(trust)),
             clock_skew: cfg.clock_skew,
             signing_validity: RwLock::new(initial_validity),
             metrics,
@@ -470,9 +549,10 @@ impl VaultIssuer {
             .map_err(|e| internal(format!("CA chain from Vault: {e}")))?;
         // Vault's idea of the root is irrelevant: only the configured roots
         // anchor the chain and go to workloads.
+        let trust = self.trust();
         let intermediates: Vec<CertificateDer<'static>> = chain
             .into_iter()
-            .filter(|c| !self.roots.contains(c) && !is_self_issued(c))
+            .filter(|c| !trust.roots.contains(c) && !is_self_issued(c))
             .collect();
 
         let skew = time::Duration::try_from(self.clock_skew).unwrap_or(time::Duration::MINUTE);
@@ -485,7 +565,7 @@ impl VaultIssuer {
             not_before_max: (now + skew).unix_timestamp(),
             now: now.unix_timestamp(),
         };
-        check_issued(&leaf, &intermediates, &self.anchors, &expected).map_err(|r| {
+        check_issued(&leaf, &intermediates, &trust.anchors, &expected).map_err(|r| {
             tracing::error!(
                 spiffe_id = %req.spiffe_id,
                 serial = %signed.serial_number,
@@ -506,7 +586,7 @@ impl VaultIssuer {
         Ok(IssuedChain {
             leaf,
             intermediates,
-            roots: self.roots.clone(),
+            roots: trust.roots.clone(),
         })
     }
 }
@@ -530,7 +610,7 @@ impl Issuer for VaultIssuer {
     }
 
     fn trust_anchors(&self) -> Vec<CertificateDer<'static>> {
-        self.roots.clone()
+        self.trust().roots.clone()
     }
 
     fn signing_validity(&self) -> SigningValidity {

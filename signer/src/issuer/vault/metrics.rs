@@ -46,6 +46,13 @@ pub struct VaultMetrics {
     pub logins: Counter,
     /// Successful `renew-self` calls.
     pub renewals: Counter,
+    /// Changed `roots_file` contents taken.
+    pub roots_reloads: Counter,
+    /// Changed `roots_file` contents refused (the current roots stay).
+    roots_reload_failures: Counter,
+    /// The last refusal's text, so an unchanged bad file is counted and
+    /// logged once, not at every check.
+    last_roots_failure: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     circuit_open: Gauge,
 }
 
@@ -60,6 +67,21 @@ impl VaultMetrics {
         self.signings.get_or_create(&outcome.label()).get()
     }
 
+    /// Counts a refused `roots_file` once per distinct failure; returns
+    /// whether it is new (worth a log line).
+    pub fn note_roots_failure(&self, error: &str) -> bool {
+        let mut last = match self.last_roots_failure.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        if last.as_deref() == Some(error) {
+            return false;
+        }
+        *last = Some(error.to_owned());
+        self.roots_reload_failures.inc();
+        true
+    }
+
     /// Records whether requests are being failed fast.
     pub fn set_circuit_open(&self, open: bool) {
         self.circuit_open.set(i64::from(open));
@@ -67,7 +89,8 @@ impl VaultMetrics {
 
     /// Adds the metrics to `registry` under `vault_` (in the signer:
     /// `meshward_signer_vault_signings_total{outcome}`, `..._logins_total`,
-    /// `..._renewals_total`, `meshward_signer_vault_circuit_open`).
+    /// `..._renewals_total`, `..._roots_reloads_total`,
+    /// `..._roots_reload_failures_total`, `meshward_signer_vault_circuit_open`).
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("vault");
         r.register(
@@ -80,6 +103,16 @@ impl VaultMetrics {
             "renewals",
             "Vault token renewals (renew-self)",
             self.renewals.clone(),
+        );
+        r.register(
+            "roots_reloads",
+            "Changed Vault roots_file contents taken (the trust bundle follows)",
+            self.roots_reloads.clone(),
+        );
+        r.register(
+            "roots_reload_failures",
+            "Changed Vault roots_file contents refused; the current roots stay",
+            self.roots_reload_failures.clone(),
         );
         r.register(
             "circuit_open",
