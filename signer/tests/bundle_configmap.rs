@@ -2,9 +2,10 @@
 //!
 //! No Kubernetes API server can run here, so these tests run kube-rs
 //! against a small HTTP server on 127.0.0.1:0 that speaks the few API calls
-//! the sink makes (list namespaces with a label selector, get / create /
-//! replace a ConfigMap, with resourceVersion conflicts), keeps the objects in
-//! memory and records every request.
+//! the sink makes (list namespaces with a label selector, list ConfigMaps
+//! cluster-wide with a field selector — both in pages, with `limit` and
+//! `continue` —, get / create / replace a ConfigMap, with resourceVersion
+//! conflicts), keeps the objects in memory and records every request.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -39,6 +40,8 @@ struct Api {
     next_rv: u64,
     /// Answer every PUT with 409 Conflict (a concurrent writer).
     conflict_on_put: bool,
+    /// Answer the cluster-wide ConfigMap list with 403 (RBAC without list).
+    forbid_configmap_list: bool,
 }
 
 type Shared = Arc<Mutex<Api>>;
@@ -61,16 +64,35 @@ fn selector_matches(sel: &str, labels: &BTreeMap<String, String>) -> bool {
     })
 }
 
+/// The value of `key` in a query string, percent-decoded.
+fn query_param(q: Option<&str>, key: &str) -> Option<String> {
+    q.unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .map(percent_decode)
+}
+
+/// One page of `items` as the API server answers a list with `limit` and
+/// `continue` (here the continue token is the offset).
+fn page(kind: &str, items: Vec<Value>, q: Option<&str>) -> Response {
+    let start: usize = query_param(q, "continue").map_or(0, |c| c.parse().unwrap());
+    let limit: usize = query_param(q, "limit").map_or(usize::MAX, |l| l.parse().unwrap());
+    let end = start.saturating_add(limit).min(items.len());
+    let mut metadata = json!({"resourceVersion": "1"});
+    if end < items.len() {
+        metadata["continue"] = json!(end.to_string());
+    }
+    axum::Json(
+        json!({"apiVersion": "v1", "kind": kind, "metadata": metadata,
+                      "items": items[start..end].to_vec()}),
+    )
+    .into_response()
+}
+
 async fn list_namespaces(State(api): State<Shared>, uri: Uri, RawQuery(q): RawQuery) -> Response {
     let mut api = api.lock().unwrap();
     api.requests.push(format!("GET {uri}"));
-    let selector = q
-        .as_deref()
-        .unwrap_or("")
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("labelSelector="))
-        .map(percent_decode)
-        .unwrap_or_default();
+    let selector = query_param(q.as_deref(), "labelSelector").unwrap_or_default();
     let items: Vec<Value> = api
         .namespaces
         .iter()
@@ -81,9 +103,25 @@ async fn list_namespaces(State(api): State<Shared>, uri: Uri, RawQuery(q): RawQu
                    "status": {"phase": "Active"}})
         })
         .collect();
-    axum::Json(json!({"apiVersion": "v1", "kind": "NamespaceList",
-                      "metadata": {"resourceVersion": "1"}, "items": items}))
-    .into_response()
+    page("NamespaceList", items, q.as_deref())
+}
+
+async fn list_configmaps(State(api): State<Shared>, uri: Uri, RawQuery(q): RawQuery) -> Response {
+    let mut api = api.lock().unwrap();
+    api.requests.push(format!("GET {uri}"));
+    if api.forbid_configmap_list {
+        return status(403, "Forbidden", "configmaps is forbidden: cannot list");
+    }
+    let name = query_param(q.as_deref(), "fieldSelector")
+        .and_then(|f| f.strip_prefix("metadata.name=").map(str::to_string));
+    let mut items: Vec<(&(String, String), &Value)> = api
+        .configmaps
+        .iter()
+        .filter(|((_, n), _)| name.as_ref().is_none_or(|want| want == n))
+        .collect();
+    items.sort_by(|a, b| a.0.cmp(b.0));
+    let items = items.into_iter().map(|(_, cm)| cm.clone()).collect();
+    page("ConfigMapList", items, q.as_deref())
 }
 
 fn percent_decode(s: &str) -> String {
@@ -155,6 +193,7 @@ async fn start_api(api: Api) -> (SocketAddr, Shared) {
     let shared: Shared = Arc::new(Mutex::new(api));
     let app = Router::new()
         .route("/api/v1/namespaces", get(list_namespaces))
+        .route("/api/v1/configmaps", get(list_configmaps))
         .route(
             "/api/v1/namespaces/{ns}/configmaps",
             axum::routing::post(configmap),
@@ -354,5 +393,86 @@ async fn configmap_sink_reports_a_conflicting_write_as_failure_instead_of_overwr
     assert_eq!(
         cm["data"]["root-cert.pem"], "stale",
         "the other writer's version stands"
+    );
+}
+
+/// A mesh with thousands of namespaces, every replica resyncing every
+/// minute: a resync with nothing to change must cost a few list calls, not
+/// one read per namespace, and a root change one write per namespace.
+#[tokio::test]
+async fn a_resync_over_1200_namespaces_with_current_roots_costs_six_list_calls() {
+    let mut namespaces: Vec<_> = (0..1200)
+        .map(|i| ns(&format!("team-{i:04}"), &[("istio-injection", "enabled")]))
+        .collect();
+    namespaces.extend((0..50).map(|i| ns(&format!("plain-{i}"), &[])));
+    let (addr, api) = start_api(Api {
+        namespaces,
+        ..Api::default()
+    })
+    .await;
+    let sink = ConfigMapSink::new(client(addr), selector());
+    let first = bundle(vec![root("r1")], 1);
+    assert_eq!(sink.sync(&first).await.unwrap().created.len(), 1200);
+
+    api.lock().unwrap().requests.clear();
+    let report = sink.sync(&first).await.unwrap();
+    assert_eq!(report.unchanged.len(), 1200);
+    let requests = std::mem::take(&mut api.lock().unwrap().requests);
+    assert_eq!(requests.len(), 6, "{requests:#?}");
+    assert_eq!(
+        requests
+            .iter()
+            .filter(|r| r.starts_with("GET /api/v1/namespaces?"))
+            .count(),
+        3,
+        "three pages of 500 namespaces"
+    );
+    assert!(
+        requests
+            .iter()
+            .filter(|r| r.starts_with("GET /api/v1/configmaps?"))
+            .all(|r| r.contains("fieldSelector=metadata.name%3Distio-ca-root-cert")),
+        "{requests:#?}"
+    );
+
+    let second = bundle(vec![root("r1"), root("r2")], 2);
+    let report = sink.sync(&second).await.unwrap();
+    assert_eq!(report.updated.len(), 1200);
+    let requests = std::mem::take(&mut api.lock().unwrap().requests);
+    assert_eq!(
+        requests.iter().filter(|r| r.starts_with("PUT ")).count(),
+        1200
+    );
+    assert_eq!(requests.len(), 1206, "lists and one write per namespace");
+    let api = api.lock().unwrap();
+    let cm = &api.configmaps[&("team-0042".to_string(), "istio-ca-root-cert".to_string())];
+    assert_eq!(cm["data"]["root-cert.pem"], second.roots_pem());
+}
+
+/// RBAC that grants `get` but not `list` on ConfigMaps: the sink still
+/// writes every namespace, reading each ConfigMap on its own.
+#[tokio::test]
+async fn without_the_cluster_wide_list_each_namespace_is_read_on_its_own() {
+    let (addr, api) = start_api(Api {
+        namespaces: vec![
+            ns("shop", &[("istio-injection", "enabled")]),
+            ns("pay", &[("istio-injection", "enabled")]),
+        ],
+        forbid_configmap_list: true,
+        ..Api::default()
+    })
+    .await;
+    let sink = ConfigMapSink::new(client(addr), selector());
+    let b = bundle(vec![root("r1")], 1);
+    assert_eq!(sink.sync(&b).await.unwrap().created, vec!["shop", "pay"]);
+    let report = sink.sync(&b).await.unwrap();
+    assert_eq!(report.unchanged, vec!["shop", "pay"]);
+    let api = api.lock().unwrap();
+    assert!(
+        api.requests
+            .iter()
+            .any(|r| r == "GET /api/v1/namespaces/shop/configmaps/istio-ca-root-cert"),
+        "{:?}",
+        api.requests
     );
 }

@@ -5,13 +5,20 @@
 //! On each publish the sink lists namespaces with the selector (the API
 //! server filters), checks the selector again on what came back (so a
 //! misbehaving proxy or API server cannot make it write into unlabelled
-//! namespaces), then per namespace gets the ConfigMap and creates it,
+//! namespaces), and lists every `istio-ca-root-cert` ConfigMap in one
+//! cluster-wide call (`fieldSelector=metadata.name=…`); both lists are read
+//! in pages of [`PAGE`]. Then per namespace it creates the ConfigMap,
 //! replaces it when its roots or label differ (keeping other labels and
-//! keys, with the read `resourceVersion` so a concurrent edit conflicts
-//! instead of being overwritten), or leaves it alone when it is current.
+//! keys, with the listed `resourceVersion` so a concurrent edit conflicts
+//! instead of being overwritten), or leaves it alone when it is current. A
+//! resync with nothing to change therefore costs a few list calls, not one
+//! call per namespace: with thousands of namespaces and a resync every
+//! minute per replica, per-namespace reads would be a constant load on the
+//! API server. Where the cluster-wide list is refused (RBAC without `list`
+//! on ConfigMaps), each namespace's ConfigMap is read on its own instead.
 //! Terminating namespaces are skipped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
@@ -25,6 +32,8 @@ pub const CONFIGMAP_NAME: &str = "istio-ca-root-cert";
 pub const ROOT_CERT_KEY: &str = "root-cert.pem";
 /// The label Istio puts on the ConfigMap.
 pub const ISTIO_CONFIG_LABEL: &str = "istio.io/config";
+/// Objects per list page.
+pub const PAGE: u32 = 500;
 
 /// One term of an equality-based label selector.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,13 +189,33 @@ impl ConfigMapSink {
             reason,
         };
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
-        let list = namespaces
-            .list(&ListParams::default().labels(&self.selector.to_string()))
-            .await
-            .map_err(|e| err(format!("listing namespaces ({}): {e}", self.selector)))?;
+        let selected = list_all(
+            &namespaces,
+            ListParams::default().labels(&self.selector.to_string()),
+        )
+        .await
+        .map_err(|e| err(format!("listing namespaces ({}): {e}", self.selector)))?;
+        let configmaps: Api<ConfigMap> = Api::all(self.client.clone());
+        let existing = match list_all(
+            &configmaps,
+            ListParams::default().fields(&format!("metadata.name={}", self.name)),
+        )
+        .await
+        {
+            Ok(list) => Some(
+                list.into_iter()
+                    .filter(|cm| cm.metadata.name.as_deref() == Some(self.name.as_str()))
+                    .filter_map(|cm| cm.metadata.namespace.clone().map(|ns| (ns, cm)))
+                    .collect::<HashMap<String, ConfigMap>>(),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing {} ConfigMaps cluster-wide failed; reading each namespace's instead", self.name);
+                None
+            }
+        };
         let pem = bundle.roots_pem();
         let mut report = ConfigMapReport::default();
-        for ns in list.items {
+        for ns in selected {
             let Some(ns_name) = ns.metadata.name.clone() else {
                 continue;
             };
@@ -206,7 +235,19 @@ impl ConfigMapSink {
                 report.skipped.push(ns_name);
                 continue;
             }
-            match self.sync_one(&ns_name, &pem).await {
+            let current = match &existing {
+                Some(listed) => Ok(listed.get(&ns_name).cloned()),
+                None => {
+                    Api::<ConfigMap>::namespaced(self.client.clone(), &ns_name)
+                        .get_opt(&self.name)
+                        .await
+                }
+            };
+            let outcome = match current {
+                Ok(current) => self.sync_one(&ns_name, current, &pem).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
                 Ok(Outcome::Created) => report.created.push(ns_name),
                 Ok(Outcome::Updated) => report.updated.push(ns_name),
                 Ok(Outcome::Unchanged) => report.unchanged.push(ns_name),
@@ -219,9 +260,15 @@ impl ConfigMapSink {
         Ok(report)
     }
 
-    async fn sync_one(&self, ns: &str, pem: &str) -> Result<Outcome, kube::Error> {
+    /// Brings `ns`'s ConfigMap (`current`, as read) to `pem`.
+    async fn sync_one(
+        &self,
+        ns: &str,
+        current: Option<ConfigMap>,
+        pem: &str,
+    ) -> Result<Outcome, kube::Error> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
-        match api.get_opt(&self.name).await? {
+        match current {
             None => {
                 let cm = ConfigMap {
                     metadata: ObjectMeta {
@@ -267,6 +314,23 @@ impl ConfigMapSink {
                 api.replace(&self.name, &PostParams::default(), &cm).await?;
                 Ok(Outcome::Updated)
             }
+        }
+    }
+}
+
+/// Every object `params` selects, read [`PAGE`] at a time.
+async fn list_all<K>(api: &Api<K>, params: ListParams) -> Result<Vec<K>, kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut out = Vec::new();
+    let mut params = params.limit(PAGE);
+    loop {
+        let page = api.list(&params).await?;
+        out.extend(page.items);
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(out),
         }
     }
 }
