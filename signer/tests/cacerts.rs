@@ -548,3 +548,61 @@ mod hostile_input {
         }
     }
 }
+
+/// `meshward-signer ca check-cacerts DIR` (and `ca status` with the
+/// cacerts backend): what the signer would make of a Secret before it is
+/// rolled out, or why it would refuse it, with a failing exit status.
+#[test]
+fn ca_check_cacerts_says_what_the_signer_would_do_before_a_rollout() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshward-signer"))
+            .args(args)
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = root("mesh-root");
+    let ca = intermediate("istioca", &root);
+    write_istio(dir.path(), &ca, &[], &root);
+    let path = dir.path().to_str().unwrap();
+    let (ok, out) = run(&["ca", "check-cacerts", path]);
+    assert!(ok, "{out}");
+    assert!(out.contains("usable"), "{out}");
+    assert!(
+        out.contains("signing CA: O=cluster.local, CN=istioca"),
+        "{out}"
+    );
+    let root_line = format!(
+        "trusted root: O=cluster.local, CN=mesh-root (not after {}) sha256 {}",
+        x509_parser::parse_x509_certificate(root.cert.der())
+            .unwrap()
+            .1
+            .validity()
+            .not_after,
+        meshward_signer::ledger::CertDigest::of(root.cert.der())
+    );
+    assert!(out.contains(&root_line), "{root_line:?} not in:\n{out}");
+
+    // The same through `ca status` of a signer configured for this directory.
+    let config = dir.path().join("signer.toml");
+    std::fs::write(
+        &config,
+        format!("[ca]\nbackend = \"cacerts\"\n[ca.cacerts]\ndir = {path:?}\n"),
+    )
+    .unwrap();
+    let (ok, status) = run(&["ca", "--config", config.to_str().unwrap(), "status"]);
+    assert!(ok, "{status}");
+    assert_eq!(status, out);
+
+    // An intermediate next to an empty root file: refused, and says why.
+    std::fs::write(dir.path().join("root-cert.pem"), "").unwrap();
+    let (ok, out) = run(&["ca", "check-cacerts", path]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("root-cert.pem"), "{out}");
+}

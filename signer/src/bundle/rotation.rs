@@ -442,8 +442,17 @@ pub enum CaCommand {
         #[arg(long, value_parser = humantime::parse_duration)]
         overlap: Option<Duration>,
     },
-    /// Show the rotation phase and the trusted roots.
+    /// Show the rotation phase and the trusted roots (with `ca.backend =
+    /// "cacerts"`: what `check-cacerts` says of the configured directory).
     Status,
+    /// Check a plugged-in CA directory (a new `cacerts` Secret, or istiod's
+    /// `istio-ca-secret`) as the signer would load it, before rolling it
+    /// out: the signing CA, its chain, the roots workloads will trust, or
+    /// why it would be refused (non-zero exit). Default: `[ca.cacerts] dir`.
+    CheckCacerts {
+        /// The directory (the Secret's files).
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Run a [`CaCommand`] for `config` at `now`; returns what to print.
@@ -452,6 +461,21 @@ pub fn run_ca_command(
     config: &crate::config::Config,
     now: OffsetDateTime,
 ) -> Result<String, RotationError> {
+    let plugged_in = |dir: Option<&Path>| {
+        let dir = dir
+            .or(config.ca.cacerts.as_ref().map(|c| c.dir.as_path()))
+            .ok_or_else(|| {
+                RotationError::WrongPhase(
+                    "no directory given and no [ca.cacerts] dir configured".to_string(),
+                )
+            })?;
+        crate::issuer::cacerts::describe(dir, now).map_err(|e| RotationError::Ca(e.to_string()))
+    };
+    match cmd {
+        CaCommand::CheckCacerts { dir } => return plugged_in(dir.as_deref()),
+        CaCommand::Status if config.ca.backend == "cacerts" => return plugged_in(None),
+        _ => {}
+    }
     if config.ca.backend != "builtin" {
         return Err(RotationError::WrongPhase(format!(
             "ca.backend is {:?}: rotate a plugged-in or Vault CA where its keys live; these commands manage the built-in CA",
@@ -483,7 +507,7 @@ pub fn run_ca_command(
                 humantime::format_duration(overlap)
             ));
         }
-        CaCommand::Status => {}
+        CaCommand::Status | CaCommand::CheckCacerts { .. } => {}
     }
     out.push_str(&format!("phase: {:?}\n", dir.phase()?));
     for r in dir.trust_roots()? {

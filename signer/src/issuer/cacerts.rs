@@ -116,6 +116,65 @@ pub fn read_dir(dir: &Path) -> Result<PluggedInFiles, CaCertsError> {
     }
 }
 
+/// What the signer would make of the plugged-in CA in `dir` at `now`, as
+/// text for an operator (`meshward-signer ca check-cacerts`, `ca status`):
+/// the signing CA, the chain above it, the roots workloads will trust, and
+/// how long leaves can be issued; or why the files would be refused (then
+/// a running signer keeps its current CA, and a starting one stops).
+pub fn describe(dir: &Path, now: OffsetDateTime) -> Result<String, CaCertsError> {
+    let files = read_dir(dir)?;
+    let material = validate(&files, now).map_err(|source| CaCertsError::Invalid {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    let layout = if dir.join("ca-key.pem").exists() {
+        "Istio cacerts (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem)"
+    } else {
+        "kubernetes.io/tls (tls.crt, tls.key, ca.crt)"
+    };
+    let line = |what: &str, der: &CertificateDer<'_>| match x509_parser::parse_x509_certificate(der)
+    {
+        Ok((_, c)) => format!(
+            "{what}: {} (not after {}) sha256 {}\n",
+            c.subject(),
+            c.validity().not_after,
+            crate::ledger::CertDigest::of(der)
+        ),
+        Err(e) => format!("{what}: unparsable: {e}\n"),
+    };
+    let mut out = format!(
+        "plugged-in CA in {}: usable\nlayout: {layout}\n",
+        dir.display()
+    );
+    let signing = pem::parse_many(&files.ca_cert)
+        .ok()
+        .and_then(|b| b.into_iter().find(|b| b.tag() == "CERTIFICATE"))
+        .map(|b| CertificateDer::from(b.into_contents()));
+    if let Some(ca) = &signing {
+        out.push_str(&line("signing CA", ca));
+        if material.chain.is_empty() {
+            out.push_str(
+                "the signing CA is itself a root (as istiod's own istio-ca-secret): no intermediate is sent\n",
+            );
+        }
+    }
+    for der in material.chain.iter().skip(1) {
+        out.push_str(&line("intermediate", der));
+    }
+    for der in &material.roots {
+        out.push_str(&line("trusted root", der));
+    }
+    let until = material.validity.not_after;
+    out.push_str(&format!(
+        "leaves can be issued until {} ({} days from now); the signer never issues past it\n",
+        until
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| until.to_string()),
+        (until - now).whole_days()
+    ));
+    Ok(out)
+}
+
 fn digest(files: &PluggedInFiles) -> [u8; 32] {
     let mut h = Sha256::new();
     for part in [
