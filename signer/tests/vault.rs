@@ -457,19 +457,38 @@ async fn documented_vault_setup_and_signer_config_issue_certificates() {
     let read = |f: &str| std::fs::read_to_string(work.path().join(f)).unwrap();
 
     // The documented signer config parses and validates as a whole...
-    let text = doc_block("toml");
-    let documented = meshward_signer::config::Config::from_toml(&text, "docs/vault.md").unwrap();
+    let documented =
+        meshward_signer::config::Config::from_toml(&doc_block("toml"), "docs/vault.md").unwrap();
     documented.validate().unwrap();
     // ...and, pointed at this server and these files, issues.
-    let mut vault = documented.ca.vault.unwrap();
-    vault.address = bao.addr.clone();
-    vault.ca_file = None;
-    vault.roots_file = work.path().join("root-cert.pem");
-    vault.auth = meshward_signer::issuer::vault::VaultAuthConfig::Approle {
+    let auth = meshward_signer::issuer::vault::VaultAuthConfig::Approle {
         mount: "approle".into(),
         role_id: read("role-id").trim().to_string(),
         secret_id_file: work.path().join("secret-id"),
     };
+    let cert = issue_with_documented_config(&bao, work.path(), auth).await;
+    let root = CertificateDer::from(pem::parse(read("root-cert.pem")).unwrap().into_contents());
+    assert_eq!(cert.roots, vec![root]);
+    webpki_verify(&cert, now());
+}
+
+/// A certificate for `default/foo` from a signer on docs/vault.md's
+/// `[ca.vault]`, pointed at `bao` and at the files the documented commands
+/// wrote in `work`, logging in with `auth`.
+async fn issue_with_documented_config(
+    bao: &OpenBao,
+    work: &std::path::Path,
+    auth: meshward_signer::issuer::vault::VaultAuthConfig,
+) -> meshward_signer::client::IssuedCertificate {
+    let mut vault = meshward_signer::config::Config::from_toml(&doc_block("toml"), "docs")
+        .unwrap()
+        .ca
+        .vault
+        .unwrap();
+    vault.address = bao.addr.clone();
+    vault.ca_file = None;
+    vault.roots_file = work.join("root-cert.pem");
+    vault.auth = auth;
     let h = Harness::start_with(move |c| {
         c.ca.backend = "vault".to_string();
         c.ca.vault = Some(vault);
@@ -479,9 +498,8 @@ async fn documented_vault_setup_and_signer_config_issue_certificates() {
         .issue("default", "foo", &h.opts("default", "foo"))
         .await
         .unwrap();
-    let root = CertificateDer::from(pem::parse(read("root-cert.pem")).unwrap().into_contents());
-    assert_eq!(cert.roots, vec![root]);
     webpki_verify(&cert, now());
+    cert
 }
 
 /// docs/vault.md's Kubernetes auth commands, run as written after the main
@@ -514,31 +532,14 @@ async fn documented_kubernetes_auth_setup_logs_the_signer_in_with_its_service_ac
     )
     .unwrap();
 
-    let documented = meshward_signer::config::Config::from_toml(&doc_block("toml"), "docs")
-        .unwrap()
-        .ca
-        .vault
-        .unwrap();
-    let mut vault = documented;
-    vault.address = bao.addr.clone();
-    vault.ca_file = None;
-    vault.roots_file = work.path().join("root-cert.pem");
-    vault.auth = meshward_signer::issuer::vault::VaultAuthConfig::Kubernetes {
+    let token = api.mint("istio-system", "meshward-signer", "vault");
+    std::fs::write(work.path().join("token"), &token).unwrap();
+    let auth = meshward_signer::issuer::vault::VaultAuthConfig::Kubernetes {
         mount: "kubernetes".into(),
         role: "meshward-signer".into(),
         token_file: work.path().join("token"),
     };
-    let token = api.mint("istio-system", "meshward-signer", "vault");
-    std::fs::write(work.path().join("token"), &token).unwrap();
-    let h = Harness::start_with(move |c| {
-        c.ca.backend = "vault".to_string();
-        c.ca.vault = Some(vault);
-    })
-    .await;
-    let (_key, cert) = h
-        .issue("default", "foo", &h.opts("default", "foo"))
-        .await
-        .unwrap();
+    let cert = issue_with_documented_config(&bao, work.path(), auth).await;
     webpki_verify(&cert, now());
     assert_eq!(api.reviewed(), vec![token]);
 }
