@@ -248,6 +248,8 @@ pub fn spawn_roots_follower(
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<Result<(), String>> {
     tokio::spawn(async move {
+        // A root set that could not form a bundle, logged once.
+        let mut refused: Option<Vec<CertificateDer<'static>>> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
@@ -255,10 +257,13 @@ pub fn spawn_roots_follower(
             }
             let roots = issuer.trust_anchors();
             let current = bundle.current();
-            if roots.is_empty() || roots.as_slice() == current.roots() {
+            if roots.is_empty()
+                || roots.as_slice() == current.roots()
+                || refused.as_ref() == Some(&roots)
+            {
                 continue;
             }
-            match current.with_roots(roots) {
+            match current.with_roots(roots.clone()) {
                 Ok(next) => {
                     let (sequence, count) = (next.sequence(), next.roots().len());
                     if bundle.publish(next) {
@@ -271,7 +276,8 @@ pub fn spawn_roots_follower(
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "the CA's new roots do not form a bundle; keeping the current one")
+                    tracing::error!(error = %e, "the CA's new roots do not form a bundle; keeping the current one");
+                    refused = Some(roots);
                 }
             }
         }
