@@ -586,3 +586,62 @@ async fn hung_vault_answers_unavailable_within_the_timeout_and_recovers() {
     }
     issue_and_check(&h, &bao).await;
 }
+
+/// `ca status` with the vault backend tells an operator what a replica's
+/// configuration trusts and how it reaches Vault, without calling Vault;
+/// a `roots_file` the signer would refuse fails the command.
+#[test]
+fn ca_status_shows_the_vault_path_login_and_roots_without_calling_vault() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "vault root");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.self_signed(&key).unwrap()
+    };
+    let roots = dir.path().join("root-cert.pem");
+    std::fs::write(&roots, root.pem()).unwrap();
+    let config = dir.path().join("signer.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ca]\nbackend = \"vault\"\n[ca.vault]\naddress = \"http://127.0.0.1:9\"\n\
+             role = \"istio\"\nroots_file = {:?}\n[ca.vault.auth]\nmethod = \"kubernetes\"\n\
+             role = \"meshward-signer\"\n",
+            roots.display().to_string()
+        ),
+    )
+    .unwrap();
+    let status = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshward-signer"))
+            .args(["ca", "--config", config.to_str().unwrap(), "status"])
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap();
+        (out.status.success(), text)
+    };
+    let (ok, out) = status();
+    assert!(ok, "{out}");
+    for line in [
+        "Vault http://127.0.0.1:9: signs with pki_int/sign/istio".to_string(),
+        "logs in with Kubernetes auth at auth/kubernetes, role meshward-signer, token from \
+         /var/run/secrets/kubernetes.io/serviceaccount/token"
+            .to_string(),
+        format!(
+            "sha256 {}",
+            meshward_signer::ledger::CertDigest::of(root.der())
+        ),
+    ] {
+        assert!(out.contains(&line), "{line:?} not in:\n{out}");
+    }
+    assert!(out.contains("trusted root: CN=vault root"), "{out}");
+
+    std::fs::write(&roots, "not a certificate").unwrap();
+    let (ok, out) = status();
+    assert!(!ok, "{out}");
+    assert!(out.contains("roots_file"), "{out}");
+}

@@ -443,7 +443,9 @@ pub enum CaCommand {
         overlap: Option<Duration>,
     },
     /// Show the rotation phase and the trusted roots (with `ca.backend =
-    /// "cacerts"`: what `check-cacerts` says of the configured directory).
+    /// "cacerts"`: what `check-cacerts` says of the configured directory;
+    /// with `"vault"`: the Vault path, the login and the roots of
+    /// `roots_file`).
     Status,
     /// Check a plugged-in CA directory (a new `cacerts` Secret, or istiod's
     /// `istio-ca-secret`) as the signer would load it, before rolling it
@@ -474,6 +476,13 @@ pub fn run_ca_command(
     match cmd {
         CaCommand::CheckCacerts { dir } => return plugged_in(dir.as_deref()),
         CaCommand::Status if config.ca.backend == "cacerts" => return plugged_in(None),
+        CaCommand::Status if config.ca.backend == "vault" => {
+            let vault = config.ca.vault.as_ref().ok_or_else(|| {
+                RotationError::WrongPhase("ca.backend is vault but [ca.vault] is missing".into())
+            })?;
+            return crate::issuer::vault::describe(vault)
+                .map_err(|e| RotationError::Ca(e.to_string()));
+        }
         _ => {}
     }
     if config.ca.backend != "builtin" {

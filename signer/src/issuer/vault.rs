@@ -657,6 +657,63 @@ fn map_error(e: VaultError) -> IssueError {
 }
 
 /// All `CERTIFICATE` blocks of a PEM text, as DER.
+/// What a signer on `cfg` would use, as text for an operator (`ca status`
+/// with the vault backend): where it asks Vault, how it logs in, and the
+/// roots it trusts and hands out (from `roots_file`, read now), or why
+/// `roots_file` would be refused. No call to Vault is made.
+pub fn describe(cfg: &VaultConfig) -> Result<String, VaultConfigError> {
+    let pem = std::fs::read(&cfg.roots_file).map_err(|source| VaultConfigError::Read {
+        path: cfg.roots_file.clone(),
+        source,
+    })?;
+    let roots = Roots::parse(&pem).map_err(|e| {
+        VaultConfigError::Invalid(format!("roots_file {}: {e}", cfg.roots_file.display()))
+    })?;
+    let verb = if cfg.sign_verbatim {
+        "sign-verbatim"
+    } else {
+        "sign"
+    };
+    let auth = match &cfg.auth {
+        VaultAuthConfig::Token { token_file } => {
+            format!("token from {}", token_file.display())
+        }
+        VaultAuthConfig::Approle { mount, .. } => format!("AppRole at auth/{mount}"),
+        VaultAuthConfig::Kubernetes {
+            mount,
+            role,
+            token_file,
+        } => format!(
+            "Kubernetes auth at auth/{mount}, role {role}, token from {}",
+            token_file.display()
+        ),
+        VaultAuthConfig::Jwt {
+            mount,
+            role,
+            token_file,
+        } => format!(
+            "JWT auth at auth/{mount}, role {role}, token from {}",
+            token_file.display()
+        ),
+    };
+    let mut out = format!(
+        "Vault {}: signs with {}/{verb}/{}\nlogs in with {auth}\n",
+        cfg.address, cfg.mount, cfg.role
+    );
+    for der in &roots.roots {
+        match X509Certificate::from_der(der) {
+            Ok((_, c)) => out.push_str(&format!(
+                "trusted root: {} (not after {}) sha256 {}\n",
+                c.subject(),
+                c.validity().not_after,
+                crate::ledger::CertDigest::of(der)
+            )),
+            Err(e) => out.push_str(&format!("trusted root: unparsable: {e}\n")),
+        }
+    }
+    Ok(out)
+}
+
 fn pem_certs(pem_text: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     let blocks = pem::parse_many(pem_text).map_err(|e| format!("not PEM: {e}"))?;
     Ok(blocks
