@@ -284,6 +284,68 @@ pub fn spawn_roots_follower(
     })
 }
 
+/// `meshward_signer_bundle_roots` and `meshward_signer_bundle_sequence`: the
+/// published trust bundle's root count and sequence, read at every scrape
+/// (registered before the bundle exists, then [`BundleGauges::attach`]ed).
+/// Across replicas they show a root rotation's progress, and replicas that
+/// publish different root sets.
+#[derive(Debug, Clone, Default)]
+pub struct BundleGauges(Arc<std::sync::OnceLock<BundleChannel>>);
+
+#[derive(Debug)]
+struct BundleGauge {
+    bundle: Arc<std::sync::OnceLock<BundleChannel>>,
+    roots: bool,
+}
+
+impl prometheus_client::encoding::EncodeMetric for BundleGauge {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let value = self.bundle.get().map_or(0, |b| {
+            let current = b.current();
+            if self.roots {
+                i64::try_from(current.roots().len()).unwrap_or(i64::MAX)
+            } else {
+                i64::try_from(current.sequence()).unwrap_or(i64::MAX)
+            }
+        });
+        encoder.encode_gauge(&value)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Gauge
+    }
+}
+
+impl BundleGauges {
+    /// Adds both gauges to `registry` (0 until [`Self::attach`]).
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "bundle_roots",
+            "Roots in the published trust bundle",
+            BundleGauge {
+                bundle: self.0.clone(),
+                roots: true,
+            },
+        );
+        registry.register(
+            "bundle_sequence",
+            "Sequence of the published trust bundle (goes up with every root set)",
+            BundleGauge {
+                bundle: self.0.clone(),
+                roots: false,
+            },
+        );
+    }
+
+    /// Reads from `bundle` from now on (the first call wins).
+    pub fn attach(&self, bundle: BundleChannel) {
+        let _ = self.0.set(bundle);
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod test_roots {
     //! Root certificates made with rcgen for the bundle tests.

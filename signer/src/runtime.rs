@@ -242,6 +242,8 @@ impl Signer {
         if config.bundle.endpoint_addr.is_some() {
             endpoint_limit.register(metrics.registry_mut(), "bundle_endpoint");
         }
+        let bundle_gauges = crate::bundle::BundleGauges::default();
+        bundle_gauges.register(metrics.registry_mut());
         let metrics = Arc::new(metrics);
         metrics.set_ca_expiry(issuer.signing_validity().not_after.unix_timestamp());
 
@@ -341,6 +343,7 @@ impl Signer {
             shutdown_rx.clone(),
         )
         .await?;
+        bundle_gauges.attach(bundle.channel().clone());
 
         let server = &config.server;
         let mut builder = tonic::transport::Server::builder()

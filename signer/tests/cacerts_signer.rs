@@ -150,6 +150,12 @@ async fn every_step_of_a_plugged_in_root_rotation_reaches_the_trust_bundle() {
     std::fs::write(dir.path().join("root-cert.pem"), &both).unwrap();
     let second = wait_for_bundle(&h, &[old.cert.der(), new.cert.der()]).await;
     assert!(second > first, "the sequence moves on: {first} -> {second}");
+    let m = h.metrics().await;
+    assert!(m.contains("meshward_signer_bundle_roots 2"), "{m}");
+    assert!(
+        m.contains(&format!("meshward_signer_bundle_sequence {second}")),
+        "{m}"
+    );
     let (status, pem) = harness::http_get(h.signer.admin_addr(), "/v1/root-cert.pem").await;
     assert_eq!(status, 200);
     assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 2, "{pem}");
