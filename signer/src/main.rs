@@ -274,6 +274,23 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Ca(args) => {
             let config = args.config.load()?;
+            if matches!(
+                args.command,
+                meshward_signer::bundle::rotation::CaCommand::CheckVault
+            ) {
+                let vault = config
+                    .ca
+                    .vault
+                    .as_ref()
+                    .context("ca check-vault needs [ca.vault] in the configuration")?;
+                match meshward_signer::issuer::vault::check(vault).await {
+                    Ok(report) => {
+                        print!("{report}");
+                        return Ok(());
+                    }
+                    Err(why) => anyhow::bail!("{why}"),
+                }
+            }
             print!(
                 "{}",
                 meshward_signer::bundle::rotation::run_ca_command(

@@ -645,3 +645,76 @@ fn ca_status_shows_the_vault_path_login_and_roots_without_calling_vault() {
     assert!(!ok, "{out}");
     assert!(out.contains("roots_file"), "{out}");
 }
+
+/// `meshward-signer ca check-vault` before a rollout: it logs in with the
+/// configured credentials and checks that the PKI mount's issuing CA chains
+/// to `roots_file`, signing nothing; wrong credentials or roots that would
+/// make the signer refuse every certificate fail it, saying why.
+#[test]
+fn ca_check_vault_logs_in_and_checks_the_issuing_ca_against_the_roots() {
+    let Some(bao) = OpenBao::start(BaoOptions::default()) else {
+        return;
+    };
+    let check = |vault_toml: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("signer.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[ca]\nbackend = \"vault\"\n[ca.vault]\n{}",
+                vault_toml.replace("[auth]", "[ca.vault.auth]")
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshward-signer"))
+            .args(["ca", "--config", config.to_str().unwrap(), "check-vault"])
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap();
+        (out.status.success(), text)
+    };
+    // Nothing was ever signed here: listing the mount's certificates finds
+    // none (the CLI answers that listing with an error).
+    let signed = || bao.issued_count().unwrap_or(0);
+    let (ok, out) = check(&bao.vault_config_toml(AuthKind::AppRole, ""));
+    assert!(ok, "{out}");
+    assert!(out.contains("login: accepted"), "{out}");
+    assert!(out.contains("issuing CA of pki_int: CN=istioca"), "{out}");
+    assert!(out.contains("chains to a root of roots_file"), "{out}");
+    assert_eq!(signed(), 0, "nothing signed");
+
+    // A secret id Vault does not know.
+    let wrong = bao.dir.path().join("wrong-secret-id");
+    std::fs::write(&wrong, "not-the-secret-id").unwrap();
+    let toml = bao.vault_config_toml(AuthKind::AppRole, "").replace(
+        &bao.secret_id_file().display().to_string(),
+        &wrong.display().to_string(),
+    );
+    let (ok, out) = check(&toml);
+    assert!(!ok, "{out}");
+    assert!(out.contains("login refused"), "{out}");
+
+    // roots_file with another root: every certificate would be refused.
+    let other = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "some other root");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.self_signed(&key).unwrap()
+    };
+    let other_file = bao.dir.path().join("other-root.pem");
+    std::fs::write(&other_file, other.pem()).unwrap();
+    let toml = bao.vault_config_toml(AuthKind::AppRole, "").replace(
+        &bao.roots_file().display().to_string(),
+        &other_file.display().to_string(),
+    );
+    let (ok, out) = check(&toml);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("not signed by any root of roots_file"),
+        "{out}"
+    );
+}

@@ -455,6 +455,11 @@ pub enum CaCommand {
         /// The directory (the Secret's files).
         dir: Option<PathBuf>,
     },
+    /// Check the configured `[ca.vault]` against the real Vault before a
+    /// rollout: its files, a login with its credentials, and that the PKI
+    /// mount's issuing CA chains to `roots_file` (non-zero exit otherwise).
+    /// Signs nothing.
+    CheckVault,
 }
 
 /// Run a [`CaCommand`] for `config` at `now`; returns what to print.
@@ -474,6 +479,12 @@ pub fn run_ca_command(
         crate::issuer::cacerts::describe(dir, now).map_err(|e| RotationError::Ca(e.to_string()))
     };
     match cmd {
+        CaCommand::CheckVault => {
+            return Err(RotationError::WrongPhase(
+                "ca check-vault talks to Vault: run it with the meshward-signer command"
+                    .to_string(),
+            ));
+        }
         CaCommand::CheckCacerts { dir } => return plugged_in(dir.as_deref()),
         CaCommand::Status if config.ca.backend == "cacerts" => return plugged_in(None),
         CaCommand::Status if config.ca.backend == "vault" => {
@@ -516,7 +527,7 @@ pub fn run_ca_command(
                 humantime::format_duration(overlap)
             ));
         }
-        CaCommand::Status | CaCommand::CheckCacerts { .. } => {}
+        CaCommand::Status | CaCommand::CheckCacerts { .. } | CaCommand::CheckVault => {}
     }
     out.push_str(&format!("phase: {:?}\n", dir.phase()?));
     for r in dir.trust_roots()? {

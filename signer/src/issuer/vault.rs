@@ -657,6 +657,58 @@ fn map_error(e: VaultError) -> IssueError {
 }
 
 /// All `CERTIFICATE` blocks of a PEM text, as DER.
+/// Checks a `[ca.vault]` against the real Vault before a rollout
+/// (`meshward-signer ca check-vault`): the files it names, a login with its
+/// credentials, and the issuing CA of its PKI mount, which must chain to a
+/// root of `roots_file`. Signs nothing. Returns the report, or the first
+/// thing that would stop the signer.
+pub async fn check(cfg: &VaultConfig) -> Result<String, String> {
+    let issuer = VaultIssuer::new(cfg).map_err(|e| e.to_string())?;
+    let mut out = describe(cfg).map_err(|e| e.to_string())?;
+    issuer
+        .client
+        .check_login()
+        .await
+        .map_err(|e| format!("Vault {}: {e}", cfg.address))?;
+    out.push_str("login: accepted\n");
+    let pem = issuer
+        .client
+        .get_text(&format!("{}/ca/pem", cfg.mount))
+        .await
+        .map_err(|e| format!("{}/ca/pem: {e}", cfg.mount))?;
+    let ca = pem_certs(pem.as_bytes())
+        .ok()
+        .and_then(|c| c.into_iter().next())
+        .ok_or_else(|| format!("{}/ca/pem: no issuing CA certificate", cfg.mount))?;
+    let (_, parsed) =
+        X509Certificate::from_der(&ca).map_err(|e| format!("{}/ca/pem: {e}", cfg.mount))?;
+    let trust = issuer.trust();
+    let signed_by_root = trust.roots.iter().any(|r| {
+        X509Certificate::from_der(r).is_ok_and(|(_, root)| {
+            parsed.issuer().as_raw() == root.subject().as_raw()
+                && parsed.verify_signature(Some(root.public_key())).is_ok()
+        })
+    });
+    out.push_str(&format!(
+        "issuing CA of {}: {} (not after {}) sha256 {}\n",
+        cfg.mount,
+        parsed.subject(),
+        parsed.validity().not_after,
+        crate::ledger::CertDigest::of(&ca)
+    ));
+    if trust.roots.contains(&ca) || signed_by_root {
+        out.push_str("the issuing CA chains to a root of roots_file\n");
+    } else {
+        return Err(format!(
+            "{out}the issuing CA of {} ({}) is not signed by any root of roots_file: \
+             every certificate Vault signs would be refused",
+            cfg.mount,
+            parsed.subject()
+        ));
+    }
+    Ok(out)
+}
+
 /// What a signer on `cfg` would use, as text for an operator (`ca status`
 /// with the vault backend): where it asks Vault, how it logs in, and the
 /// roots it trusts and hands out (from `roots_file`, read now), or why

@@ -213,6 +213,27 @@ impl VaultClient {
         serde_json::from_value(data).map_err(|e| VaultError::BadResponse(format!("{path}: {e}")))
     }
 
+    /// Logs in now with the configured credentials (as the first signing
+    /// would), within the configured budget; `Ok` once Vault accepted them.
+    pub async fn check_login(&self) -> Result<(), VaultError> {
+        match tokio::time::timeout(self.settings.timeout, self.current_token()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(Failure::Forbidden(m))) => Err(VaultError::Refused {
+                status: 403,
+                message: format!("login refused: {m}"),
+            }),
+            Ok(Err(Failure::Refused { status, message })) => {
+                Err(VaultError::Refused { status, message })
+            }
+            Ok(Err(Failure::Bad(m))) => Err(VaultError::BadResponse(m)),
+            Ok(Err(Failure::Transient(m))) => Err(VaultError::Unavailable(m)),
+            Err(_) => Err(VaultError::Unavailable(format!(
+                "no answer within {:?}",
+                self.settings.timeout
+            ))),
+        }
+    }
+
     /// Unauthenticated GET returning the raw body (e.g. `<mount>/ca_chain`).
     pub async fn get_text(&self, path: &str) -> Result<String, VaultError> {
         let op = async {
