@@ -11,6 +11,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "support/cli.rs"]
+mod cli;
 #[path = "support/plugged_ca.rs"]
 mod plugged_ca;
 
@@ -554,18 +556,7 @@ mod hostile_input {
 /// rolled out, or why it would refuse it, with a failing exit status.
 #[test]
 fn ca_check_cacerts_says_what_the_signer_would_do_before_a_rollout() {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshward-signer"))
-            .args(args)
-            .env_remove("RUST_BACKTRACE")
-            .env_remove("RUST_LIB_BACKTRACE")
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap(),
-        )
-    };
+    let run = cli::signer_cli;
     let dir = tempfile::tempdir().unwrap();
     let root = root("mesh-root");
     let ca = intermediate("istioca", &root);

@@ -9,6 +9,8 @@
     clippy::indexing_slicing
 )]
 
+#[path = "support/cli.rs"]
+mod cli;
 #[path = "support/harness.rs"]
 mod harness;
 #[path = "support/kube_api.rs"]
@@ -614,16 +616,7 @@ fn ca_status_shows_the_vault_path_login_and_roots_without_calling_vault() {
         ),
     )
     .unwrap();
-    let status = || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshward-signer"))
-            .args(["ca", "--config", config.to_str().unwrap(), "status"])
-            .env_remove("RUST_BACKTRACE")
-            .env_remove("RUST_LIB_BACKTRACE")
-            .output()
-            .unwrap();
-        let text = String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap();
-        (out.status.success(), text)
-    };
+    let status = || cli::signer_cli(&["ca", "--config", config.to_str().unwrap(), "status"]);
     let (ok, out) = status();
     assert!(ok, "{out}");
     for line in [
@@ -666,14 +659,7 @@ fn ca_check_vault_logs_in_and_checks_the_issuing_ca_against_the_roots() {
             ),
         )
         .unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshward-signer"))
-            .args(["ca", "--config", config.to_str().unwrap(), "check-vault"])
-            .env_remove("RUST_BACKTRACE")
-            .env_remove("RUST_LIB_BACKTRACE")
-            .output()
-            .unwrap();
-        let text = String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap();
-        (out.status.success(), text)
+        cli::signer_cli(&["ca", "--config", config.to_str().unwrap(), "check-vault"])
     };
     // Nothing was ever signed here: listing the mount's certificates finds
     // none (the CLI answers that listing with an error).
