@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use browser::{chromium, dump_dom, element_text};
 use harness::{Harness, http_get, id};
-use meshward_signer::dashboard::fleet::{FleetView, MAX_METRICS_BYTES};
+use meshward_signer::dashboard::fleet::{FLEET_CACHE, FleetView, MAX_METRICS_BYTES};
 use meshward_signer::issuer::cacerts::CaCertsConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -122,6 +122,77 @@ async fn fleet_shows_every_replica_with_its_counters_and_that_roots_agree() {
     assert_eq!(
         ra.status.as_ref().unwrap().roots,
         rb.status.as_ref().unwrap().roots
+    );
+}
+
+/// Counters since each replica started say little during an incident: the
+/// view also gives each replica's issued and refused per second since the
+/// previous gather, which is what changed while the operator watched.
+#[tokio::test(flavor = "multi_thread")]
+async fn fleet_rates_cover_what_each_replica_did_since_the_previous_gather() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_replicas_sharing_a_ca(dir.path(), vec![]).await;
+    a.issue("shop", "early", &a.opts("shop", "early"))
+        .await
+        .unwrap();
+    let first = fleet_of(&a).await;
+    assert!(
+        first.replicas.iter().all(|r| r.rates.is_none()),
+        "{first:?}"
+    );
+    assert_eq!(first.total_rates, None);
+
+    for i in 0..4 {
+        let sa = format!("a{i}");
+        a.issue("shop", &sa, &a.opts("shop", &sa)).await.unwrap();
+    }
+    let wrong = b
+        .issue_for(&id("shop", "b0"), &b.opts("shop", "other"))
+        .await;
+    assert!(wrong.is_err());
+    tokio::time::sleep(FLEET_CACHE + Duration::from_millis(300)).await;
+
+    let second = fleet_of(&a).await;
+    let rates = |addr: SocketAddr| {
+        second
+            .replicas
+            .iter()
+            .find(|r| r.address == addr.to_string())
+            .and_then(|r| r.rates)
+            .unwrap_or_else(|| panic!("no rates for {addr} in {second:?}"))
+    };
+    let (ra, rb) = (rates(a.signer.admin_addr()), rates(b.signer.admin_addr()));
+    let window = FLEET_CACHE.as_secs_f64();
+    assert!(
+        ra.over_seconds >= window && ra.over_seconds < window + 5.0,
+        "{ra:?}"
+    );
+    let close = |x: f64, want: f64| (x - want).abs() < 1e-6;
+    assert!(close(ra.issued_per_second * ra.over_seconds, 4.0), "{ra:?}");
+    assert!(close(ra.refused_per_second, 0.0), "{ra:?}");
+    assert!(close(rb.issued_per_second, 0.0), "{rb:?}");
+    assert!(
+        close(rb.refused_per_second * rb.over_seconds, 1.0),
+        "{rb:?}"
+    );
+    let total = second.total_rates.unwrap();
+    assert!(
+        close(total.issued_per_second, ra.issued_per_second)
+            && close(total.refused_per_second, rb.refused_per_second),
+        "{total:?}"
+    );
+
+    // The page, loaded while that view is still the cached one, says it.
+    let Some(browser) = chromium() else { return };
+    let url = format!("http://{}/dashboard", a.signer.admin_addr());
+    let dom = dump_dom(&browser, &url, Duration::from_secs(3)).await;
+    let summary = element_text(&dom, "fleet-summary");
+    assert!(
+        summary.contains(&format!(
+            "(now {:.2}/s issued, {:.2}/s refused)",
+            total.issued_per_second, total.refused_per_second
+        )),
+        "{summary}"
     );
 }
 

@@ -258,7 +258,9 @@ function renderFleet(f) {
     `${f.answered} of ${asked} replica${asked === 1 ? "" : "s"} answered` +
     (notReady > 0 ? `, ${notReady} not ready` : "") +
     ` (${f.targets.join(", ")}, read ${date(f.gathered_at)}). ` +
-    `Together: ${count(f.totals.issued)} issued, ${count(f.totals.refused)} refused since each started; ` +
+    `Together: ${count(f.totals.issued)} issued, ${count(f.totals.refused)} refused since each started` +
+    (f.total_rates ? ` (now ${perSecond(f.total_rates.issued_per_second)} issued, ` +
+      `${perSecond(f.total_rates.refused_per_second)} refused)` : "") + "; " +
     `${count(f.totals.grpc_connections)} gRPC connections and ` +
     `${count(f.totals.bundle_watchers)} WatchBundle streams open.`);
   const warnings = [];
@@ -287,6 +289,8 @@ function renderFleet(f) {
       cell(s ? phaseWord(s.rotation) : "–"),
       cell(c ? count(c.issued) : "–", "num"),
       cell(c ? count(c.refused) : "–", "num"),
+      cell(perSecond(r.rates ? r.rates.issued_per_second : null), "num"),
+      cell(perSecond(r.rates ? r.rates.refused_per_second : null), "num"),
       cell(c ? count(c.grpc_connections) : "–", "num"),
       cell(c ? count(c.bundle_watchers) : "–", "num"),
       cell(r.error || "", r.error ? "bad" : ""),

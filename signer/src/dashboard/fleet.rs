@@ -7,8 +7,8 @@
 //! re-resolved on each gather — this replica asks each of them for
 //! `/v1/status`, `/readyz` and `/metrics` and answers with one row per
 //! replica: ready, version, backend, the roots it publishes, its rotation
-//! phase, issued and refused since it started, its open connections and
-//! `WatchBundle` streams. It also says whether every replica publishes the
+//! phase, issued and refused since it started and per second since the
+//! previous gather, its open connections and `WatchBundle` streams. It also says whether every replica publishes the
 //! same roots and runs the same version: a replica left behind during a
 //! root rotation or a rollout is the first thing to look for.
 //!
@@ -18,7 +18,7 @@
 //! most three requests per period; each peer has `fleet_timeout` and a cap
 //! on what it may send, and a peer that fails is a row with its error.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,6 +94,52 @@ impl Counters {
         self.refused += other.refused;
         self.grpc_connections += other.grpc_connections;
         self.bundle_watchers += other.bundle_watchers;
+    }
+}
+
+/// Issued and refused per second between two gathers of one replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    /// Certificates issued per second.
+    pub issued_per_second: f64,
+    /// Requests refused per second.
+    pub refused_per_second: f64,
+    /// The seconds between the two gathers.
+    pub over_seconds: f64,
+}
+
+/// Gathers closer together than this give no rate (a count over a
+/// fraction of a second says little).
+const MIN_RATE_WINDOW: Duration = Duration::from_secs(1);
+
+/// One replica's counters as read at one gather.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    counters: Counters,
+}
+
+impl Rates {
+    /// From the previous and the current sample of the same process. No
+    /// rate when the window is too short or a counter went down (the
+    /// counters of a process do not: the address now answers for another
+    /// one, without an instance id to tell).
+    fn between(before: &Sample, now: &Sample) -> Option<Self> {
+        let window = now.at.checked_duration_since(before.at)?;
+        if window < MIN_RATE_WINDOW {
+            return None;
+        }
+        let issued = now.counters.issued - before.counters.issued;
+        let refused = now.counters.refused - before.counters.refused;
+        if issued < 0.0 || refused < 0.0 {
+            return None;
+        }
+        let secs = window.as_secs_f64();
+        Some(Self {
+            issued_per_second: issued / secs,
+            refused_per_second: refused / secs,
+            over_seconds: secs,
+        })
     }
 }
 
@@ -182,6 +228,9 @@ pub struct ReplicaView {
     pub status: Option<PeerStatus>,
     /// Its counters, when its `/metrics` answered.
     pub counters: Option<Counters>,
+    /// Per second since the previous gather, when both read its counters
+    /// from the same process.
+    pub rates: Option<Rates>,
     /// What went wrong asking it, if anything did.
     pub error: Option<String>,
 }
@@ -207,6 +256,9 @@ pub struct FleetView {
     pub versions_agree: bool,
     /// The counters summed over the replicas that answered.
     pub totals: Counters,
+    /// The rates summed over the replicas that have one (absent when none
+    /// has: the first gather, or every replica restarted since).
+    pub total_rates: Option<Rates>,
 }
 
 /// `[dashboard] fleet`, `fleet_timeout`, `fleet_max_replicas`, checked.
@@ -237,14 +289,20 @@ pub fn check_target(target: &str) -> Result<(), String> {
     }
 }
 
-type Cached = Option<(Instant, Arc<FleetView>)>;
+/// The last view, and each process's counters at the gather before, keyed
+/// by its instance id (its address when it has none).
+#[derive(Default)]
+struct State {
+    view: Option<(Instant, Arc<FleetView>)>,
+    samples: HashMap<String, Sample>,
+}
 
 /// Gathers the fleet view (see the module's comments).
 pub struct Fleet {
     settings: FleetSettings,
     own_instance: String,
     client: reqwest::Client,
-    cache: tokio::sync::Mutex<Cached>,
+    state: tokio::sync::Mutex<State>,
 }
 
 impl Fleet {
@@ -267,21 +325,23 @@ impl Fleet {
             settings,
             own_instance,
             client,
-            cache: tokio::sync::Mutex::new(None),
+            state: tokio::sync::Mutex::new(State::default()),
         })
     }
 
     /// The view, gathered again when the last one is older than
     /// [`FLEET_CACHE`].
     pub async fn view(&self) -> Arc<FleetView> {
-        let mut cache = self.cache.lock().await;
-        if let Some((at, view)) = cache.as_ref()
+        let mut state = self.state.lock().await;
+        if let Some((at, view)) = state.view.as_ref()
             && at.elapsed() < FLEET_CACHE
         {
             return view.clone();
         }
-        let view = Arc::new(self.gather().await);
-        *cache = Some((Instant::now(), view.clone()));
+        let mut view = self.gather().await;
+        state.samples = with_rates(&mut view, &state.samples, Instant::now());
+        let view = Arc::new(view);
+        state.view = Some((Instant::now(), view.clone()));
         view
     }
 
@@ -333,6 +393,7 @@ impl Fleet {
                     ready: None,
                     status: None,
                     counters: None,
+                    rates: None,
                     error: Some("asking it failed".into()),
                 })
             })
@@ -344,6 +405,42 @@ impl Fleet {
             replicas,
         )
     }
+}
+
+/// Fills in each row's rates (and their sum) from the samples of the
+/// previous gather; returns this gather's samples, for the next one. A
+/// process not seen this time is forgotten, so the map never holds more
+/// than `fleet_max_replicas` entries.
+fn with_rates(
+    view: &mut FleetView,
+    before: &HashMap<String, Sample>,
+    at: Instant,
+) -> HashMap<String, Sample> {
+    let mut samples = HashMap::new();
+    let mut total: Option<Rates> = None;
+    for row in &mut view.replicas {
+        let Some(counters) = row.counters else {
+            continue;
+        };
+        let key = match row.status.as_ref() {
+            Some(s) if !s.instance.is_empty() => format!("instance {}", s.instance),
+            _ => format!("address {}", row.address),
+        };
+        let now = Sample { at, counters };
+        row.rates = before.get(&key).and_then(|b| Rates::between(b, &now));
+        if let Some(r) = row.rates {
+            let t = total.get_or_insert(Rates {
+                over_seconds: r.over_seconds,
+                ..Rates::default()
+            });
+            t.issued_per_second += r.issued_per_second;
+            t.refused_per_second += r.refused_per_second;
+            t.over_seconds = t.over_seconds.min(r.over_seconds);
+        }
+        samples.insert(key, now);
+    }
+    view.total_rates = total;
+    samples
 }
 
 /// The view's summary fields from its rows.
@@ -372,6 +469,7 @@ pub fn summarize(
         roots_agree: root_sets.len() <= 1,
         versions_agree: versions.len() <= 1,
         totals,
+        total_rates: None,
         replicas,
     }
 }
@@ -412,6 +510,7 @@ async fn ask(client: &reqwest::Client, address: SocketAddr) -> ReplicaView {
         ready,
         status,
         counters,
+        rates: None,
         error: (!errors.is_empty()).then(|| errors.join("; ")),
     }
 }
@@ -529,8 +628,64 @@ garbage line\n\
                 issued: 1.0,
                 ..Counters::default()
             }),
+            rates: None,
             error: None,
         }
+    }
+
+    fn counted(view: &mut FleetView, address: &str, issued: f64, refused: f64) {
+        let row = view
+            .replicas
+            .iter_mut()
+            .find(|r| r.address == address)
+            .unwrap();
+        row.counters = Some(Counters {
+            issued,
+            refused,
+            ..Counters::default()
+        });
+    }
+
+    #[test]
+    fn rates_are_per_process_and_a_restart_or_a_short_window_gives_none() {
+        let t0 = Instant::now();
+        let view = |rows| summarize(vec![], vec![], false, rows);
+        let mut first = view(vec![row("a", &["r"], "1"), row("b", &["r"], "1")]);
+        counted(&mut first, "a", 10.0, 2.0);
+        counted(&mut first, "b", 5.0, 0.0);
+        let samples = with_rates(&mut first, &HashMap::new(), t0);
+        assert!(first.replicas.iter().all(|r| r.rates.is_none()));
+        assert_eq!(first.total_rates, None);
+
+        // Five seconds on: a issued 20 and refused 5 more; b restarted (a
+        // new instance id, counters from zero).
+        let mut second = view(vec![row("a", &["r"], "1"), row("b", &["r"], "1")]);
+        counted(&mut second, "a", 30.0, 7.0);
+        counted(&mut second, "b", 1.0, 0.0);
+        second.replicas[1].status.as_mut().unwrap().instance = "b-restarted".into();
+        let later = with_rates(&mut second, &samples, t0 + Duration::from_secs(5));
+        let a = second.replicas[0].rates.unwrap();
+        assert_eq!(
+            (a.issued_per_second, a.refused_per_second, a.over_seconds),
+            (4.0, 1.0, 5.0)
+        );
+        assert_eq!(
+            second.replicas[1].rates, None,
+            "a restarted process has no rate yet"
+        );
+        assert_eq!(second.total_rates, Some(a));
+        assert_eq!(later.len(), 2, "the old instance of b is forgotten");
+
+        // Counters going down at the same key (no instance id) are not a rate.
+        let mut third = second.clone();
+        counted(&mut third, "a", 3.0, 7.0);
+        with_rates(&mut third, &later, t0 + Duration::from_secs(10));
+        assert_eq!(third.replicas[0].rates, None);
+
+        // Gathers under a second apart give none either.
+        let mut quick = second.clone();
+        with_rates(&mut quick, &later, t0 + Duration::from_millis(5500));
+        assert!(quick.replicas.iter().all(|r| r.rates.is_none()));
     }
 
     #[test]
