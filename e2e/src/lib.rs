@@ -3,6 +3,7 @@
 
 pub mod attributes;
 pub mod demo;
+pub mod envoy;
 pub mod host;
 pub mod mesh;
 pub mod oci;

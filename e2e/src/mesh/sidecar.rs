@@ -140,7 +140,8 @@ pub struct CertInfo {
 }
 
 impl CertInfo {
-    fn parse(leaf: &[u8], generation: u64) -> anyhow::Result<Self> {
+    /// Reads a leaf's validity; `generation` counts the certificates held.
+    pub fn parse(leaf: &[u8], generation: u64) -> anyhow::Result<Self> {
         use x509_parser::prelude::{FromDer, X509Certificate};
         let (_, cert) =
             X509Certificate::from_der(leaf).map_err(|e| anyhow::anyhow!("leaf: {e}"))?;
