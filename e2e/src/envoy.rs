@@ -108,7 +108,7 @@ impl Envoy {
             .arg(&admin_path)
             .arg("--log-path")
             .arg(&log)
-            .args(["-l", "info"])
+            .args(["-l", "info", "--file-flush-interval-msec", "20"])
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

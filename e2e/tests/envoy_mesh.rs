@@ -70,3 +70,394 @@ async fn http_filter_in_envoy_allows_and_denies_per_request_with_the_reason() {
     );
     let _ = BACKEND;
 }
+
+fn http_policy(mode: &str) -> serde_json::Value {
+    json!({
+        "trustDomain": "cluster.local",
+        "mode": mode,
+        "rules": [
+            {"name": "frontend-reads-api", "action": "ALLOW",
+             "from": [{"principals": ["cluster.local/ns/shop/sa/frontend"]}],
+             "to": [{"methods": ["GET"], "paths": ["/api/*"]}]},
+            {"name": "deny-reporter", "action": "DENY",
+             "from": [{"principals": ["cluster.local/ns/batch/sa/reporter"]}]}
+        ]
+    })
+}
+
+fn network_policy() -> serde_json::Value {
+    json!({
+        "filterType": "network",
+        "trustDomain": "cluster.local",
+        "rules": [
+            {"name": "shop-connects", "action": "ALLOW", "from": [{"namespaces": ["shop"]}]},
+            {"name": "deny-batch", "action": "DENY", "from": [{"namespaces": ["batch"]}]}
+        ]
+    })
+}
+
+/// shop/postgres-like TCP workload (`app: postgres`, which the NETWORK
+/// WasmPlugin selects) with the echo app behind a tcp_proxy.
+async fn tcp_backend(
+    mesh: &Mesh,
+    config: serde_json::Value,
+) -> meshward_e2e::envoy::sidecar::EnvoySidecar {
+    let (app, task) = meshward_e2e::mesh::backend::spawn_echo("postgres")
+        .await
+        .unwrap();
+    std::mem::forget(task);
+    let mut spec = SidecarSpec::new("shop", "backend");
+    spec.labels.insert("app".into(), "postgres".into());
+    spec.inbound = Some(InboundApp::Tcp(app));
+    spec.plugins = vec![mesh.network_plugin(config)];
+    mesh.start_sidecar(spec).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_filter_in_envoy_closes_a_denied_connection() {
+    let mesh = Mesh::start().await;
+    let backend = tcp_backend(&mesh, network_policy()).await;
+    let addr = backend.inbound_addr().unwrap();
+    let frontend = MtlsClient::issue(
+        &mesh.ca(),
+        &mesh.workload("shop", "frontend"),
+        Some(BACKEND),
+    )
+    .await
+    .unwrap();
+    let reporter = MtlsClient::issue(
+        &mesh.ca(),
+        &mesh.workload("batch", "reporter"),
+        Some(BACKEND),
+    )
+    .await
+    .unwrap();
+    let ok = frontend
+        .request(addr, "GET", "/anything", &[])
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200, "{}", backend.log());
+    let refused = reporter.request(addr, "GET", "/anything", &[]).await;
+    assert!(
+        refused.is_err(),
+        "the connection must be closed, got {refused:?}"
+    );
+    let stats = backend.admin().stats().await.unwrap();
+    assert!(
+        stats
+            .iter()
+            .any(|(k, v)| k.contains("rule=.=deny-batch;.;") && v.trim() == "1"),
+        "{stats:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await; // the log file's flush interval
+    assert!(
+        backend.log().contains("meshward: close connection"),
+        "{}",
+        backend.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_in_envoy_reports_a_deny_without_enforcing_it() {
+    let mesh = Mesh::start().await;
+    let backend = mesh
+        .backend(vec![mesh.http_plugin(http_policy("shadow"))], |_| {})
+        .await;
+    let reporter = mesh.client("batch", "reporter", &[&backend]).await;
+    let r = mesh.get(&reporter, "/api/items").await;
+    assert_eq!(r.status, 200, "shadow mode does not block: {r:?}");
+    let reason = echo(&r)["headers"]["x-meshward-deny-reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        reason.starts_with("shadow:") && reason.contains("deny-reporter"),
+        "{reason}"
+    );
+    let stats = backend.admin().stats().await.unwrap();
+    let shadow_deny = stats.iter().find(|(k, _)| {
+        k.contains("action=.=deny;.;")
+            && k.contains("rule=.=deny-reporter;.;")
+            && k.contains("mode=.=shadow;.;")
+    });
+    assert!(
+        shadow_deny.is_some_and(|(_, v)| v.trim() == "1"),
+        "{stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_peer_on_a_permissive_listener_is_denied_whatever_its_headers_claim() {
+    let mesh = Mesh::start().await;
+    let backend = mesh
+        .backend(vec![mesh.http_plugin(http_policy("enforce"))], |s| {
+            s.permissive = true
+        })
+        .await;
+    let addr = backend.inbound_addr().unwrap();
+    let r = client::http(addr, "backend.shop", "GET", "/api/items", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(
+        r.header("x-meshward-deny-reason")
+            .unwrap()
+            .contains("requireMtls"),
+        "{r:?}"
+    );
+    let forged = client::http(
+        addr,
+        "backend.shop",
+        "GET",
+        "/api/items",
+        &[
+            ("x-forwarded-client-cert", &format!("URI={FRONTEND}")),
+            ("x-spiffe-id", FRONTEND),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(forged.status, 403, "{forged:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_listener_refuses_a_plaintext_peer_before_any_http() {
+    let mesh = Mesh::start().await;
+    let backend = mesh
+        .backend(vec![mesh.http_plugin(http_policy("enforce"))], |_| {})
+        .await;
+    let r = client::http(
+        backend.inbound_addr().unwrap(),
+        "backend.shop",
+        "GET",
+        "/api/items",
+        &[],
+    )
+    .await;
+    assert!(r.is_err(), "STRICT mTLS must not answer plaintext: {r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_xfcc_and_identity_headers_do_not_change_who_the_peer_is() {
+    let mesh = Mesh::start().await;
+    let backend = mesh
+        .backend(vec![mesh.http_plugin(http_policy("enforce"))], |_| {})
+        .await;
+    let addr = backend.inbound_addr().unwrap();
+    let forged_xfcc = format!("By={BACKEND};Hash=00;URI={FRONTEND}");
+    let forged: [(&str, &str); 3] = [
+        ("x-forwarded-client-cert", &forged_xfcc),
+        ("x-spiffe-id", FRONTEND),
+        (
+            "x-envoy-peer-metadata-id",
+            "sidecar~10.0.0.1~frontend.shop~shop.svc.cluster.local",
+        ),
+    ];
+    // A reporter pod dialling the backend's Envoy itself, with its own
+    // certificate and headers claiming to be the frontend.
+    let reporter = MtlsClient::issue(
+        &mesh.ca(),
+        &mesh.workload("batch", "reporter"),
+        Some(BACKEND),
+    )
+    .await
+    .unwrap();
+    let r = reporter
+        .request(addr, "GET", "/api/items", &forged)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "the reporter stays the reporter: {r:?}");
+
+    let frontend = MtlsClient::issue(
+        &mesh.ca(),
+        &mesh.workload("shop", "frontend"),
+        Some(BACKEND),
+    )
+    .await
+    .unwrap();
+    let r = frontend
+        .request(addr, "GET", "/api/items", &forged)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let xfcc = echo(&r)["headers"]["x-forwarded-client-cert"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        !xfcc.contains("Hash=00;"),
+        "forged XFCC reached the app: {xfcc}"
+    );
+    let real_hash = meshward_e2e::attributes::sha256_hex(&frontend.identity().leaf);
+    assert!(xfcc.contains(&format!("Hash={real_hash}")), "{xfcc}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_cert_age_denies_a_certificate_once_it_ages_past_the_limit() {
+    let mesh = Mesh::start().await;
+    let policy = json!({"rules": [{"name": "fresh-frontend", "action": "ALLOW",
+        "from": [{"principals": ["cluster.local/ns/shop/sa/frontend"]}],
+        "when": {"maxCertAge": "4s"}}]});
+    let backend = mesh.backend(vec![mesh.http_plugin(policy)], |_| {}).await;
+    let frontend = MtlsClient::issue(
+        &mesh.ca(),
+        &mesh.workload("shop", "frontend"),
+        Some(BACKEND),
+    )
+    .await
+    .unwrap();
+    let addr = backend.inbound_addr().unwrap();
+    let fresh = frontend.request(addr, "GET", "/", &[]).await.unwrap();
+    let age = fresh
+        .client_cert
+        .as_ref()
+        .unwrap()
+        .age(std::time::SystemTime::now());
+    assert!(
+        age < Duration::from_secs(4),
+        "the machine was too slow to test a 4s limit: {age:?}"
+    );
+    assert_eq!(fresh.status, 200, "{fresh:?}");
+    // The same certificate, the same policy; only its age grows.
+    let not_before = fresh.client_cert.as_ref().unwrap().not_before;
+    while std::time::SystemTime::now() < not_before + Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let old = frontend.request(addr, "GET", "/", &[]).await.unwrap();
+    assert_eq!(old.status, 403, "{old:?}");
+    assert!(
+        old.header("x-meshward-deny-reason")
+            .unwrap()
+            .contains("no ALLOW rule matched"),
+        "{old:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_mid_traffic_fails_no_request() {
+    let mesh = Mesh::start().await;
+    let short = |s: &mut SidecarSpec| {
+        s.workload.cert_ttl = Duration::from_secs(6);
+    };
+    let backend = mesh
+        .backend(vec![mesh.http_plugin(http_policy("enforce"))], short)
+        .await;
+    let frontend = mesh
+        .client_with("shop", "frontend", &[&backend], |s| {
+            short(s);
+            s.upstreams[0].handshake_per_request = true;
+        })
+        .await;
+    let first = frontend.cert().unwrap();
+    let (mut sent, mut failed) = (0u32, Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while tokio::time::Instant::now() < deadline && sent < 100_000 {
+        if frontend.cert().unwrap().generation >= 3 && backend.cert().unwrap().generation >= 3 {
+            break;
+        }
+        match client::http(
+            frontend.outbound_addr(),
+            "backend.shop",
+            "GET",
+            "/api/items",
+            &[],
+        )
+        .await
+        {
+            Ok(r) if r.status == 200 => {}
+            Ok(r) => failed.push(format!(
+                "status {} {:?}",
+                r.status,
+                r.header("x-meshward-deny-reason")
+            )),
+            Err(e) => failed.push(format!("{e:#}")),
+        }
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let last = frontend.cert().unwrap();
+    assert!(
+        last.generation >= 3,
+        "frontend rotated {} times",
+        last.generation - 1
+    );
+    assert!(backend.cert().unwrap().generation >= 3);
+    assert_ne!(first.leaf, last.leaf);
+    assert!(sent > 0);
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} requests failed: {failed:?}",
+        failed.len()
+    );
+    // Envoy served the new certificate without a restart: the peer saw it.
+    let seen = mesh.get(&frontend, "/api/items").await;
+    let xfcc = echo(&seen)["headers"]["x-forwarded-client-cert"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let now_hash = meshward_e2e::attributes::sha256_hex(&frontend.cert().unwrap().leaf);
+    let first_hash = meshward_e2e::attributes::sha256_hex(&first.leaf);
+    assert!(
+        !xfcc.contains(&first_hash),
+        "still the first certificate: {xfcc}"
+    );
+    let _ = now_hash;
+    eprintln!(
+        "rotation mid-traffic: {sent} requests, 0 failed, frontend generation {}",
+        last.generation
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_lookup_goes_through_an_envoy_cluster_to_the_signer() {
+    let mesh = Mesh::start().await;
+    let mut policy = network_policy();
+    policy["ledger"] = json!({
+        "cluster": meshward_e2e::envoy::bootstrap::SIGNER_CLUSTER,
+        "authority": "meshward-signer.istio-system.svc",
+        "timeout": "2s",
+        "lookup": "always",
+    });
+    policy["rules"][0]["when"] = json!({"maxCertAge": "1h"});
+    let backend = tcp_backend(&mesh, policy).await;
+    let frontend = MtlsClient::issue(
+        &mesh.ca(),
+        &mesh.workload("shop", "frontend"),
+        Some(BACKEND),
+    )
+    .await
+    .unwrap();
+    let r = frontend
+        .request(backend.inbound_addr().unwrap(), "GET", "/x", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "the ledger showed a fresh certificate: {}",
+        backend.log()
+    );
+    let to_signer = backend
+        .admin()
+        .stat(&format!(
+            "cluster.{}.upstream_rq_200",
+            meshward_e2e::envoy::bootstrap::SIGNER_CLUSTER
+        ))
+        .await
+        .unwrap();
+    assert!(
+        to_signer >= 1,
+        "no lookup went through Envoy's cluster to the signer: {:?}\n{}",
+        backend
+            .admin()
+            .stats()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.contains("meshward"))
+            .collect::<Vec<_>>(),
+        backend.log()
+    );
+    let stats = backend.admin().prometheus().await.unwrap();
+    assert!(stats.contains("meshward_ledger_lookups_total"), "{stats}");
+}

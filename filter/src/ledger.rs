@@ -38,6 +38,21 @@ pub struct LedgerConfig {
     /// Most lookups in flight at once per plugin VM; default 64. Past it a
     /// peer's validity is unknown (no callout, no wait).
     pub max_concurrent_lookups: Option<u32>,
+    /// `whenUnknown` (default): only peers whose validity the proxy did not
+    /// show are looked up. `always`: every mTLS peer is, and only the
+    /// ledger's answer counts — a certificate the signer never issued (one
+    /// made with a stolen CA key, or out of band) has unknown validity even
+    /// when the proxy shows its dates.
+    pub lookup: Option<String>,
+}
+
+/// When the ledger is asked (`ledger.lookup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupWhen {
+    /// Only when the proxy showed no usable validity.
+    WhenUnknown,
+    /// For every mTLS peer; the ledger's answer replaces what the proxy showed.
+    Always,
 }
 
 /// Bounds of `ledger.timeout`, milliseconds.
@@ -54,6 +69,7 @@ pub struct LedgerSettings {
     pub cache_ttl_secs: i64,
     pub negative_cache_ttl_secs: i64,
     pub max_concurrent_lookups: usize,
+    pub lookup: LookupWhen,
 }
 
 impl LedgerSettings {
@@ -96,6 +112,17 @@ impl LedgerSettings {
                 ));
             }
         };
+        let lookup = match config.lookup.as_deref() {
+            None | Some("whenUnknown") => LookupWhen::WhenUnknown,
+            Some("always") => LookupWhen::Always,
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "ledger.lookup",
+                    other,
+                    "must be whenUnknown or always",
+                ));
+            }
+        };
         Ok(Self {
             cluster,
             authority,
@@ -103,6 +130,7 @@ impl LedgerSettings {
             cache_ttl_secs,
             negative_cache_ttl_secs,
             max_concurrent_lookups,
+            lookup,
         })
     }
 
@@ -375,6 +403,7 @@ mod tests {
             cache_ttl: Some("5m".into()),
             negative_cache_ttl: Some("30s".into()),
             max_concurrent_lookups: None,
+            lookup: None,
         })
         .unwrap()
     }
@@ -606,6 +635,7 @@ mod tests {
             cache_ttl: None,
             negative_cache_ttl: None,
             max_concurrent_lookups: None,
+            lookup: None,
         };
         let s = LedgerSettings::compile(&base).unwrap();
         assert_eq!(
@@ -620,6 +650,11 @@ mod tests {
         assert_eq!(
             with(&|c| c.timeout = Some("2s".into())).unwrap().timeout_ms,
             2000
+        );
+        assert_eq!(s.lookup, LookupWhen::WhenUnknown);
+        assert_eq!(
+            with(&|c| c.lookup = Some("always".into())).unwrap().lookup,
+            LookupWhen::Always
         );
         for bad in [
             with(&|c| c.cluster = String::new()),
@@ -636,6 +671,8 @@ mod tests {
             with(&|c| c.negative_cache_ttl = Some("10m".into())),
             with(&|c| c.max_concurrent_lookups = Some(0)),
             with(&|c| c.max_concurrent_lookups = Some(10_001)),
+            with(&|c| c.lookup = Some("sometimes".into())),
+            with(&|c| c.lookup = Some("Always".into())),
         ] {
             assert!(bad.is_err());
         }

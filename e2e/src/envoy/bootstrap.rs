@@ -60,6 +60,9 @@ pub struct Upstream {
     pub spiffe_id: String,
     /// TCP instead of HTTP.
     pub tcp: bool,
+    /// One request per upstream connection (every request a new mTLS
+    /// handshake), instead of Envoy's connection pool.
+    pub handshake_per_request: bool,
 }
 
 /// Everything one sidecar's bootstrap is built from.
@@ -117,12 +120,17 @@ impl SidecarBootstrap {
                     "filter_chains": [{"filters": [tcp_proxy(&format!("outbound|80||{}", up.host), "outbound_tcp")]}],
                 }));
             }
-            clusters.push(static_cluster(
+            let mut cluster = static_cluster(
                 &format!("outbound|80||{}", up.host),
                 up.addr,
                 Some(self.upstream_tls(up)),
                 !up.tcp,
-            ));
+            );
+            if up.handshake_per_request {
+                cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+                    ["common_http_protocol_options"] = json!({"max_requests_per_connection": 1});
+            }
+            clusters.push(cluster);
         }
         if let Some(addr) = self.signer_admin {
             clusters.push(static_cluster(SIGNER_CLUSTER, addr, None, true));

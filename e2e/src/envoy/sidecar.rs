@@ -203,6 +203,7 @@ impl EnvoySidecar {
                 self.spec.inbound,
                 Some(InboundApp::Tcp(_) | InboundApp::DirectResponse(_))
             ),
+            handshake_per_request: false,
         })
     }
 

@@ -61,8 +61,9 @@ pub fn wanted<'c>(
     conn: &'c Connection,
     cert: Option<&PeerCert>,
 ) -> Option<&'c str> {
-    policy.ledger()?;
-    if cert.is_some() || !conn.mtls || conn.uri_san.is_none() {
+    let settings = policy.ledger()?;
+    let shown = cert.is_some() && settings.lookup == crate::ledger::LookupWhen::WhenUnknown;
+    if shown || !conn.mtls || conn.uri_san.is_none() {
         return None;
     }
     let digest = conn.digest.as_deref()?;
