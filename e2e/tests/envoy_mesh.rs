@@ -12,6 +12,8 @@
 #[path = "support/envoy_mesh.rs"]
 mod envoy_mesh;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use envoy_mesh::{BACKEND, FRONTEND, Mesh, echo};
@@ -460,4 +462,126 @@ async fn ledger_lookup_goes_through_an_envoy_cluster_to_the_signer() {
     );
     let stats = backend.admin().prometheus().await.unwrap();
     assert!(stats.contains("meshward_ledger_lookups_total"), "{stats}");
+}
+
+/// Starts shop/backend with `plugin` (or `wasm` instead of the filter)
+/// without waiting for it to get ready; returns the sidecar once Envoy
+/// exited, or panics if it is still running after 30 s.
+async fn start_expecting_refusal(
+    mesh: &Mesh,
+    plugin: WasmPlugin,
+    wasm: Option<std::path::PathBuf>,
+) -> (meshward_e2e::envoy::sidecar::EnvoySidecar, Arc<AtomicU64>) {
+    let (app, hits) = counting_app().await;
+    let mut spec = SidecarSpec::new("shop", "backend");
+    spec.inbound = Some(InboundApp::Http(app));
+    spec.wait_ready = false;
+    spec.plugins = vec![plugin];
+    spec.wasm_override = wasm;
+    let mut s = mesh.start_sidecar(spec).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while s.envoy().is_running() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Envoy kept running:\n{}",
+            s.log()
+        );
+        // Whatever it serves meanwhile must not reach the app.
+        if let Ok(addr) = s
+            .admin()
+            .listener_addr(meshward_e2e::envoy::bootstrap::INBOUND)
+            .await
+        {
+            let frontend = MtlsClient::issue(
+                &mesh.ca(),
+                &mesh.workload("shop", "frontend"),
+                Some(BACKEND),
+            )
+            .await
+            .unwrap();
+            if let Ok(r) = frontend.request(addr, "GET", "/api/items", &[]).await {
+                assert_ne!(
+                    r.status, 200,
+                    "served through a plugin that did not load: {r:?}"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (s, hits)
+}
+
+/// An app that counts the requests that reach it.
+async fn counting_app() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let hits = Arc::new(AtomicU64::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            use tokio::io::AsyncWriteExt;
+            let _ = tcp
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    (addr, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_plugin_config_makes_envoy_refuse_traffic_instead_of_serving_it_unfiltered() {
+    let mesh = Mesh::start().await;
+    for bad in [
+        json!({"rules": 3}),
+        json!({"mode": "permissive"}),
+        json!({"rules": [{"name": "x", "action": "ALLOW", "from": [{}]}]}),
+    ] {
+        let (s, hits) = start_expecting_refusal(&mesh, mesh.http_plugin(bad.clone()), None).await;
+        let log = s.log();
+        assert!(
+            log.contains("meshward: refusing pluginConfig, failing closed"),
+            "{bad}: {log}"
+        );
+        assert!(
+            log.contains("Plugin configured to fail closed failed to load"),
+            "{bad}: {log}"
+        );
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            0,
+            "{bad}: a request reached the app"
+        );
+    }
+}
+
+/// A proxy-wasm module whose VM refuses to start (`proxy_on_vm_start`
+/// returns false).
+fn failing_vm(dir: &std::path::Path) -> std::path::PathBuf {
+    let wasm = wat::parse_str(
+        r#"(module
+            (memory (export "memory") 1)
+            (func (export "proxy_abi_version_0_2_1"))
+            (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+            (func (export "proxy_on_context_create") (param i32 i32))
+            (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 0))
+            (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1)))"#,
+    )
+    .unwrap();
+    let path = dir.join("failing-vm.wasm");
+    std::fs::write(&path, wasm).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_vm_that_fails_at_start_leaves_the_listener_refusing_traffic() {
+    let mesh = Mesh::start().await;
+    let wasm = failing_vm(mesh.dir.path());
+    let (s, hits) = start_expecting_refusal(&mesh, mesh.http_manifest(), Some(wasm)).await;
+    let log = s.log();
+    assert!(
+        log.contains("Plugin configured to fail closed failed to load"),
+        "{log}"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "a request reached the app");
 }

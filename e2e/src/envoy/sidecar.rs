@@ -73,6 +73,9 @@ pub struct SidecarSpec {
     pub stats_config: Option<serde_json::Value>,
     /// A module to use instead of the mesh's filter (a VM that fails).
     pub wasm_override: Option<PathBuf>,
+    /// Wait until Envoy is LIVE (an Envoy whose fail-closed plugin did not
+    /// load never is; its tests start it without waiting).
+    pub wait_ready: bool,
 }
 
 impl SidecarSpec {
@@ -89,6 +92,7 @@ impl SidecarSpec {
             upstreams: Vec::new(),
             stats_config: None,
             wasm_override: None,
+            wait_ready: true,
         }
     }
 }
@@ -99,7 +103,7 @@ pub struct EnvoySidecar {
     agent: Agent,
     envoy: Envoy,
     inbound: Option<SocketAddr>,
-    outbound: SocketAddr,
+    outbound: Option<SocketAddr>,
     spec: SidecarSpec,
 }
 
@@ -116,15 +120,27 @@ impl EnvoySidecar {
         let sds = SdsDir::create(&dir.join("sds"))?;
         let agent = Agent::start(wl.clone(), &mesh.ca(), sds.clone()).await?;
         let bootstrap = Self::bootstrap(&spec, mesh, sds)?.build()?;
-        let envoy = Envoy::start(&format!("{}.{}", spec.name, wl.namespace), &dir, &bootstrap)
-            .await
-            .with_context(|| format!("starting the sidecar of {}", wl.spiffe_id()))?;
-        let inbound = match spec.inbound {
-            Some(_) => Some(envoy.listener_addr(INBOUND).await?),
-            None => None,
+        let name = format!("{}.{}", spec.name, wl.namespace);
+        let envoy = if spec.wait_ready {
+            Envoy::start(&name, &dir, &bootstrap).await
+        } else {
+            Envoy::spawn(&name, &dir, &bootstrap, &[]).await
+        }
+        .with_context(|| format!("starting the sidecar of {}", wl.spiffe_id()))?;
+        let (inbound, outbound) = if spec.wait_ready {
+            let inbound = match spec.inbound {
+                Some(_) => Some(envoy.listener_addr(INBOUND).await?),
+                None => None,
+            };
+            (inbound, Some(envoy.listener_addr(OUTBOUND).await?))
+        } else {
+            // Not ready: listeners may be bound or not; the test looks.
+            (
+                envoy.listener_addr(INBOUND).await.ok(),
+                envoy.listener_addr(OUTBOUND).await.ok(),
+            )
         };
-        let outbound = envoy.listener_addr(OUTBOUND).await?;
-        tracing::info!(identity = %wl.spiffe_id(), ?inbound, %outbound, pid = ?envoy.pid(), "envoy sidecar started");
+        tracing::info!(identity = %wl.spiffe_id(), ?inbound, ?outbound, pid = ?envoy.pid(), "envoy sidecar started");
         Ok(Self {
             agent,
             envoy,
@@ -182,8 +198,10 @@ impl EnvoySidecar {
     }
 
     /// Where the local app sends (plaintext HTTP, `Host` = the peer).
+    /// Every sidecar started ready has one.
     pub fn outbound_addr(&self) -> SocketAddr {
         self.outbound
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
     /// The outbound TCP listener for peer `host`.
