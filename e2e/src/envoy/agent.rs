@@ -147,6 +147,7 @@ struct State {
     sds: SdsDir,
     info: watch::Sender<Option<CertInfo>>,
     roots: watch::Sender<Vec<CertificateDer<'static>>>,
+    chain: watch::Sender<Vec<CertificateDer<'static>>>,
     pinned: Vec<CertificateDer<'static>>,
 }
 
@@ -167,6 +168,7 @@ impl State {
         }
         self.sds
             .write_default(&identity.chain_pem, &identity.key_pem)?;
+        self.chain.send_replace(identity.certified.cert.clone());
         let info = CertInfo::parse(&identity.leaf, generation)?;
         self.info.send_replace(Some(info.clone()));
         Ok(info)
@@ -212,6 +214,7 @@ impl Agent {
             sds,
             info: watch::channel(None).0,
             roots: watch::channel(Vec::new()).0,
+            chain: watch::channel(Vec::new()).0,
             pinned,
         });
         state.install(&first, 1)?;
@@ -227,6 +230,11 @@ impl Agent {
     /// The certificate Envoy has now (as last written).
     pub fn cert(&self) -> Option<CertInfo> {
         self.state.info.borrow().clone()
+    }
+
+    /// The chain written to `default` last (leaf, then intermediates).
+    pub fn presented_chain(&self) -> Vec<CertificateDer<'static>> {
+        self.state.chain.borrow().clone()
     }
 
     /// The roots written to `ROOTCA` last.

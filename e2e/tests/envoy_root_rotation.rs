@@ -1,22 +1,32 @@
-//! Issue 7: a full root rotation of the signer's built-in CA under live
-//! mTLS traffic between sidecars, with no failed handshake or request.
+//! A full root rotation of the signer's built-in CA under live mTLS
+//! traffic between real Envoy sidecars, with no failed handshake or request.
 //!
-//! The sidecars learn the signer's root set from the last entry of every
-//! chain it issues (as istio-agent does) and rebuild their verifiers when it
-//! changes; the signer publishes the new root first, switches issuance after
-//! the overlap (fast-forwarded here once every sidecar trusts the new root),
-//! and retires the old root once no certificate under it is valid.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Each sidecar's agent learns the signer's root set from the last entry of
+//! every chain it issues (as istio-agent does) and writes it to the
+//! `ROOTCA` SDS secret, which Envoy reloads without a restart; the signer
+//! publishes the new root first, switches issuance after the overlap
+//! (fast-forwarded here once every sidecar trusts the new root), and retires
+//! the old root once no certificate under it is valid. Every request is a
+//! new upstream connection, so every request is a new mTLS handshake
+//! between two Envoys.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meshward_e2e::host::CompiledPlugin;
+use meshward_e2e::envoy::bootstrap::InboundApp;
+use meshward_e2e::envoy::client;
+use meshward_e2e::envoy::sidecar::{EnvoyMesh, EnvoySidecar, SidecarSpec};
 use meshward_e2e::mesh::backend::spawn_echo;
 use meshward_e2e::mesh::ca::TOKEN_ISSUER;
-use meshward_e2e::mesh::{LocalSigner, MeshContext, Sidecar, SidecarConfig, tls};
-use meshward_e2e::wasm::read_filter_wasm;
+use meshward_e2e::mesh::{LocalSigner, tls};
+use meshward_e2e::wasm::filter_wasm_path;
 use meshward_signer::authn::keys::JwtAlgorithm;
 use meshward_signer::bundle::rotation::Phase;
 use meshward_signer::client::token::TokenIssuer;
@@ -105,12 +115,13 @@ async fn root_rotation_under_live_mtls_traffic_fails_no_handshake() {
     .unwrap();
     let bundle = signer.signer().unwrap().bundle().clone();
     let ca_dir = signer.ca_dir();
-    let ctx = MeshContext {
+    let mesh = EnvoyMesh {
         signer_grpc: signer.grpc_addr().unwrap(),
         signer_admin: signer.admin_addr().unwrap(),
         roots_pem: signer.roots_pem().unwrap(),
         tokens: signer.tokens(),
-        filter: CompiledPlugin::compile(&read_filter_wasm().unwrap()).unwrap(),
+        filter_wasm: filter_wasm_path(),
+        dir: dir.path().join("sidecars"),
     };
     let old_root = {
         let roots = bundle.current().roots().to_vec();
@@ -118,23 +129,32 @@ async fn root_rotation_under_live_mtls_traffic_fails_no_handshake() {
         roots[0].clone()
     };
 
-    let mut sidecars = Vec::new();
-    for name in ["a", "b", "c"] {
+    // c serves; b serves and calls c; a serves and calls b and c (static
+    // clusters need the peer's port first).
+    let mut sidecars: Vec<Arc<EnvoySidecar>> = Vec::new();
+    for name in ["c", "b", "a"] {
         let (app, _task) = spawn_echo(name).await.unwrap();
-        let mut c = SidecarConfig::new("shop", name);
-        c.cert_ttl = CERT_TTL;
-        c.backend = Some(app);
-        sidecars.push(Arc::new(Sidecar::start(c, &ctx).await.unwrap()));
+        let mut spec = SidecarSpec::new("shop", name);
+        spec.workload.cert_ttl = CERT_TTL;
+        spec.inbound = Some(InboundApp::Http(app));
+        for peer in &sidecars {
+            let host = peer.identity().rsplit('/').next().unwrap().to_owned();
+            let mut up = peer.as_upstream(&format!("{host}.shop")).unwrap();
+            up.handshake_per_request = true;
+            spec.upstreams.push(up);
+        }
+        sidecars.push(Arc::new(EnvoySidecar::start(spec, &mesh).await.unwrap()));
     }
+    sidecars.reverse(); // a, b, c
     for s in &sidecars {
-        assert_eq!(s.trusted_roots(), vec![old_root.clone()]);
+        assert_eq!(s.agent().trusted_roots(), vec![old_root.clone()]);
     }
 
-    // Live traffic in both directions; every request is a new mTLS connection.
+    // Live traffic; every request is a new mTLS connection between Envoys.
     let traffic = Arc::new(Traffic::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut flows = Vec::new();
-    for (from, to) in [(0, 1), (1, 0), (1, 2), (2, 0)] {
+    for (from, to) in [(0, 1), (0, 2), (1, 2)] {
         let (from, to) = (sidecars[from].clone(), sidecars[to].clone());
         let traffic = traffic.clone();
         let mut stop = stop_rx.clone();
@@ -142,9 +162,8 @@ async fn root_rotation_under_live_mtls_traffic_fails_no_handshake() {
             let app = to.identity().rsplit('/').next().unwrap().to_owned();
             while !*stop.borrow_and_update() {
                 let phase = traffic.phase.load(Ordering::Relaxed);
-                let r = from
-                    .request(to.inbound_addr(), Some(to.identity()), "GET", "/ping", &[])
-                    .await;
+                let host = format!("{app}.shop");
+                let r = client::http(from.outbound_addr(), &host, "GET", "/ping", &[]).await;
                 match r {
                     Ok(r) if r.status == 200 => {
                         let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
@@ -192,14 +211,17 @@ async fn root_rotation_under_live_mtls_traffic_fails_no_handshake() {
     wait_until("every sidecar trusts the new root", || {
         sidecars
             .iter()
-            .all(|s| s.trusted_roots().contains(&new_root))
+            .all(|s| s.agent().trusted_roots().contains(&new_root))
     })
     .await;
     let learned_after = started.elapsed();
     for s in &sidecars {
-        assert_eq!(s.trusted_roots(), published, "{}", s.identity());
+        assert_eq!(s.agent().trusted_roots(), published, "{}", s.identity());
         assert!(
-            chains_to(&s.presented_chain(), std::slice::from_ref(&old_root)),
+            chains_to(
+                &s.agent().presented_chain(),
+                std::slice::from_ref(&old_root)
+            ),
             "{} holds a certificate from the new CA during the overlap",
             s.identity()
         );
@@ -233,9 +255,12 @@ async fn root_rotation_under_live_mtls_traffic_fails_no_handshake() {
     wait_until(
         "every sidecar holds a certificate from the new root",
         || {
-            sidecars
-                .iter()
-                .all(|s| chains_to(&s.presented_chain(), std::slice::from_ref(&new_root)))
+            sidecars.iter().all(|s| {
+                chains_to(
+                    &s.agent().presented_chain(),
+                    std::slice::from_ref(&new_root),
+                )
+            })
         },
     )
     .await;
@@ -256,7 +281,7 @@ async fn root_rotation_under_live_mtls_traffic_fails_no_handshake() {
     wait_until("every sidecar trusts only the new root", || {
         sidecars
             .iter()
-            .all(|s| s.trusted_roots() == std::slice::from_ref(&new_root))
+            .all(|s| s.agent().trusted_roots() == std::slice::from_ref(&new_root))
     })
     .await;
     more_traffic(&traffic, 20).await;
@@ -266,10 +291,24 @@ async fn root_rotation_under_live_mtls_traffic_fails_no_handshake() {
     }
 
     let failed = traffic.failed.lock().unwrap().clone();
-    let handshake_failures: Vec<u64> = sidecars
-        .iter()
-        .map(|s| s.inbound_handshake_failures())
-        .collect();
+    let mut handshake_failures = Vec::new();
+    let mut handshakes = 0;
+    for s in &sidecars {
+        let stats = s.admin().stats().await.unwrap();
+        handshake_failures.push(
+            stats
+                .iter()
+                .filter(|(k, _)| {
+                    k.contains(".ssl.connection_error")
+                        || k.contains(".ssl.fail_verify")
+                        || k.ends_with(".upstream_cx_connect_fail")
+                })
+                .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+                .sum::<u64>(),
+        );
+        handshakes += s.admin().stat_sum(&[".ssl.handshake"]).await.unwrap();
+    }
+    assert!(handshakes > 0, "no TLS handshake counted");
     let counts: Vec<u64> = traffic
         .ok
         .iter()
@@ -280,7 +319,7 @@ async fn root_rotation_under_live_mtls_traffic_fails_no_handshake() {
         .map(|s| s.cert().unwrap().generation)
         .collect();
     eprintln!(
-        "root rotation under live mTLS: {} requests ok, {} failed, inbound handshake failures {:?}; \
+        "root rotation under live mTLS between Envoys: {} requests ok, {} failed, {handshakes} TLS handshakes, handshake failures {:?}; \
          per phase: {}; new root trusted by all sidecars at +{:.1}s, switch at +{:.1}s, \
          old root retired at +{:.1}s; certificates per sidecar {:?} ({:?} at the switch)",
         traffic.ok_total(),
@@ -302,7 +341,7 @@ async fn root_rotation_under_live_mtls_traffic_fails_no_handshake() {
     assert!(failed.is_empty(), "{} failed: {failed:#?}", failed.len());
     assert!(
         handshake_failures.iter().all(|&n| n == 0),
-        "inbound handshakes failed: {handshake_failures:?}"
+        "handshakes failed: {handshake_failures:?}"
     );
     for (phase, n) in PHASES.iter().zip(&counts) {
         assert!(*n > 0, "no traffic during {phase}");
@@ -313,7 +352,7 @@ async fn root_rotation_under_live_mtls_traffic_fails_no_handshake() {
         "while draining both roots are trusted, new first"
     );
     for (s, at_switch) in sidecars.iter().zip(&generation_at_switch) {
-        let chain = s.presented_chain();
+        let chain = s.agent().presented_chain();
         assert!(chains_to(&chain, std::slice::from_ref(&new_root)));
         assert!(
             !chains_to(&chain, std::slice::from_ref(&old_root)),
@@ -321,7 +360,7 @@ async fn root_rotation_under_live_mtls_traffic_fails_no_handshake() {
             s.identity()
         );
         assert!(s.cert().unwrap().generation > *at_switch);
-        assert_eq!(s.trusted_roots(), vec![new_root.clone()]);
+        assert_eq!(s.agent().trusted_roots(), vec![new_root.clone()]);
     }
     assert_eq!(bundle.current().roots(), std::slice::from_ref(&new_root));
 }
