@@ -68,16 +68,22 @@ impl Admin {
         let (status, body) = self.get("/listeners?format=json").await?;
         anyhow::ensure!(status == 200, "/listeners answered {status}: {body}");
         let v: serde_json::Value = serde_json::from_str(&body)?;
-        let listeners = v["listener_statuses"]
-            .as_array()
+        let listeners = v
+            .get("listener_statuses")
+            .and_then(|l| l.as_array())
             .context("/listeners: no listener_statuses")?;
         let l = listeners
             .iter()
-            .find(|l| l["name"] == name)
+            .find(|l| l.get("name").and_then(|n| n.as_str()) == Some(name))
             .with_context(|| format!("no listener {name} in {body}"))?;
-        let sa = &l["local_address"]["socket_address"];
-        let ip = sa["address"].as_str().context("listener address")?;
-        let port = sa["port_value"].as_u64().context("listener port")?;
+        let ip = l
+            .pointer("/local_address/socket_address/address")
+            .and_then(|a| a.as_str())
+            .context("listener address")?;
+        let port = l
+            .pointer("/local_address/socket_address/port_value")
+            .and_then(|p| p.as_u64())
+            .context("listener port")?;
         Ok(SocketAddr::new(ip.parse()?, u16::try_from(port)?))
     }
 

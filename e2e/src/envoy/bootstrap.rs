@@ -126,9 +126,15 @@ impl SidecarBootstrap {
                 Some(self.upstream_tls(up)),
                 !up.tcp,
             );
-            if up.handshake_per_request {
-                cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-                    ["common_http_protocol_options"] = json!({"max_requests_per_connection": 1});
+            if up.handshake_per_request
+                && let Some(options) = cluster
+                    .pointer_mut("/typed_extension_protocol_options/envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+                    .and_then(|o| o.as_object_mut())
+            {
+                options.insert(
+                    "common_http_protocol_options".into(),
+                    json!({"max_requests_per_connection": 1}),
+                );
             }
             clusters.push(cluster);
         }

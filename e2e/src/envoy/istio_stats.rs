@@ -319,7 +319,7 @@ mod tests {
     #[test]
     fn the_mesh_extracts_action_rule_and_mode_with_istios_regex() {
         let proxy = ProxyStatsConfig::from_mesh_manifests().unwrap();
-        assert_eq!(proxy.extra_stat_tags, ["action", "rule", "mode"]);
+        assert_eq!(proxy.extra_stat_tags, ["action", "rule", "mode", "result"]);
         let config = stats_config(&StatsTemplate::istio().unwrap(), &proxy, &["127.0.0.1"]);
         let tags = config["stats_tags"].as_array().unwrap();
         for tag in ["action", "rule", "mode"] {

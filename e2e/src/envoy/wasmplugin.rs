@@ -261,18 +261,22 @@ pub fn inbound_hcm_patch() -> anyhow::Result<serde_json::Map<String, serde_json:
     let text = std::fs::read_to_string(&path)?;
     let doc: serde_json::Value = serde_yaml::from_str(&text)?;
     let mut merged = serde_json::Map::new();
-    for patch in doc["spec"]["configPatches"]
-        .as_array()
+    for patch in doc
+        .pointer("/spec/configPatches")
+        .and_then(|p| p.as_array())
         .context("EnvoyFilter: no configPatches")?
     {
-        let inbound = patch["match"]["context"] == "SIDECAR_INBOUND";
-        let hcm = patch["match"]["listener"]["filterChain"]["filter"]["name"]
-            == "envoy.filters.network.http_connection_manager";
-        if patch["applyTo"] == "NETWORK_FILTER"
+        let at = |path: &str| patch.pointer(path).and_then(|v| v.as_str());
+        let inbound = at("/match/context") == Some("SIDECAR_INBOUND");
+        let hcm = at("/match/listener/filterChain/filter/name")
+            == Some("envoy.filters.network.http_connection_manager");
+        if at("/applyTo") == Some("NETWORK_FILTER")
             && inbound
             && hcm
-            && patch["patch"]["operation"] == "MERGE"
-            && let Some(tc) = patch["patch"]["value"]["typed_config"].as_object()
+            && at("/patch/operation") == Some("MERGE")
+            && let Some(tc) = patch
+                .pointer("/patch/value/typed_config")
+                .and_then(|v| v.as_object())
         {
             merged.extend(
                 tc.iter()
