@@ -585,3 +585,142 @@ async fn plugin_vm_that_fails_at_start_leaves_the_listener_refusing_traffic() {
     );
     assert_eq!(hits.load(Ordering::SeqCst), 0, "a request reached the app");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_with_a_certificate_from_another_ca_fails_the_handshake() {
+    let mesh = Mesh::start().await;
+    let other = Mesh::start().await;
+    assert_ne!(
+        mesh.signer.roots_pem().unwrap(),
+        other.signer.roots_pem().unwrap()
+    );
+    let backend = mesh
+        .backend(vec![mesh.http_plugin(http_policy("enforce"))], |_| {})
+        .await;
+    let addr = backend.inbound_addr().unwrap();
+    // The allowed frontend's SPIFFE ID, certified by a foreign CA; it
+    // trusts our CA too, so only the backend's Envoy can stop it.
+    let mut ca = other.ca();
+    ca.roots_pem.push_str(&mesh.signer.roots_pem().unwrap());
+    let impostor = MtlsClient::issue(&ca, &mesh.workload("shop", "frontend"), Some(BACKEND))
+        .await
+        .unwrap();
+    let r = impostor.request(addr, "GET", "/api/items", &[]).await;
+    assert!(
+        r.is_err(),
+        "a foreign CA's certificate must fail the handshake: {r:?}"
+    );
+    let genuine = MtlsClient::issue(
+        &mesh.ca(),
+        &mesh.workload("shop", "frontend"),
+        Some(BACKEND),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        genuine
+            .request(addr, "GET", "/api/items", &[])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let failed = backend
+        .admin()
+        .stat_sum(&["listener.", ".ssl.fail_verify_error"])
+        .await
+        .unwrap()
+        + backend
+            .admin()
+            .stat_sum(&["listener.", ".ssl.connection_error"])
+            .await
+            .unwrap();
+    assert!(failed >= 1, "Envoy counted no refused handshake");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_without_a_certificate_fails_the_handshake() {
+    let mesh = Mesh::start().await;
+    let backend = mesh.backend(vec![mesh.http_manifest()], |_| {}).await;
+    // Verifies the backend as a mesh client would, presents nothing.
+    let roots =
+        Arc::new(meshward_e2e::mesh::tls::root_store(&mesh.signer.roots_pem().unwrap()).unwrap());
+    let no_cert = Arc::new(meshward_e2e::mesh::tls::CurrentCert::default());
+    let config =
+        meshward_e2e::mesh::tls::client_config(roots, no_cert, Some(BACKEND.to_owned())).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(backend.inbound_addr().unwrap())
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let outcome = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tls = connector.connect(name, tcp).await?;
+        tls.write_all(b"GET /api/items HTTP/1.1\r\nhost: backend.shop\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        tls.read_to_end(&mut buf).await?;
+        anyhow::Ok(buf)
+    }
+    .await;
+    // TLS 1.3 finishes the client's side first; Envoy's alert ends it.
+    let err = outcome.expect_err("answered without a client certificate");
+    assert!(
+        format!("{err:#}").contains("CertificateRequired"),
+        "{err:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signer_restart_keeps_issuing_from_the_same_ca() {
+    let mut mesh = Mesh::start().await;
+    let roots_before = mesh.signer.roots_pem().unwrap();
+    let backend = mesh
+        .backend(vec![mesh.http_plugin(http_policy("enforce"))], |_| {})
+        .await;
+    mesh.signer.restart().await.unwrap();
+    assert_eq!(
+        mesh.signer.roots_pem().unwrap(),
+        roots_before,
+        "same CA after restart"
+    );
+    // Issued after the restart, trusted by an Envoy that only knows the
+    // bundle from before it.
+    let frontend = mesh.client("shop", "frontend", &[&backend]).await;
+    assert_eq!(mesh.get(&frontend, "/api/items").await.status, 200);
+}
+
+/// The app reads `x-meshward-deny-reason` (shadow mode) as the filter's
+/// word; a caller's own copy must never reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_deny_reason_header_never_reaches_the_app() {
+    let mesh = Mesh::start().await;
+    let backend = mesh
+        .backend(vec![mesh.http_plugin(http_policy("enforce"))], |_| {})
+        .await;
+    let frontend = MtlsClient::issue(
+        &mesh.ca(),
+        &mesh.workload("shop", "frontend"),
+        Some(BACKEND),
+    )
+    .await
+    .unwrap();
+    let r = frontend
+        .request(
+            backend.inbound_addr().unwrap(),
+            "GET",
+            "/api/items",
+            &[
+                ("X-Meshward-Deny-Reason", "shadow: all good"),
+                ("x-meshward-deny-reason", "allowed by admin"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let headers = echo(&r)["headers"].as_object().unwrap().clone();
+    assert!(
+        !headers.contains_key("x-meshward-deny-reason"),
+        "{headers:?}"
+    );
+}
