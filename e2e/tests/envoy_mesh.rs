@@ -724,3 +724,164 @@ async fn forged_deny_reason_header_never_reaches_the_app() {
         "{headers:?}"
     );
 }
+
+/// A server that speaks first (as MySQL, SMTP, PostgreSQL's SSL answer
+/// and many others do): a greeting on accept, then an echo of each line.
+async fn speak_first_app() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+                let (r, mut w) = tcp.into_split();
+                if w.write_all(b"220 greeting\n").await.is_err() {
+                    return;
+                }
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if w.write_all(format!("echo {line}\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Connects with `client`, reads the first line (with a deadline), sends
+/// `ping` and reads the answer: the lines read, or the error that ended it.
+async fn converse(client: &MtlsClient, addr: std::net::SocketAddr) -> Result<Vec<String>, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let run = async {
+        let tls = client.connect(addr).await.map_err(|e| format!("{e:#}"))?;
+        let (r, mut w) = tokio::io::split(tls);
+        let mut lines = BufReader::new(r).lines();
+        let mut seen = Vec::new();
+        match lines.next_line().await {
+            Ok(Some(l)) => seen.push(l),
+            Ok(None) => return Err(format!("closed after {seen:?}")),
+            Err(e) => return Err(format!("{e}")),
+        }
+        w.write_all(b"ping\n").await.map_err(|e| e.to_string())?;
+        match lines.next_line().await {
+            Ok(Some(l)) => seen.push(l),
+            Ok(None) => return Err(format!("closed after {seen:?}")),
+            Err(e) => return Err(format!("{e}")),
+        }
+        Ok(seen)
+    };
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .unwrap_or_else(|_| Err("no answer in 10 s".into()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_filter_waits_for_the_handshake_when_the_upstream_speaks_first() {
+    let mesh = Mesh::start().await;
+    let app = speak_first_app().await;
+    let mut spec = SidecarSpec::new("shop", "backend");
+    spec.labels.insert("app".into(), "postgres".into());
+    spec.inbound = Some(InboundApp::Tcp(app));
+    spec.plugins = vec![mesh.network_plugin(network_policy())];
+    let backend = mesh.start_sidecar(spec).await.unwrap();
+    let addr = backend.inbound_addr().unwrap();
+    let frontend = MtlsClient::issue(
+        &mesh.ca(),
+        &mesh.workload("shop", "frontend"),
+        Some(BACKEND),
+    )
+    .await
+    .unwrap();
+    let reporter = MtlsClient::issue(
+        &mesh.ca(),
+        &mesh.workload("batch", "reporter"),
+        Some(BACKEND),
+    )
+    .await
+    .unwrap();
+    for round in 0..5 {
+        let allowed = converse(&frontend, addr).await;
+        assert_eq!(
+            allowed,
+            Ok(vec!["220 greeting".to_owned(), "echo ping".to_owned()]),
+            "round {round}: the frontend completed mTLS and is allowed\n{}",
+            backend.log()
+        );
+        let denied = converse(&reporter, addr).await;
+        assert!(
+            denied.is_err(),
+            "round {round}: the reporter must not see the greeting: {denied:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = backend.log();
+    assert!(
+        !log.contains("no peer identity"),
+        "decided before the handshake:\n{log}"
+    );
+    assert!(!log.contains("panic"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_filter_survives_envoy_closing_a_connection_it_answered_itself() {
+    let mesh = Mesh::start().await;
+    let mut spec = SidecarSpec::new("shop", "backend");
+    spec.labels.insert("app".into(), "postgres".into());
+    spec.inbound = Some(InboundApp::DirectResponse("hello from envoy\n".into()));
+    spec.plugins = vec![mesh.network_plugin(network_policy())];
+    let backend = mesh.start_sidecar(spec).await.unwrap();
+    let addr = backend.inbound_addr().unwrap();
+    let frontend = MtlsClient::issue(
+        &mesh.ca(),
+        &mesh.workload("shop", "frontend"),
+        Some(BACKEND),
+    )
+    .await
+    .unwrap();
+    let reporter = MtlsClient::issue(
+        &mesh.ca(),
+        &mesh.workload("batch", "reporter"),
+        Some(BACKEND),
+    )
+    .await
+    .unwrap();
+    for i in 0..20 {
+        use tokio::io::AsyncReadExt;
+        let (client, allowed) = if i % 3 == 2 {
+            (&reporter, false)
+        } else {
+            (&frontend, true)
+        };
+        let outcome = async {
+            let mut tls = client.connect(addr).await?;
+            let mut buf = Vec::new();
+            tls.read_to_end(&mut buf).await?;
+            anyhow::Ok(buf)
+        };
+        let got = tokio::time::timeout(Duration::from_secs(10), outcome)
+            .await
+            .expect("no answer in 10 s");
+        let text = got
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default();
+        if allowed {
+            assert_eq!(
+                text,
+                "hello from envoy\n",
+                "connection {i} (allowed): {got:?}\n{}",
+                backend.log()
+            );
+        } else {
+            assert!(text.is_empty(), "connection {i} (denied) saw {text:?}");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = backend.log();
+    assert!(!log.contains("panic"), "the VM panicked:\n{log}");
+}
