@@ -25,6 +25,7 @@ use sha2::{Digest as _, Sha256};
 use crate::envoy::bootstrap::InboundApp;
 use crate::envoy::client;
 use crate::envoy::envoy_binary;
+use crate::envoy::istio_stats::{self, ProxyStatsConfig, StatsTemplate};
 use crate::envoy::sidecar::{EnvoyMesh, EnvoySidecar, SidecarSpec};
 use crate::envoy::wasmplugin::WasmPlugin;
 use crate::mesh::backend::spawn_echo;
@@ -90,24 +91,10 @@ const DECISIONS: &str = "meshward_decisions_total";
 const CERT_AGE_COUNT: &str = "meshward_peer_cert_age_seconds_count";
 /// Envoy's namespace for the stats a wasm plugin defines.
 const PLUGIN_STAT_PREFIX: &str = "wasmcustom.";
-/// The tags the filter encodes in its stat names (Istio's meshConfig
-/// `extraStatTags`).
-const FILTER_TAGS: [&str; 4] = ["action", "rule", "mode", "result"];
 /// How long Envoy may take to load a rotated SDS secret.
 const SDS_RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Envoy merges histograms when it flushes stats (every 5 s by default).
 const HISTOGRAM_FLUSH_TIMEOUT: Duration = Duration::from_secs(12);
-
-/// The bootstrap `stats_config` Istio generates for meshConfig
-/// `extraStatTags: [action, rule, mode, result]`: one tag-extraction regex
-/// per tag, so `/stats/prometheus` shows the filter's series with labels.
-pub fn filter_stats_config() -> Value {
-    let tags: Vec<Value> = FILTER_TAGS
-        .iter()
-        .map(|t| json!({"tag_name": t, "regex": format!("({t}=\\.=(.*?);\\.;)")}))
-        .collect();
-    json!({ "stats_tags": tags })
-}
 
 /// A plugin stat's name as Envoy's `/stats` lists it
 /// (`wasmcustom.action=.=allow;.;rule=.=r1;.;mode=.=enforce;.;meshward_decisions_total`):
@@ -237,8 +224,12 @@ pub fn filter_prometheus(text: &str) -> String {
 
 /// The value of the unlabelled series `name` in Prometheus text.
 fn prometheus_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        // Envoy writes an untagged series as `name{} value`.
+        let value = rest.strip_prefix("{}").unwrap_or(rest).strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
 }
 
 /// A short account of a `pluginConfig`'s rules (mode, then per rule: name,
@@ -587,7 +578,13 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<String> {
     let mut spec = SidecarSpec::new("shop", "backend");
     spec.inbound = Some(InboundApp::Http(app));
     spec.plugins = vec![plugin];
-    spec.stats_config = Some(filter_stats_config());
+    // What an Istio sidecar keeps and tags, with the mesh's extraStatTags
+    // (istio-manifests/istio/istio-operator.yaml).
+    spec.stats_config = Some(istio_stats::stats_config(
+        &StatsTemplate::istio()?,
+        &ProxyStatsConfig::from_mesh_manifests()?,
+        &["127.0.0.1"],
+    ));
     let backend = EnvoySidecar::start(spec, &mesh).await?;
     let (frontend, reporter) = tokio::try_join!(
         Caller::start(SidecarSpec::new("shop", "frontend"), &backend, &mesh),
@@ -621,12 +618,20 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<String> {
     let mut rotating = Caller::start(spec, &backend, &mesh).await?;
     let pid = rotating.sidecar.envoy().pid();
     table.note(&format!(
-        "shop/frontend replica with {}-second certificates, rotated by its agent at 50-80% of their lifetime:",
-        config.rotation_ttl.as_secs()
+        "shop/frontend replica with {} certificates, rotated by its agent at 50-80% of their lifetime:",
+        humantime::format_duration(config.rotation_ttl)
     ));
     call(&mut table, &backend, &rotating, "GET", "/api/orders").await?;
     let first = rotating.sidecar.cert().context("no certificate")?;
-    tokio::time::sleep(config.rotation_ttl.mul_f64(0.4)).await;
+    // Halfway to the earliest rotation (at 50 % of the lifetime).
+    let lifetime = first
+        .not_after
+        .duration_since(first.not_before)
+        .unwrap_or_default();
+    let before_rotation = (first.not_before + lifetime.mul_f64(0.4))
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(before_rotation).await;
     call(&mut table, &backend, &rotating, "GET", "/api/orders").await?;
     let rotated = rotating
         .sidecar
@@ -647,9 +652,9 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<String> {
         secs(old_left)
     ));
     table.note(&format!(
-        "  Envoy (pid {}, not restarted) loaded it {} ms later; the next handshake presents it:",
+        "  Envoy (pid {}, not restarted) had loaded it from SDS within {:.1} ms; the next handshakes present it:",
         pid.map_or_else(|| "?".to_owned(), |p| p.to_string()),
-        loaded_in.as_millis()
+        loaded_in.as_secs_f64() * 1000.0
     ));
     call(&mut table, &backend, &rotating, "GET", "/api/orders").await?;
     call(&mut table, &backend, &rotating, "GET", "/api/orders/42").await?;
@@ -657,8 +662,8 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<String> {
     out.push_str(&table.out);
     let _ = writeln!(
         out,
-        "\nfilter metrics on shop/backend, from its Envoy's /stats/prometheus (tags extracted as \
-         Istio's extraStatTags do):\n"
+        "\nfilter metrics on shop/backend, from its Envoy's /stats/prometheus (Istio's bootstrap \
+         stats_config, the mesh's extraStatTags as labels):\n"
     );
     out.push_str(&filter_metrics(&backend, table.requests).await?);
     drop(rotating);
@@ -837,17 +842,13 @@ mod tests {
         );
         assert_eq!(prometheus_value(text, CERT_AGE_COUNT), Some(9.0));
         assert_eq!(
+            prometheus_value("meshward_peer_cert_age_seconds_count{} 3\n", CERT_AGE_COUNT),
+            Some(3.0)
+        );
+        assert_eq!(
             prometheus_value(text, "meshward_peer_cert_age_seconds"),
             None
         );
-    }
-
-    #[test]
-    fn the_stats_config_extracts_the_filters_tags() {
-        let c = filter_stats_config();
-        assert_eq!(c["stats_tags"][0]["tag_name"], "action");
-        assert_eq!(c["stats_tags"][0]["regex"], "(action=\\.=(.*?);\\.;)");
-        assert_eq!(c["stats_tags"].as_array().unwrap().len(), FILTER_TAGS.len());
     }
 
     #[test]

@@ -78,7 +78,7 @@ pub struct Envoy {
 impl Envoy {
     /// Writes `bootstrap` to `dir/bootstrap.json` and starts Envoy on it
     /// (one worker, hot restart off so several run side by side, logs in
-    /// `dir/envoy.log`); returns once the admin API answers `/ready` with
+    /// `dir/envoy.log` at `MESHWARD_ENVOY_LOG_LEVEL`, default info); returns once the admin API answers `/ready` with
     /// LIVE. A bootstrap Envoy refuses (or a crash at start) is an error
     /// carrying the end of its log.
     pub async fn start(
@@ -125,7 +125,9 @@ impl Envoy {
             .arg(&admin_path)
             .arg("--log-path")
             .arg(&log)
-            .args(["-l", "info", "--file-flush-interval-msec", "20"])
+            .arg("-l")
+            .arg(std::env::var("MESHWARD_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".to_owned()))
+            .args(["--file-flush-interval-msec", "20"])
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

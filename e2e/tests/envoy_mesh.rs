@@ -431,8 +431,9 @@ async fn ledger_lookup_goes_through_an_envoy_cluster_to_the_signer() {
     .unwrap();
     let r = frontend
         .request(backend.inbound_addr().unwrap(), "GET", "/x", &[])
-        .await
-        .unwrap();
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = r.unwrap_or_else(|e| panic!("{e:#}\n{}", backend.log()));
     assert_eq!(
         r.status,
         200,
@@ -780,15 +781,29 @@ async fn converse(client: &MtlsClient, addr: std::net::SocketAddr) -> Result<Vec
         .unwrap_or_else(|_| Err("no answer in 10 s".into()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn network_filter_waits_for_the_handshake_when_the_upstream_speaks_first() {
-    let mesh = Mesh::start().await;
+/// shop/backend (`app: postgres`) in front of a speak-first app, the
+/// NETWORK WasmPlugin with `upstreamConnect` = `connect`; `early_data`:
+/// the inbound tcp_proxy's `max_early_data_bytes`.
+async fn speak_first_backend(
+    mesh: &Mesh,
+    connect: &str,
+    early_data: Option<u32>,
+) -> meshward_e2e::envoy::sidecar::EnvoySidecar {
     let app = speak_first_app().await;
     let mut spec = SidecarSpec::new("shop", "backend");
     spec.labels.insert("app".into(), "postgres".into());
     spec.inbound = Some(InboundApp::Tcp(app));
-    spec.plugins = vec![mesh.network_plugin(network_policy())];
-    let backend = mesh.start_sidecar(spec).await.unwrap();
+    spec.tcp_early_data_bytes = early_data;
+    let mut policy = network_policy();
+    policy["upstreamConnect"] = json!(connect);
+    spec.plugins = vec![mesh.network_plugin(policy)];
+    mesh.start_sidecar(spec).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_filter_waits_for_the_handshake_when_the_upstream_speaks_first() {
+    let mesh = Mesh::start().await;
+    let backend = speak_first_backend(&mesh, "afterDecision", Some(65536)).await;
     let addr = backend.inbound_addr().unwrap();
     let frontend = MtlsClient::issue(
         &mesh.ca(),
@@ -825,6 +840,42 @@ async fn network_filter_waits_for_the_handshake_when_the_upstream_speaks_first()
         "decided before the handshake:\n{log}"
     );
     assert!(!log.contains("panic"), "{log}");
+    // afterDecision: no upstream connection for the denied reporter.
+    let upstream = backend
+        .admin()
+        .stat("cluster.inbound|80||.upstream_cx_total")
+        .await
+        .unwrap();
+    assert_eq!(
+        upstream, 5,
+        "one upstream connection per allowed connection only"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_peer_never_sees_a_speak_first_greeting_with_the_default_upstream_connect() {
+    let mesh = Mesh::start().await;
+    let backend = speak_first_backend(&mesh, "immediate", None).await;
+    let addr = backend.inbound_addr().unwrap();
+    let reporter = MtlsClient::issue(
+        &mesh.ca(),
+        &mesh.workload("batch", "reporter"),
+        Some(BACKEND),
+    )
+    .await
+    .unwrap();
+    // The greeting is already in Envoy (tcp_proxy connected at accept);
+    // the reporter, once its handshake is over, is closed without it.
+    let denied = converse(&reporter, addr).await;
+    assert!(denied.is_err(), "the reporter saw the greeting: {denied:?}");
+    assert!(!format!("{denied:?}").contains("greeting"), "{denied:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = backend.log();
+    assert!(
+        !log.contains("no peer identity"),
+        "decided before the handshake:\n{log}"
+    );
+    assert!(log.contains("meshward: close connection"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -833,7 +884,11 @@ async fn network_filter_survives_envoy_closing_a_connection_it_answered_itself()
     let mut spec = SidecarSpec::new("shop", "backend");
     spec.labels.insert("app".into(), "postgres".into());
     spec.inbound = Some(InboundApp::DirectResponse("hello from envoy\n".into()));
-    spec.plugins = vec![mesh.network_plugin(network_policy())];
+    // direct_response writes at once; afterDecision starts it only for an
+    // allowed peer.
+    let mut policy = network_policy();
+    policy["upstreamConnect"] = json!("afterDecision");
+    spec.plugins = vec![mesh.network_plugin(policy)];
     let backend = mesh.start_sidecar(spec).await.unwrap();
     let addr = backend.inbound_addr().unwrap();
     let frontend = MtlsClient::issue(

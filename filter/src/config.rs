@@ -31,6 +31,10 @@ pub struct Config {
     /// `http` (default) decides per request, `network` per TCP connection.
     #[serde(default)]
     pub filter_type: FilterType,
+    /// Network filter only: when the filters after this one (`tcp_proxy`)
+    /// start. Ignored by the HTTP filter.
+    #[serde(default)]
+    pub upstream_connect: UpstreamConnect,
     /// Deny peers that presented no client certificate. Default true.
     #[serde(default = "default_true")]
     pub require_mtls: bool,
@@ -78,6 +82,23 @@ pub enum FilterType {
     #[default]
     Http,
     Network,
+}
+
+/// When a network filter lets the filters after it start (see
+/// [`crate::connection_gate`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UpstreamConnect {
+    /// At accept, as Envoy does: `tcp_proxy` connects upstream before the
+    /// TLS handshake. What the upstream sends before the peer is judged is
+    /// held, and Envoy releases it only with the upstream's next bytes: a
+    /// server-first upstream (MySQL, SMTP) stalls.
+    #[default]
+    Immediate,
+    /// Once the peer is judged: the filter stops the chain at accept. Needs
+    /// later filters that do not stop reading before they start (`tcp_proxy`
+    /// with `max_early_data_bytes`); else the TLS handshake never ends.
+    AfterDecision,
 }
 
 /// What a certificate condition does when the peer certificate's validity is

@@ -10,10 +10,11 @@
 //! * a **thin proxy-wasm shim** (`shim`, only on `wasm32-wasip1`) that reads the host's
 //!   properties and headers, calls the core, and acts on the decision.
 // `unsafe_code` is denied workspace-wide; in `shim` only the proxy-wasm entry
-// macro and `shim::abi` (two raw ABI reads on the per-request path) are allowed it.
+// macro and `shim::abi` (raw ABI calls) are allowed it.
 
 pub mod cert;
 pub mod config;
+pub mod connection_gate;
 pub mod decision;
 pub mod duration;
 pub mod header_pairs;
@@ -30,7 +31,7 @@ pub mod xfcc;
 mod shim;
 
 pub use cert::{CertSource, CertTimes, CertValidity, PeerCert};
-pub use config::{Config, ConfigError, FilterType, Mode, UnknownCertAge};
+pub use config::{Config, ConfigError, FilterType, Mode, UnknownCertAge, UpstreamConnect};
 pub use decision::{Decision, Reason, Verdict};
 pub use peer::{Peer, PeerIdentity};
 pub use policy::Policy;

@@ -12,7 +12,7 @@ use crate::UnixTime;
 use crate::cert::CertTimes;
 use crate::config::{
     Config, ConfigError, FilterType, MAX_PATTERN_BYTES, MAX_RULE_NAME_BYTES, MAX_RULES, Mode,
-    Operation, PortText, Rule, RuleAction, Source, UnknownCertAge, When,
+    Operation, PortText, Rule, RuleAction, Source, UnknownCertAge, UpstreamConnect, When,
 };
 use crate::decision::{Decision, Reason, Verdict};
 use crate::duration::parse_duration;
@@ -37,6 +37,7 @@ const ISTIO_DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub struct Policy {
     mode: Mode,
     filter_type: FilterType,
+    upstream_connect: UpstreamConnect,
     require_mtls: bool,
     unknown_cert_age: UnknownCertAge,
     trust_domain: String,
@@ -243,6 +244,7 @@ impl Policy {
         let mut policy = Self {
             mode: config.mode,
             filter_type: config.filter_type,
+            upstream_connect: config.upstream_connect,
             require_mtls: config.require_mtls,
             unknown_cert_age: config.unknown_cert_age,
             trust_domain,
@@ -288,6 +290,11 @@ impl Policy {
     /// HTTP or network filter.
     pub fn filter_type(&self) -> FilterType {
         self.filter_type
+    }
+
+    /// When a network filter lets the filters after it start.
+    pub fn upstream_connect(&self) -> UpstreamConnect {
+        self.upstream_connect
     }
 
     /// The configured trust domain.

@@ -10,6 +10,7 @@ mod ledger;
 mod metrics;
 mod root;
 mod stream;
+mod streams;
 
 use proxy_wasm::types::LogLevel;
 

@@ -426,3 +426,27 @@ fn ledger_timeout_and_ttls_outside_their_bounds_are_refused() {
         (200, 300, 30)
     );
 }
+
+#[test]
+fn upstream_connect_takes_only_its_two_values() {
+    use meshward_filter::UpstreamConnect;
+    let mode = |json: &str| {
+        Policy::from_json(json.as_bytes())
+            .unwrap()
+            .upstream_connect()
+    };
+    assert_eq!(
+        mode(r#"{"filterType":"network"}"#),
+        UpstreamConnect::Immediate
+    );
+    assert_eq!(
+        mode(r#"{"filterType":"network","upstreamConnect":"afterDecision"}"#),
+        UpstreamConnect::AfterDecision
+    );
+    // A near miss must not silently mean the default.
+    refuse_naming(
+        r#"{"filterType":"network","upstreamConnect":"after_decision"}"#,
+        "unknown variant",
+        "after_decision",
+    );
+}

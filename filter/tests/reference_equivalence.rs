@@ -132,6 +132,7 @@ fn config() -> impl Strategy<Value = Config> {
             trust_domain: td.to_string(),
             mode,
             filter_type: FilterType::Http,
+            upstream_connect: Default::default(),
             require_mtls,
             unknown_cert_age,
             ledger: None,

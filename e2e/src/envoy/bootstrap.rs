@@ -90,6 +90,10 @@ pub struct SidecarBootstrap {
     pub signer_admin: Option<SocketAddr>,
     /// A bootstrap `stats_config`.
     pub stats_config: Option<Value>,
+    /// `max_early_data_bytes` of the inbound `tcp_proxy`: it then reads
+    /// the client before connecting upstream, which the network filter's
+    /// `upstreamConnect: afterDecision` needs (server-first protocols).
+    pub tcp_early_data_bytes: Option<u32>,
 }
 
 impl SidecarBootstrap {
@@ -201,7 +205,15 @@ impl SidecarBootstrap {
         let mut filters = self.network_filters.clone();
         filters.push(match app {
             InboundApp::Http(_) => self.inbound_hcm()?,
-            InboundApp::Tcp(_) => tcp_proxy("inbound|80||", "inbound_tcp"),
+            InboundApp::Tcp(_) => {
+                let mut proxy = tcp_proxy("inbound|80||", "inbound_tcp");
+                if let Some(bytes) = self.tcp_early_data_bytes
+                    && let Some(tc) = proxy.get_mut("typed_config").and_then(|t| t.as_object_mut())
+                {
+                    tc.insert("max_early_data_bytes".into(), json!(bytes));
+                }
+                proxy
+            }
             InboundApp::DirectResponse(text) => json!({
                 "name": "envoy.filters.network.direct_response",
                 "typed_config": {

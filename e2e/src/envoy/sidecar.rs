@@ -73,6 +73,9 @@ pub struct SidecarSpec {
     pub stats_config: Option<serde_json::Value>,
     /// A module to use instead of the mesh's filter (a VM that fails).
     pub wasm_override: Option<PathBuf>,
+    /// The inbound `tcp_proxy`'s `max_early_data_bytes` (see
+    /// [`SidecarBootstrap::tcp_early_data_bytes`]).
+    pub tcp_early_data_bytes: Option<u32>,
     /// Wait until Envoy is LIVE (an Envoy whose fail-closed plugin did not
     /// load never is; its tests start it without waiting).
     pub wait_ready: bool,
@@ -93,6 +96,7 @@ impl SidecarSpec {
             stats_config: None,
             wasm_override: None,
             wait_ready: true,
+            tcp_early_data_bytes: None,
         }
     }
 }
@@ -184,6 +188,7 @@ impl EnvoySidecar {
             upstreams: spec.upstreams.clone(),
             signer_admin: Some(mesh.signer_admin),
             stats_config: spec.stats_config.clone(),
+            tcp_early_data_bytes: spec.tcp_early_data_bytes,
         })
     }
 

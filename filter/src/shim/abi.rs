@@ -1,5 +1,6 @@
-//! The two proxy-wasm imports the per-request path calls most, called
-//! directly instead of through the SDK's `hostcalls`:
+//! The proxy-wasm imports the per-request path calls most, and the two the
+//! handshake tick needs, called directly instead of through the SDK's
+//! `hostcalls`:
 //!
 //! - `proxy_get_property` with a path serialized at compile time (the SDK
 //!   builds a `Vec<&str>` and then a byte vector for every read);
@@ -7,17 +8,19 @@
 //!   turns every header into a `String` and a `Vec`);
 //! - `proxy_get_current_time_nanoseconds`, read as Unix nanoseconds (the
 //!   SDK makes a `SystemTime`, which every decision then turned back into
-//!   seconds: ~25 ns in wasm).
+//!   seconds: ~25 ns in wasm);
+//! - `proxy_set_effective_context` and `proxy_set_tick_period_milliseconds`,
+//!   on the tick that re-checks connections waiting for their TLS handshake.
 //!
-//! Both also answer an unexpected status as an error — the SDK panics on
-//! one, which would trap the VM — so the caller denies instead.
+//! All answer an unexpected status as an error — the SDK panics on one,
+//! which would trap the VM — so the caller denies instead.
 //!
 //! Safety: the host answers with a pointer and size it obtained from our
 //! exported allocator (`proxy_on_memory_allocate`, the SDK's, which returns
 //! a boxed slice of exactly `size` bytes) — the ABI's contract, which the
 //! SDK's own hostcalls rely on in the same way; ownership passes to us and
 //! `Vec::from_raw_parts(ptr, size, size)` takes it back. A null pointer means
-//! no value.
+//! no buffer (an absent or empty value).
 
 use std::ptr::null_mut;
 
@@ -47,6 +50,8 @@ unsafe extern "C" {
         return_map_size: *mut usize,
     ) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
 }
 
 /// Takes ownership of a buffer the host allocated through our allocator.
@@ -60,10 +65,9 @@ fn take(data: *mut u8, size: usize) -> Option<Vec<u8>> {
     Some(unsafe { Vec::from_raw_parts(data, size, size) })
 }
 
-/// A property by its raw path (segments joined by NUL, e.g.
-/// `b"connection\0id"`). `Ok(None)` when the host does not have it; `Err`
-/// carries any other status.
-pub fn get_property(raw_path: &[u8]) -> Result<Option<Vec<u8>>, u32> {
+/// `proxy_get_property`: `Ok(None)` for `NotFound`, `Ok(Some(None))` for
+/// `Ok` with no buffer (an empty value), `Err` for any other status.
+fn property_call(raw_path: &[u8]) -> Result<Option<Option<Vec<u8>>>, u32> {
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     // SAFETY: the path is a live slice for the call; `data` and `size` are
@@ -71,10 +75,23 @@ pub fn get_property(raw_path: &[u8]) -> Result<Option<Vec<u8>>, u32> {
     let status =
         unsafe { proxy_get_property(raw_path.as_ptr(), raw_path.len(), &mut data, &mut size) };
     match status {
-        OK => Ok(take(data, size)),
+        OK => Ok(Some(take(data, size))),
         NOT_FOUND => Ok(None),
         other => Err(other),
     }
+}
+
+/// A property by its raw path (segments joined by NUL, e.g.
+/// `b"connection\0id"`). `Ok(None)` when the host does not have it (or has
+/// it empty); `Err` carries any other status.
+pub fn get_property(raw_path: &[u8]) -> Result<Option<Vec<u8>>, u32> {
+    property_call(raw_path).map(Option::flatten)
+}
+
+/// Whether the host has a property at all, even an empty one, as opposed
+/// to `NotFound`.
+pub fn has_property(raw_path: &[u8]) -> Result<bool, u32> {
+    property_call(raw_path).map(|found| found.is_some())
 }
 
 /// A header map in the ABI's serialized-pairs form (see [`super::host::Pairs`]);
@@ -97,6 +114,27 @@ pub fn current_time_nanos() -> Result<u64, u32> {
     let status = unsafe { proxy_get_current_time_nanoseconds(&mut nanos) };
     match status {
         OK => Ok(nanos),
+        other => Err(other),
+    }
+}
+
+/// Makes `context_id` the context later host calls act on (from the root
+/// context's tick). `Err` with the status when the host refuses (an unknown
+/// context: `BadArgument`).
+pub fn set_effective_context(context_id: u32) -> Result<(), u32> {
+    // SAFETY: plain values in, a status out.
+    match unsafe { proxy_set_effective_context(context_id) } {
+        OK => Ok(()),
+        other => Err(other),
+    }
+}
+
+/// Asks for `proxy_on_tick` every `period_ms` on the calling context's root
+/// context; 0 stops the ticks.
+pub fn set_tick_period_ms(period_ms: u32) -> Result<(), u32> {
+    // SAFETY: a plain value in, a status out.
+    match unsafe { proxy_set_tick_period_milliseconds(period_ms) } {
+        OK => Ok(()),
         other => Err(other),
     }
 }

@@ -84,6 +84,12 @@ fn property(path: Prop) -> Result<Option<Vec<u8>>, HostError> {
         .map_err(|status| HostError(format!("get_property {}: status {status}", path.name)))
 }
 
+/// Whether the host has the property, even with an empty value.
+pub fn property_present(path: Prop) -> Result<bool, HostError> {
+    abi::has_property(path.raw)
+        .map_err(|status| HostError(format!("get_property {}: status {status}", path.name)))
+}
+
 /// A string property (raw bytes, UTF-8).
 pub fn property_string(path: Prop) -> Result<Option<String>, HostError> {
     match property(path)? {
@@ -126,6 +132,13 @@ pub fn now() -> Result<UnixTime, HostError> {
         .map_err(|_| HostError("host clock out of range".into()))?;
     LAST_SECOND.with(|s| s.set(secs));
     Ok(UnixTime(secs))
+}
+
+/// `proxy_get_current_time_nanoseconds`, in Unix milliseconds.
+pub fn now_millis() -> Result<u64, HostError> {
+    abi::current_time_nanos()
+        .map(|nanos| nanos / 1_000_000)
+        .map_err(|status| HostError(format!("get_current_time: status {status}")))
 }
 
 /// The request headers a decision reads, found in one

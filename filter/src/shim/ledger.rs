@@ -131,7 +131,10 @@ pub fn start(
         vec![],
         Duration::from_millis(settings.timeout_ms),
     ) {
-        Ok(_) => Lookup::Dispatched(slot),
+        Ok(token) => {
+            super::streams::note_callout(token);
+            Lookup::Dispatched(slot)
+        }
         Err(status) => {
             log(
                 LogLevel::Warn,

@@ -6,6 +6,7 @@ use super::http::HttpFilter;
 use super::ledger::InFlight;
 use super::metrics::Metrics;
 use super::stream::TcpFilter;
+use super::streams;
 use crate::config::{ConfigError, FilterType};
 use crate::policy::{PeerRulesCache, Policy};
 use proxy_wasm::hostcalls;
@@ -62,7 +63,19 @@ impl Root {
     }
 }
 
-impl Context for Root {}
+impl Context for Root {
+    /// Only a callout made from a tick (a connection judged once its
+    /// handshake ended) is answered here; it goes to that connection.
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        streams::tick_callout_response(token_id, body_size);
+    }
+}
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
@@ -108,13 +121,19 @@ impl RootContext for Root {
         )))
     }
 
-    fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
-        Some(Box::new(TcpFilter::new(
+    fn create_stream_context(&self, context_id: u32) -> Option<Box<dyn StreamContext>> {
+        let filter = TcpFilter::new(
             self.policy.clone(),
             self.metrics.clone(),
             self.in_flight.clone(),
             self.peer_rules.clone(),
-        )))
+        );
+        Some(Box::new(streams::register(context_id, filter)))
+    }
+
+    /// Ticks run only while a connection waits for its TLS handshake.
+    fn on_tick(&mut self) {
+        streams::tick();
     }
 
     fn get_type(&self) -> Option<ContextType> {
