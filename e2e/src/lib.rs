@@ -1,5 +1,6 @@
-//! meshward end-to-end: a proxy-wasm ABI v0.2.1 host on wasmtime, a
-//! one-machine mTLS mesh around it, and the demo.
+//! meshward end-to-end: the one-machine mesh on real Envoy 1.40 (`envoy`),
+//! the demo, images; and a proxy-wasm ABI v0.2.1 host on wasmtime (`host`),
+//! kept only for the ABI fault-injection tests and the in-process wasm bench.
 
 pub mod attributes;
 pub mod demo;

@@ -1,12 +1,12 @@
-//! A one-machine mesh: the signer, sidecars on tokio + rustls that get
-//! their certificates from it over the Istio CA API and run the filter, and
-//! echo applications behind them.
+//! The parts of the one-machine mesh that are not Envoy: the signer with
+//! its token issuer, the echo app behind each sidecar, rustls plumbing for
+//! callers that dial mTLS themselves, and what a caller sees. The sidecars
+//! themselves are real Envoys (`crate::envoy`).
 
 pub mod backend;
 pub mod ca;
-mod io;
-pub mod sidecar;
 pub mod tls;
+mod types;
 
 pub use ca::LocalSigner;
-pub use sidecar::{CertInfo, MeshContext, MeshResponse, Sidecar, SidecarConfig, plaintext_request};
+pub use types::{CertInfo, MeshResponse};
