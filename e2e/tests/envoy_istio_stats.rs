@@ -26,7 +26,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use envoy_mesh::Mesh;
-use meshward_e2e::envoy::client;
 use meshward_e2e::envoy::istio_stats::{ProxyStatsConfig, StatsTemplate, stats_config};
 use meshward_e2e::envoy::sidecar::EnvoySidecar;
 use meshward_e2e::envoy::wasmplugin::manifests_dir;
@@ -447,15 +446,7 @@ async fn backend_after_traffic(mesh: &Mesh, stats: serde_json::Value) -> EnvoySi
         "frontend-reads-api allows it: {ok:?}\n{}",
         backend.log()
     );
-    let post = client::http(
-        frontend.outbound_addr(),
-        "backend.shop",
-        "POST",
-        "/api/orders",
-        &[],
-    )
-    .await
-    .unwrap();
+    let post = mesh.send(&frontend, "POST", "/api/orders").await;
     assert_eq!(post.status, 403, "no ALLOW rule matches a POST: {post:?}");
     let denied = mesh.get(&reporter, "/api/orders").await;
     assert_eq!(denied.status, 403, "deny-batch denies it: {denied:?}");

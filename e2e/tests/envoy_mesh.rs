@@ -42,15 +42,7 @@ async fn http_filter_in_envoy_allows_and_denies_per_request_with_the_reason() {
         "the manifests' EnvoyFilter turns Cert on: {xfcc}"
     );
 
-    let post = client::http(
-        frontend.outbound_addr(),
-        "backend.shop",
-        "POST",
-        "/api/orders",
-        &[],
-    )
-    .await
-    .unwrap();
+    let post = mesh.send(&frontend, "POST", "/api/orders").await;
     assert_eq!(post.status, 403, "only GET is allowed");
     assert!(
         post.header("x-meshward-deny-reason")
@@ -120,20 +112,8 @@ async fn network_filter_in_envoy_closes_a_denied_connection() {
     let mesh = Mesh::start().await;
     let backend = tcp_backend(&mesh, network_policy()).await;
     let addr = backend.inbound_addr().unwrap();
-    let frontend = MtlsClient::issue(
-        &mesh.ca(),
-        &mesh.workload("shop", "frontend"),
-        Some(BACKEND),
-    )
-    .await
-    .unwrap();
-    let reporter = MtlsClient::issue(
-        &mesh.ca(),
-        &mesh.workload("batch", "reporter"),
-        Some(BACKEND),
-    )
-    .await
-    .unwrap();
+    let frontend = mesh.mtls_client("shop", "frontend").await;
+    let reporter = mesh.mtls_client("batch", "reporter").await;
     let ok = frontend
         .request(addr, "GET", "/anything", &[])
         .await
@@ -257,26 +237,14 @@ async fn forged_xfcc_and_identity_headers_do_not_change_who_the_peer_is() {
     ];
     // A reporter pod dialling the backend's Envoy itself, with its own
     // certificate and headers claiming to be the frontend.
-    let reporter = MtlsClient::issue(
-        &mesh.ca(),
-        &mesh.workload("batch", "reporter"),
-        Some(BACKEND),
-    )
-    .await
-    .unwrap();
+    let reporter = mesh.mtls_client("batch", "reporter").await;
     let r = reporter
         .request(addr, "GET", "/api/items", &forged)
         .await
         .unwrap();
     assert_eq!(r.status, 403, "the reporter stays the reporter: {r:?}");
 
-    let frontend = MtlsClient::issue(
-        &mesh.ca(),
-        &mesh.workload("shop", "frontend"),
-        Some(BACKEND),
-    )
-    .await
-    .unwrap();
+    let frontend = mesh.mtls_client("shop", "frontend").await;
     let r = frontend
         .request(addr, "GET", "/api/items", &forged)
         .await
@@ -301,13 +269,7 @@ async fn max_cert_age_denies_a_certificate_once_it_ages_past_the_limit() {
         "from": [{"principals": ["cluster.local/ns/shop/sa/frontend"]}],
         "when": {"maxCertAge": "4s"}}]});
     let backend = mesh.backend(vec![mesh.http_plugin(policy)], |_| {}).await;
-    let frontend = MtlsClient::issue(
-        &mesh.ca(),
-        &mesh.workload("shop", "frontend"),
-        Some(BACKEND),
-    )
-    .await
-    .unwrap();
+    let frontend = mesh.mtls_client("shop", "frontend").await;
     let addr = backend.inbound_addr().unwrap();
     let fresh = frontend.request(addr, "GET", "/", &[]).await.unwrap();
     let age = fresh
@@ -422,13 +384,7 @@ async fn ledger_lookup_goes_through_an_envoy_cluster_to_the_signer() {
     });
     policy["rules"][0]["when"] = json!({"maxCertAge": "1h"});
     let backend = tcp_backend(&mesh, policy).await;
-    let frontend = MtlsClient::issue(
-        &mesh.ca(),
-        &mesh.workload("shop", "frontend"),
-        Some(BACKEND),
-    )
-    .await
-    .unwrap();
+    let frontend = mesh.mtls_client("shop", "frontend").await;
     let r = frontend
         .request(backend.inbound_addr().unwrap(), "GET", "/x", &[])
         .await;
@@ -493,13 +449,7 @@ async fn start_expecting_refusal(
             .listener_addr(meshward_e2e::envoy::bootstrap::INBOUND)
             .await
         {
-            let frontend = MtlsClient::issue(
-                &mesh.ca(),
-                &mesh.workload("shop", "frontend"),
-                Some(BACKEND),
-            )
-            .await
-            .unwrap();
+            let frontend = mesh.mtls_client("shop", "frontend").await;
             if let Ok(r) = frontend.request(addr, "GET", "/api/items", &[]).await {
                 assert_ne!(
                     r.status, 200,
@@ -611,13 +561,7 @@ async fn workload_with_a_certificate_from_another_ca_fails_the_handshake() {
         r.is_err(),
         "a foreign CA's certificate must fail the handshake: {r:?}"
     );
-    let genuine = MtlsClient::issue(
-        &mesh.ca(),
-        &mesh.workload("shop", "frontend"),
-        Some(BACKEND),
-    )
-    .await
-    .unwrap();
+    let genuine = mesh.mtls_client("shop", "frontend").await;
     assert_eq!(
         genuine
             .request(addr, "GET", "/api/items", &[])
@@ -699,13 +643,7 @@ async fn forged_deny_reason_header_never_reaches_the_app() {
     let backend = mesh
         .backend(vec![mesh.http_plugin(http_policy("enforce"))], |_| {})
         .await;
-    let frontend = MtlsClient::issue(
-        &mesh.ca(),
-        &mesh.workload("shop", "frontend"),
-        Some(BACKEND),
-    )
-    .await
-    .unwrap();
+    let frontend = mesh.mtls_client("shop", "frontend").await;
     let r = frontend
         .request(
             backend.inbound_addr().unwrap(),
@@ -805,20 +743,8 @@ async fn network_filter_waits_for_the_handshake_when_the_upstream_speaks_first()
     let mesh = Mesh::start().await;
     let backend = speak_first_backend(&mesh, "afterDecision", Some(65536)).await;
     let addr = backend.inbound_addr().unwrap();
-    let frontend = MtlsClient::issue(
-        &mesh.ca(),
-        &mesh.workload("shop", "frontend"),
-        Some(BACKEND),
-    )
-    .await
-    .unwrap();
-    let reporter = MtlsClient::issue(
-        &mesh.ca(),
-        &mesh.workload("batch", "reporter"),
-        Some(BACKEND),
-    )
-    .await
-    .unwrap();
+    let frontend = mesh.mtls_client("shop", "frontend").await;
+    let reporter = mesh.mtls_client("batch", "reporter").await;
     for round in 0..5 {
         let allowed = converse(&frontend, addr).await;
         assert_eq!(
@@ -857,13 +783,7 @@ async fn a_denied_peer_never_sees_a_speak_first_greeting_with_the_default_upstre
     let mesh = Mesh::start().await;
     let backend = speak_first_backend(&mesh, "immediate", None).await;
     let addr = backend.inbound_addr().unwrap();
-    let reporter = MtlsClient::issue(
-        &mesh.ca(),
-        &mesh.workload("batch", "reporter"),
-        Some(BACKEND),
-    )
-    .await
-    .unwrap();
+    let reporter = mesh.mtls_client("batch", "reporter").await;
     // The greeting is already in Envoy (tcp_proxy connected at accept);
     // the reporter, once its handshake is over, is closed without it.
     let denied = converse(&reporter, addr).await;
@@ -891,20 +811,8 @@ async fn network_filter_survives_envoy_closing_a_connection_it_answered_itself()
     spec.plugins = vec![mesh.network_plugin(policy)];
     let backend = mesh.start_sidecar(spec).await.unwrap();
     let addr = backend.inbound_addr().unwrap();
-    let frontend = MtlsClient::issue(
-        &mesh.ca(),
-        &mesh.workload("shop", "frontend"),
-        Some(BACKEND),
-    )
-    .await
-    .unwrap();
-    let reporter = MtlsClient::issue(
-        &mesh.ca(),
-        &mesh.workload("batch", "reporter"),
-        Some(BACKEND),
-    )
-    .await
-    .unwrap();
+    let frontend = mesh.mtls_client("shop", "frontend").await;
+    let reporter = mesh.mtls_client("batch", "reporter").await;
     for i in 0..20 {
         use tokio::io::AsyncReadExt;
         let (client, allowed) = if i % 3 == 2 {

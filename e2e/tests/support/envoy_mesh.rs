@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use meshward_e2e::envoy::agent::{CaAccess, Workload};
 use meshward_e2e::envoy::bootstrap::InboundApp;
-use meshward_e2e::envoy::client;
+use meshward_e2e::envoy::client::{self, MtlsClient};
 use meshward_e2e::envoy::sidecar::{EnvoyMesh, EnvoySidecar, SidecarSpec};
 use meshward_e2e::envoy::wasmplugin::WasmPlugin;
 use meshward_e2e::mesh::backend::spawn_echo;
@@ -121,13 +121,26 @@ impl Mesh {
 
     /// `GET path` from `from`'s app to `backend.shop` through `from`'s sidecar.
     pub async fn get(&self, from: &EnvoySidecar, path: &str) -> MeshResponse {
-        client::http(from.outbound_addr(), "backend.shop", "GET", path, &[])
+        self.send(from, "GET", path).await
+    }
+
+    /// `method path` from `from`'s app to `backend.shop` through `from`'s sidecar.
+    pub async fn send(&self, from: &EnvoySidecar, method: &str, path: &str) -> MeshResponse {
+        client::http(from.outbound_addr(), "backend.shop", method, path, &[])
             .await
             .unwrap()
     }
 
     pub fn workload(&self, ns: &str, sa: &str) -> Workload {
         Workload::new(ns, sa)
+    }
+
+    /// `ns`/`sa` with its own certificate from this mesh's signer, dialling
+    /// shop/backend's inbound listener itself (no sidecar of its own).
+    pub async fn mtls_client(&self, ns: &str, sa: &str) -> MtlsClient {
+        MtlsClient::issue(&self.ca(), &self.workload(ns, sa), Some(BACKEND))
+            .await
+            .unwrap()
     }
 }
 
