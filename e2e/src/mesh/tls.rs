@@ -1,6 +1,6 @@
-//! rustls plumbing for SPIFFE mTLS: the current certificate (rotated under
-//! live listeners) and a server verifier that checks the chain against the
-//! mesh's roots and the peer's SPIFFE ID instead of a DNS name.
+//! rustls plumbing for callers that dial a sidecar with mTLS themselves: the
+//! certificate they present and a server verifier that checks the chain
+//! against the mesh's roots and the peer's SPIFFE ID instead of a DNS name.
 
 use std::sync::{Arc, RwLock};
 
@@ -8,7 +8,7 @@ use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
@@ -73,20 +73,6 @@ pub fn root_store(roots_pem: &str) -> anyhow::Result<RootCertStore> {
     }
     anyhow::ensure!(!store.is_empty(), "no root certificate in the trust bundle");
     Ok(store)
-}
-
-/// Server TLS config: client certificates required (STRICT) and verified
-/// against the mesh roots.
-pub fn server_config(
-    roots: Arc<RootCertStore>,
-    cert: Arc<CurrentCert>,
-) -> anyhow::Result<rustls::ServerConfig> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider()).build()?;
-    let config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(cert);
-    Ok(config)
 }
 
 /// Client TLS config presenting the current certificate and verifying the
