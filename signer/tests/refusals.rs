@@ -244,6 +244,53 @@ async fn token_whose_claims_disagree_on_the_service_account_is_refused() {
     assert_refused(r, Code::Unauthenticated, "but sub says");
 }
 
+/// Found with a static JWKS: a token for namespace `DEFAULTX` got a
+/// certificate for `.../ns/DEFAULTX/sa/default`. No API server makes such a
+/// name, so whoever signed the token, it is not a service-account token.
+#[tokio::test]
+async fn token_with_a_non_dns1123_namespace_is_refused() {
+    let h = Harness::start().await;
+    for ns in ["DEFAULTX", "shop_1", "-shop", "shop.prod", &"a".repeat(64)] {
+        let claims = h
+            .tokens
+            .service_account_claims(ns, "default", "istio-ca", now_unix(), 3600);
+        let token = h.tokens.sign_claims(&claims).unwrap();
+        let r = h
+            .client
+            .create_certificate(&csr_pem(&p256(), ns, "default"), &with_token(token))
+            .await;
+        assert_refused(r, Code::Unauthenticated, "is not a Kubernetes name");
+    }
+    // The service still serves a proper name after the refusals.
+    let token = h.tokens.token_for("shop", "default", now_unix()).unwrap();
+    h.client
+        .create_certificate(&csr_pem(&p256(), "shop", "default"), &with_token(token))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn token_with_a_non_dns1123_service_account_is_refused() {
+    let h = Harness::start().await;
+    for sa in [
+        "Default",
+        "sleep_v2",
+        "sleep..v2",
+        ".sleep",
+        &"a".repeat(254),
+    ] {
+        let claims = h
+            .tokens
+            .service_account_claims("shop", sa, "istio-ca", now_unix(), 3600);
+        let token = h.tokens.sign_claims(&claims).unwrap();
+        let r = h
+            .client
+            .create_certificate(&csr_pem(&p256(), "shop", sa), &with_token(token))
+            .await;
+        assert_refused(r, Code::Unauthenticated, "is not a Kubernetes name");
+    }
+}
+
 // ---------- identity ----------
 
 #[tokio::test]

@@ -335,6 +335,21 @@ impl JwtAuthenticator {
                 ));
             }
         };
+        // Kubernetes names: a namespace is a DNS-1123 label, a service
+        // account a DNS-1123 subdomain. The API server makes no other, so a
+        // token naming one was not made by it (whatever key signed it).
+        if !is_dns1123_label(&namespace) {
+            return Err(AuthnError::NoIdentity(format!(
+                "namespace {namespace:?} is not a Kubernetes name (a DNS-1123 label: \
+                 at most 63 of a-z, 0-9 and '-', starting and ending alphanumeric)"
+            )));
+        }
+        if !is_dns1123_subdomain(&service_account) {
+            return Err(AuthnError::NoIdentity(format!(
+                "service account {service_account:?} is not a Kubernetes name (a DNS-1123 \
+                 subdomain: at most 253 of a-z, 0-9, '-' and '.', in labels)"
+            )));
+        }
         if let Some(r) = &reviewed
             && (r.namespace != namespace || r.service_account != service_account)
         {
@@ -394,9 +409,43 @@ impl Authenticator for JwtAuthenticator {
     }
 }
 
+/// A DNS-1123 label (Kubernetes namespace names): 1–63 of `a-z`, `0-9`
+/// and `-`, starting and ending with a letter or digit.
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| alnum(c) || *c == b'-')
+        && b.first().is_some_and(alnum)
+        && b.last().is_some_and(alnum)
+}
+
+/// A DNS-1123 subdomain (Kubernetes service account names): at most 253
+/// bytes of DNS-1123 labels joined by `.`.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kubernetes_names_are_dns1123() {
+        for ok in ["a", "shop", "kube-system", "a1", &"a".repeat(63)] {
+            assert!(is_dns1123_label(ok), "{ok}");
+        }
+        for bad in ["", "A", "shop_", "-a", "a-", "a.b", &"a".repeat(64)] {
+            assert!(!is_dns1123_label(bad), "{bad:?}");
+        }
+        for ok in ["default", "my.sa", "istio-ingressgateway-service-account"] {
+            assert!(is_dns1123_subdomain(ok), "{ok}");
+        }
+        for bad in ["", "Default", "a..b", ".a", "a.", "a_b", &"a".repeat(254)] {
+            assert!(!is_dns1123_subdomain(bad), "{bad:?}");
+        }
+    }
     use proptest::prelude::*;
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
