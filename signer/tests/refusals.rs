@@ -551,15 +551,22 @@ async fn csr_over_64_kib_is_refused() {
 
 /// Attack: request messages far beyond any CSR (tonic would buffer up to
 /// 4 MiB per stream before the service, and its concurrency bound, sees the
-/// request). The signer refuses them from the gRPC length prefix and keeps
-/// serving.
+/// request). The signer refuses them from the gRPC length prefix with
+/// RESOURCE_EXHAUSTED — what gRPC's status-code guide and grpc-go (istiod)
+/// answer, not tonic's OUT_OF_RANGE — and keeps serving.
 #[tokio::test]
-async fn oversized_grpc_message_is_refused_before_it_is_buffered() {
+async fn oversized_request_is_resource_exhausted() {
     let h = Harness::start().await;
     let good = csr_pem(&p256(), "default", "sleep");
-    let huge = format!("{good}{}", "\n".repeat(1024 * 1024));
-    let r = h.send_csr(&huge, "default", "sleep").await;
-    assert_refused(r, Code::OutOfRange, "message length too large");
+    for size in [1024 * 1024, 10 * 1024 * 1024] {
+        let huge = format!("{good}{}", "\n".repeat(size));
+        let r = h.send_csr(&huge, "default", "sleep").await;
+        assert_refused(
+            r,
+            Code::ResourceExhausted,
+            "larger than the 131072 bytes allowed",
+        );
+    }
     // A CSR at the CSR limit still reaches the CSR check (and its clear
     // INVALID_ARGUMENT), and the signer keeps serving.
     let at_limit = format!("{good}{}", "\n".repeat(64 * 1024));

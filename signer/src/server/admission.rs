@@ -13,6 +13,11 @@
 //! 32 MiB) for the whole signer. A stream beyond the limit is answered
 //! `RESOURCE_EXHAUSTED` at once, its body never read (h2 discards it and
 //! returns the flow-control window).
+//!
+//! A message over the size cap is refused by tonic from its length prefix
+//! with `OUT_OF_RANGE`; gRPC's status-code guide and grpc-go (so istiod and
+//! istio-agent) use `RESOURCE_EXHAUSTED` for that, so the answer is
+//! rewritten here ([`message_too_large_as_resource_exhausted`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -85,12 +90,44 @@ where
             return Box::pin(async move { Ok(refusal) });
         };
         let answer = self.inner.call(request);
+        let metrics = self.metrics.clone();
         Box::pin(async move {
             let response = answer.await;
             // Held until the answer is built: receiving, decoding, signing
             // and recording all happen inside.
             drop(permit);
-            response
+            response.map(|r| message_too_large_as_resource_exhausted(r, &metrics))
         })
     }
+}
+
+/// tonic's refusal of a message over `max_decoding_message_size` is a
+/// trailers-only answer with `grpc-status: 11` (OUT_OF_RANGE) and a message
+/// starting "Error, decoded message length too large"; the service itself
+/// never answers OUT_OF_RANGE. That one answer becomes RESOURCE_EXHAUSTED,
+/// as grpc-go answers, with the limit in the message.
+fn message_too_large_as_resource_exhausted(
+    response: Response<Body>,
+    metrics: &Metrics,
+) -> Response<Body> {
+    let headers = response.headers();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"11");
+    // grpc-message is percent-encoded on the wire (RFC 3986 unreserved kept).
+    let too_large = headers.get("grpc-message").is_some_and(|v| {
+        let m = v.as_bytes();
+        m.starts_with(b"Error, decoded message length too large")
+            || m.starts_with(b"Error,%20decoded%20message%20length%20too%20large")
+    });
+    if !(out_of_range && too_large) {
+        return response;
+    }
+    metrics.request(Outcome::ResourceExhausted);
+    warn!("refused: request message over the size limit");
+    tonic::Status::resource_exhausted(format!(
+        "request message larger than the {} bytes allowed",
+        super::ca_service::MAX_REQUEST_MESSAGE_BYTES
+    ))
+    .into_http()
 }
