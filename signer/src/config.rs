@@ -222,14 +222,24 @@ pub struct AuthnConfig {
     pub token_cache_ttl: Duration,
     /// Most verified tokens remembered.
     pub token_cache_entries: usize,
-    /// Failed authentications one peer address may cause at once before
-    /// `failure_limit_interval` applies; 0 = no limit.
+    /// Failed authentications one credential (the bearer token, else the
+    /// client certificate) may cause at once before `failure_limit_interval`
+    /// applies; 0 = no limit.
     pub failure_limit_burst: u32,
-    /// After the burst, one more failure per this long per address; further
-    /// requests from it are refused RESOURCE_EXHAUSTED before their token
-    /// is verified. `0s` = no limit.
+    /// After the burst, one more failure per this long per credential;
+    /// further requests with it are refused RESOURCE_EXHAUSTED before it is
+    /// verified. Callers behind the same address with other credentials
+    /// are not affected. `0s` = no limit.
     #[serde(with = "human")]
     pub failure_limit_interval: Duration,
+    /// The coarse guard: failed authentications one peer address may cause
+    /// at once (with any credentials) before `address_failure_limit_interval`
+    /// applies — far above a healthy cluster, whose agents may all share an
+    /// east-west gateway's address; 0 = no limit.
+    pub address_failure_limit_burst: u32,
+    /// After that burst, one more failure per this long per address.
+    #[serde(with = "human")]
+    pub address_failure_limit_interval: Duration,
     /// Trusted service-account token issuers (`[[authn.jwt]]`).
     pub jwt: Vec<JwtIssuerConfig>,
 }
@@ -464,6 +474,8 @@ impl Default for AuthnConfig {
             token_cache_entries: 100_000,
             failure_limit_burst: 20,
             failure_limit_interval: Duration::from_secs(1),
+            address_failure_limit_burst: 2000,
+            address_failure_limit_interval: Duration::from_millis(10),
             jwt: vec![JwtIssuerConfig {
                 public_key_file: Some(PathBuf::from("/var/run/meshward/sa-signing-key.pub")),
                 ..JwtIssuerConfig::new("https://kubernetes.default.svc.cluster.local")

@@ -318,6 +318,8 @@ impl Signer {
             auth_failures: AuthFailureLimit::new(
                 config.authn.failure_limit_burst,
                 config.authn.failure_limit_interval,
+                config.authn.address_failure_limit_burst,
+                config.authn.address_failure_limit_interval,
             ),
             namespace_labels,
             observers: self

@@ -150,27 +150,114 @@ impl IssuanceRateLimit {
     }
 }
 
-/// Failed authentications per peer address: an address past its burst is
-/// refused before its next token's signature is checked (each check is an
-/// RSA or ECDSA verification the caller makes the signer pay for).
+/// Failed authentications, penalising what failed rather than where it
+/// came from. Each failure is counted against the **credential** presented
+/// (SHA-256 of the bearer token, else of the client certificate, else the
+/// bare address for a caller that presented nothing) and, as a coarse guard
+/// far above any healthy cluster's rate, against the peer **address**.
+/// A credential or address past its burst is refused before its next token's
+/// signature is checked (each check is an RSA or ECDSA verification the
+/// caller makes the signer pay for).
+///
+/// Why not per address alone: in Istio multi-cluster every istio-agent of a
+/// remote cluster reaches the CA through the east-west gateway — one
+/// address — and node SNAT does the same; one misconfigured pod there would
+/// stop issuance for all its neighbours. Its failing token is throttled
+/// here, their valid ones are not. Both tables are bounded (idle full
+/// buckets are dropped past 100 000).
 #[derive(Debug)]
-pub struct AuthFailureLimit(TokenBuckets<std::net::IpAddr>);
+pub struct AuthFailureLimit {
+    by_credential: Option<TokenBuckets<[u8; 32]>>,
+    by_address: Option<TokenBuckets<std::net::IpAddr>>,
+}
+
+/// Which limit refused, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthThrottled {
+    /// This credential failed too often.
+    Credential(Duration),
+    /// This address (every credential behind it) failed too often.
+    Address(Duration),
+}
 
 impl AuthFailureLimit {
-    /// `burst` failures at once, then one more per `interval`; `None`: no
-    /// limit.
-    pub fn new(burst: u32, interval: Duration) -> Option<Self> {
-        TokenBuckets::new(burst, interval).map(Self)
+    /// Per credential: `burst` failures at once, then one more per
+    /// `interval`; per address: `address_burst`, then one per
+    /// `address_interval`. `None` when neither limits anything.
+    pub fn new(
+        burst: u32,
+        interval: Duration,
+        address_burst: u32,
+        address_interval: Duration,
+    ) -> Option<Self> {
+        let by_credential = TokenBuckets::new(burst, interval);
+        let by_address = TokenBuckets::new(address_burst, address_interval);
+        (by_credential.is_some() || by_address.is_some()).then_some(Self {
+            by_credential,
+            by_address,
+        })
     }
 
-    /// `Err(wait)` when `peer` has no failure left to spend at `now`.
-    pub fn admit(&self, peer: std::net::IpAddr, now: Instant) -> Result<(), Duration> {
-        self.0.peek(peer.to_canonical(), now)
+    /// The key a request's failures count against: the presented token, else
+    /// the presented client certificate, else the address.
+    pub fn credential_key(
+        token: Option<&str>,
+        client_cert: Option<&[u8]>,
+        peer: std::net::IpAddr,
+    ) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        match (token, client_cert) {
+            (Some(t), _) => {
+                h.update(b"token\0");
+                h.update(t.as_bytes());
+            }
+            (None, Some(c)) => {
+                h.update(b"cert\0");
+                h.update(c);
+            }
+            (None, None) => {
+                h.update(b"address\0");
+                h.update(peer.to_canonical().to_string().as_bytes());
+            }
+        }
+        h.finalize().into()
     }
 
-    /// `peer` failed to authenticate at `now`.
-    pub fn failed(&self, peer: std::net::IpAddr, now: Instant) {
-        let _ = self.0.take(peer.to_canonical(), now);
+    /// `Err` when the credential or the address has no failure left to
+    /// spend at `now`.
+    pub fn admit(
+        &self,
+        credential: [u8; 32],
+        peer: std::net::IpAddr,
+        now: Instant,
+    ) -> Result<(), AuthThrottled> {
+        if let Some(c) = &self.by_credential {
+            c.peek(credential, now).map_err(AuthThrottled::Credential)?;
+        }
+        if let Some(a) = &self.by_address {
+            a.peek(peer.to_canonical(), now)
+                .map_err(AuthThrottled::Address)?;
+        }
+        Ok(())
+    }
+
+    /// `credential`, from `peer`, failed to authenticate at `now`.
+    pub fn failed(&self, credential: [u8; 32], peer: std::net::IpAddr, now: Instant) {
+        if let Some(c) = &self.by_credential {
+            let _ = c.take(credential, now);
+        }
+        if let Some(a) = &self.by_address {
+            let _ = a.take(peer.to_canonical(), now);
+        }
+    }
+
+    /// Buckets held (credentials, addresses).
+    pub fn len(&self) -> (usize, usize) {
+        (
+            self.by_credential.as_ref().map_or(0, TokenBuckets::len),
+            self.by_address.as_ref().map_or(0, TokenBuckets::len),
+        )
     }
 }
 
@@ -253,30 +340,62 @@ mod tests {
     }
 
     #[test]
-    fn an_address_is_admitted_until_its_failures_are_spent() {
-        let limit = AuthFailureLimit::new(2, Duration::from_secs(10)).unwrap();
+    fn a_credential_is_admitted_until_its_failures_are_spent() {
+        let limit = AuthFailureLimit::new(2, Duration::from_secs(10), 0, Duration::ZERO).unwrap();
         let ip: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let bad = AuthFailureLimit::credential_key(Some("bad"), None, ip);
+        let good = AuthFailureLimit::credential_key(Some("good"), None, ip);
         let t0 = Instant::now();
         for _ in 0..2 {
-            limit.admit(ip, t0).unwrap();
-            limit.failed(ip, t0);
+            limit.admit(bad, ip, t0).unwrap();
+            limit.failed(bad, ip, t0);
         }
-        assert_eq!(limit.admit(ip, t0).unwrap_err(), Duration::from_secs(10));
+        let wait = AuthThrottled::Credential(Duration::from_secs(10));
+        assert_eq!(limit.admit(bad, ip, t0).unwrap_err(), wait);
         // Admitting does not spend: still refused, still 10 s to wait.
-        assert_eq!(limit.admit(ip, t0).unwrap_err(), Duration::from_secs(10));
-        limit.admit("10.1.2.4".parse().unwrap(), t0).unwrap();
+        assert_eq!(limit.admit(bad, ip, t0).unwrap_err(), wait);
+        // Another credential from the same address is not affected.
+        limit.admit(good, ip, t0).unwrap();
+        assert_eq!(limit.len(), (1, 0), "admitting stores nothing");
+        limit.admit(bad, ip, t0 + Duration::from_secs(10)).unwrap();
+    }
+
+    #[test]
+    fn an_address_past_the_coarse_guard_is_refused_whatever_it_presents() {
+        let limit =
+            AuthFailureLimit::new(2, Duration::from_secs(10), 3, Duration::from_secs(10)).unwrap();
+        let ip: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let t0 = Instant::now();
+        for i in 0..3 {
+            let fresh = AuthFailureLimit::credential_key(Some(&format!("garbage-{i}")), None, ip);
+            limit.admit(fresh, ip, t0).unwrap();
+            limit.failed(fresh, ip, t0);
+        }
+        let next = AuthFailureLimit::credential_key(Some("garbage-4"), None, ip);
         assert_eq!(
-            limit.0.len(),
-            1,
-            "admitting an address stores nothing for it"
+            limit.admit(next, ip, t0).unwrap_err(),
+            AuthThrottled::Address(Duration::from_secs(10))
         );
-        limit.admit(ip, t0 + Duration::from_secs(10)).unwrap();
+        let elsewhere: std::net::IpAddr = "10.1.2.4".parse().unwrap();
+        limit.admit(next, elsewhere, t0).unwrap();
+    }
+
+    #[test]
+    fn the_credential_key_is_the_token_else_the_certificate_else_the_address() {
+        let ip: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let other: std::net::IpAddr = "10.1.2.4".parse().unwrap();
+        let k = AuthFailureLimit::credential_key;
+        assert_eq!(k(Some("t"), Some(b"c"), ip), k(Some("t"), None, other));
+        assert_eq!(k(None, Some(b"c"), ip), k(None, Some(b"c"), other));
+        assert_ne!(k(None, None, ip), k(None, None, other));
+        assert_ne!(k(Some("c"), None, ip), k(None, Some(b"c"), ip));
     }
 
     #[test]
     fn no_limit_when_burst_or_interval_is_zero() {
         assert!(IssuanceRateLimit::new(0, Duration::from_secs(60)).is_none());
         assert!(IssuanceRateLimit::new(10, Duration::ZERO).is_none());
-        assert!(AuthFailureLimit::new(0, Duration::from_secs(1)).is_none());
+        assert!(AuthFailureLimit::new(0, Duration::from_secs(1), 0, Duration::ZERO).is_none());
+        assert!(AuthFailureLimit::new(20, Duration::from_secs(1), 0, Duration::ZERO).is_some());
     }
 }

@@ -25,7 +25,7 @@ use crate::observer::{IssuanceEvent, IssuanceObserver};
 use crate::policy::PolicyError;
 use crate::policy::namespaces::NamespaceLabels;
 use crate::policy::nodes::{NodeAuthorizer, NodeRefusal};
-use crate::policy::rate::{AuthFailureLimit, IssuanceRateLimit};
+use crate::policy::rate::{AuthFailureLimit, AuthThrottled, IssuanceRateLimit};
 use crate::policy::tiers::IssuancePolicy;
 
 /// Request-metadata Struct key with which a node agent (ztunnel) asks for
@@ -469,23 +469,35 @@ impl IstioCertificateService for CaService {
         let metrics = &self.pipeline.metrics;
         let peer_addr = request.remote_addr();
         let peer = peer_addr.map(|a| a.to_string()).unwrap_or_default();
+        let credentials = credentials_of(&request);
         let throttle = self
             .pipeline
             .auth_failures
             .as_ref()
-            .zip(peer_addr.map(|a| a.ip()));
-        if let Some((limit, ip)) = throttle
-            && let Err(wait) = limit.admit(ip, tokio::time::Instant::now())
+            .zip(peer_addr.map(|a| a.ip()))
+            .map(|(limit, ip)| {
+                let key = AuthFailureLimit::credential_key(
+                    credentials.bearer_token.as_deref(),
+                    credentials.peer_certificates.first().map(|c| c.as_ref()),
+                    ip,
+                );
+                (limit, key, ip)
+            });
+        if let Some((limit, key, ip)) = throttle
+            && let Err(throttled) = limit.admit(key, ip, tokio::time::Instant::now())
         {
             metrics.request(Outcome::AuthThrottled);
-            debug!(%peer, "refused: too many failed authentications from this address");
+            let (what, wait) = match throttled {
+                AuthThrottled::Credential(wait) => ("with this credential".to_string(), wait),
+                AuthThrottled::Address(wait) => (format!("from {ip}"), wait),
+            };
+            debug!(%peer, "refused: too many failed authentications {what}");
             return Err(Status::resource_exhausted(format!(
-                "too many failed authentications from {ip}; retry in {}s",
+                "too many failed authentications {what}; retry in {}s",
                 wait.as_secs().max(1)
             )));
         }
         let started = Instant::now();
-        let credentials = credentials_of(&request);
         let req = request.into_inner();
         match self
             .pipeline
@@ -502,9 +514,9 @@ impl IstioCertificateService for CaService {
             Err((refusal, caller)) => {
                 metrics.request(refusal.outcome());
                 if refusal.code == Code::Unauthenticated
-                    && let Some((limit, ip)) = throttle
+                    && let Some((limit, key, ip)) = throttle
                 {
-                    limit.failed(ip, tokio::time::Instant::now());
+                    limit.failed(key, ip, tokio::time::Instant::now());
                 }
                 let caller = caller
                     .map(|c| c.spiffe_id.to_string())
