@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::workload::KeyType;
 
@@ -50,6 +50,17 @@ pub struct RunArgs {
     /// Also write every figure as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Run only this section (and check only its targets); writes no
+    /// BENCHMARKS.md, only `--output` (that section alone) and `--json`.
+    #[arg(long, value_enum)]
+    pub only: Option<Section>,
+}
+
+/// A section `run --only` can run alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Section {
+    /// The filter in real Envoy against Envoy's RBAC and an empty plugin.
+    EnvoyAuthz,
 }
 
 /// `load`.
@@ -116,6 +127,12 @@ mod tests {
         assert!(run.check);
         assert_eq!(run.output, Some(PathBuf::from("out.md")));
         assert_eq!(run.json, None);
+        assert_eq!(run.only, None);
+        let Command::Run(only) = parse(&["run", "--only", "envoy-authz"]).unwrap().command else {
+            panic!("not run")
+        };
+        assert_eq!(only.only, Some(Section::EnvoyAuthz));
+        assert!(parse(&["run", "--only", "signer"]).is_err());
     }
 
     #[test]

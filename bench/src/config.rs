@@ -25,6 +25,8 @@ pub struct BenchConfig {
     pub filter: FilterBench,
     /// `openssl speed`.
     pub openssl: OpensslBench,
+    /// The filter in real Envoy against Envoy's RBAC and an empty plugin.
+    pub envoy: EnvoyBench,
     /// Targets `--check` enforces.
     pub targets: Targets,
 }
@@ -113,6 +115,39 @@ pub struct FilterBench {
     pub wasm: Option<PathBuf>,
 }
 
+/// Settings of the real-Envoy authorization comparison (`envoy_authz.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvoyBench {
+    /// Skip it.
+    pub enabled: bool,
+    /// Rule / policy counts (the client allowed only by the last).
+    pub rules: Vec<usize>,
+    /// Every configuration once per round, interleaved; figures are medians.
+    pub rounds: usize,
+    /// h2load clients (`-c`).
+    pub clients: usize,
+    /// Concurrent streams per client (`-m`).
+    pub streams: usize,
+    /// Warm-up load before each measurement (`h2load -D`; it also gives the
+    /// rate the measured request count is sized from).
+    #[serde(with = "humantime_serde")]
+    pub warmup: Duration,
+    /// About how long each measurement lasts: `warm-up rate × window`
+    /// requests, at least `min_requests`.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Fewest requests per measurement.
+    pub min_requests: u64,
+    /// The h2load binary; empty = `h2load` on `PATH`.
+    #[serde(default)]
+    pub h2load: Option<PathBuf>,
+    /// The empty plugin; empty = `MESHWARD_NOOP_WASM`, else
+    /// `target/meshward_noop_plugin.wasm`.
+    #[serde(default)]
+    pub noop_wasm: Option<PathBuf>,
+}
+
 /// `openssl speed` settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -139,6 +174,14 @@ pub struct Targets {
     pub flat_to: usize,
     /// `.wasm` size, at most (KiB).
     pub wasm_kib: u64,
+    /// In Envoy: meshward's marginal CPU / RBAC's, at every rule count, at most.
+    pub envoy_over_rbac: f64,
+    /// In Envoy: meshward's marginal CPU / the empty plugin's, at every
+    /// rule count, at most.
+    pub envoy_over_noop: f64,
+    /// In Envoy: meshward's marginal CPU at the largest rule count / at the
+    /// smallest, at most.
+    pub envoy_flat_ratio: f64,
 }
 
 mod humantime_serde {
@@ -181,8 +224,9 @@ impl BenchConfig {
     }
 
     /// The quick version `--check` runs: P-256 only at one concurrency,
-    /// short windows, no restart, fewer filter samples, and only the rule
-    /// counts the targets name.
+    /// short windows, no restart, fewer filter samples, only the rule
+    /// counts the targets name, and the Envoy section in one round of short
+    /// runs (at every rule count: its targets name them all).
     pub fn quick(mut self) -> Self {
         self.signer.key_types = vec![KeyType::P256];
         let c = self
@@ -202,6 +246,9 @@ impl BenchConfig {
         self.filter.samples = self.filter.samples.min(50);
         self.filter.rounds = self.filter.rounds.min(3);
         self.openssl.seconds = 1;
+        // Every rule count: the Envoy targets hold at each of them.
+        self.envoy.rounds = 1;
+        self.envoy.window = self.envoy.window.min(Duration::from_secs(2));
         self
     }
 
@@ -227,6 +274,19 @@ impl BenchConfig {
         anyhow::ensure!(self.filter.samples > 0, "filter.samples must be > 0");
         anyhow::ensure!(self.filter.rounds > 0, "filter.rounds must be > 0");
         anyhow::ensure!(self.openssl.seconds > 0, "openssl.seconds must be > 0");
+        anyhow::ensure!(
+            !self.envoy.rules.is_empty() && !self.envoy.rules.contains(&0),
+            "envoy.rules: at least one count, none 0"
+        );
+        anyhow::ensure!(self.envoy.rounds > 0, "envoy.rounds must be > 0");
+        anyhow::ensure!(
+            self.envoy.clients > 0 && self.envoy.streams > 0,
+            "envoy.clients and envoy.streams must be > 0"
+        );
+        anyhow::ensure!(
+            self.envoy.window > Duration::ZERO && self.envoy.warmup > Duration::ZERO,
+            "envoy.window and envoy.warmup must be > 0"
+        );
         Ok(())
     }
 }
@@ -289,5 +349,7 @@ mod tests {
         assert_eq!(c.signer.concurrency, vec![64]);
         assert_eq!(c.filter.rules, vec![1_000, 10_000]);
         assert!(!c.restart.enabled);
+        assert_eq!(c.envoy.rules, vec![10, 1_000, 10_000]);
+        assert_eq!(c.envoy.rounds, 1);
     }
 }

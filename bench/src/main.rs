@@ -7,6 +7,7 @@
 mod bound;
 mod cli;
 mod config;
+mod envoy_authz;
 mod filter_cost;
 mod load;
 mod manifest;
@@ -28,7 +29,7 @@ use anyhow::Context;
 use clap::Parser;
 use tracing::info;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, Section};
 use crate::config::BenchConfig;
 use crate::filter_cost::{Kind, Sampling};
 use crate::load::Backoff;
@@ -397,38 +398,116 @@ fn wasm_cost(
     anyhow::bail!("meshward-bench was built without its `wasm` feature")
 }
 
+fn noop_wasm_path(config: &BenchConfig) -> PathBuf {
+    config
+        .envoy
+        .noop_wasm
+        .clone()
+        .unwrap_or_else(|| match std::env::var_os("MESHWARD_NOOP_WASM") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+                .join("meshward_noop_plugin.wasm"),
+        })
+}
+
+/// The real-Envoy section; `None` (with the reason in `skipped`) when it
+/// could not run. A configuration answering non-2xx fails the whole run.
+#[cfg(feature = "envoy")]
+fn envoy_authz_section(
+    config: &BenchConfig,
+    skipped: &mut Vec<String>,
+) -> anyhow::Result<Option<envoy_authz::EnvoyAuthz>> {
+    let setup = envoy_authz::Setup {
+        filter_wasm: wasm_path(config),
+        noop_wasm: noop_wasm_path(config),
+        h2load: config
+            .envoy
+            .h2load
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("h2load")),
+        work_dir: work_dir(config),
+    };
+    let rt = runtime()?;
+    match rt.block_on(envoy_authz::measure(&config.envoy, &setup)) {
+        Ok(e) => Ok(Some(e)),
+        Err(e) if e.downcast_ref::<envoy_authz::Non2xx>().is_some() => Err(e),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "envoy authz section failed");
+            skipped.push(format!("the filter in real Envoy: {e:#}"));
+            Ok(None)
+        }
+    }
+}
+
+#[cfg(not(feature = "envoy"))]
+fn envoy_authz_section(
+    _config: &BenchConfig,
+    skipped: &mut Vec<String>,
+) -> anyhow::Result<Option<envoy_authz::EnvoyAuthz>> {
+    skipped.push(
+        "the filter in real Envoy: meshward-bench was built without its `envoy` feature"
+            .to_string(),
+    );
+    Ok(None)
+}
+
 fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
     let config = if args.check { config.quick() } else { config };
     let machine = Machine::describe(signer_proc::filesystem_type(&work_dir(&config)));
     info!(cores = machine.cores, cpu = %machine.cpu_model, loadavg = %machine.loadavg_start, "starting");
     let mut skipped = Vec::new();
+    // `--only envoy-authz` runs that section and nothing else.
+    let all = args.only.is_none();
+    let envoy_on = config.envoy.enabled && matches!(args.only, None | Some(Section::EnvoyAuthz));
 
-    info!("openssl speed");
-    let openssl = match bound::measure(config.openssl.seconds) {
-        Ok(o) => Some(o),
-        Err(e) => {
-            skipped.push(format!("openssl speed: {e:#}"));
-            None
-        }
+    let (openssl, ring_p256) = if all {
+        info!("openssl speed");
+        let openssl = match bound::measure(config.openssl.seconds) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                skipped.push(format!("openssl speed: {e:#}"));
+                None
+            }
+        };
+        info!("ring P-256 sign and verify");
+        let ring_p256 = match bound::ring_p256(f64::from(config.openssl.seconds)) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                skipped.push(format!("ring P-256 rates: {e:#}"));
+                None
+            }
+        };
+        (openssl, ring_p256)
+    } else {
+        (None, None)
     };
 
-    info!("ring P-256 sign and verify");
-    let ring_p256 = match bound::ring_p256(f64::from(config.openssl.seconds)) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            skipped.push(format!("ring P-256 rates: {e:#}"));
-            None
-        }
+    let (native, wasm, wasm_size) = if all {
+        info!("filter decision cost");
+        let (native, wasm, wasm_size, filter_skipped) = filter_costs(&config, true);
+        skipped.extend(filter_skipped);
+        (native?, wasm, wasm_size)
+    } else {
+        (
+            Vec::new(),
+            Vec::new(),
+            filter_cost::wasm_size(&wasm_path(&config)).ok(),
+        )
     };
 
-    info!("filter decision cost");
-    let (native, wasm, wasm_size, filter_skipped) = filter_costs(&config, true);
-    let native = native?;
-    skipped.extend(filter_skipped);
+    let envoy_authz = if envoy_on {
+        info!("the filter in real Envoy vs Envoy RBAC");
+        envoy_authz_section(&config, &mut skipped)?
+    } else {
+        None
+    };
 
     let rt = runtime()?;
     let mut signer = Vec::new();
-    for &key in &config.signer.key_types {
+    let key_types: &[KeyType] = if all { &config.signer.key_types } else { &[] };
+    for &key in key_types {
         info!(key = key.label(), "signer throughput");
         signer.extend(rt.block_on(signer_throughput(
             &config,
@@ -441,7 +520,7 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
             },
         ))?);
     }
-    if config.signer.no_ledger_concurrency > 0 && config.signer.ledger {
+    if all && config.signer.no_ledger_concurrency > 0 && config.signer.ledger {
         info!("signer throughput without the ledger");
         signer.extend(rt.block_on(signer_throughput(
             &config,
@@ -450,7 +529,7 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
             LedgerKind::Off,
         ))?);
     }
-    if config.signer.postgres_concurrency > 0 {
+    if all && config.signer.postgres_concurrency > 0 {
         info!("signer throughput with the ledger in PostgreSQL");
         signer.extend(rt.block_on(signer_throughput(
             &config,
@@ -460,7 +539,7 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
         ))?);
     }
     let mut restart = Vec::new();
-    if config.restart.enabled {
+    if all && config.restart.enabled {
         for &clients in std::iter::once(&config.restart.clients).chain(&config.restart.also_clients)
         {
             info!(clients, "mass restart");
@@ -469,12 +548,16 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
     }
     drop(rt);
 
-    let signer_memory_limit = match manifest::signer_memory_limit() {
-        Ok(l) => Some(l),
-        Err(e) => {
-            skipped.push(format!("the signer StatefulSet's memory limit: {e:#}"));
-            None
+    let signer_memory_limit = if all {
+        match manifest::signer_memory_limit() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                skipped.push(format!("the signer StatefulSet's memory limit: {e:#}"));
+                None
+            }
         }
+    } else {
+        None
     };
     let mut machine = machine;
     machine.loadavg_end = report::loadavg();
@@ -490,17 +573,30 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
         native,
         wasm,
         wasm_size,
+        envoy_rules: if envoy_on {
+            config.envoy.rules.clone()
+        } else {
+            Vec::new()
+        },
+        envoy_authz,
         skipped,
     };
-    let checks = report::checks(&results, &config.targets);
-    let output = match (&args.output, args.check) {
-        (Some(p), _) => Some(p.clone()),
-        (None, false) => Some(PathBuf::from("BENCHMARKS.md")),
-        (None, true) => None,
+    let mut checks = report::checks(&results, &config.targets);
+    if !all {
+        checks.retain(report::Check::is_envoy);
+    }
+    let output = match (&args.output, args.check, all) {
+        (Some(p), _, _) => Some(p.clone()),
+        (None, false, true) => Some(PathBuf::from("BENCHMARKS.md")),
+        (None, _, _) => None,
     };
     if let Some(path) = output {
-        std::fs::write(&path, report::markdown(&results, &config, &checks))
-            .with_context(|| format!("writing {}", path.display()))?;
+        let text = if all {
+            report::markdown(&results, &config, &checks)
+        } else {
+            report::envoy_markdown_alone(&results, &config, &checks)
+        };
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         info!(path = %path.display(), "report written");
     }
     if let Some(path) = &args.json {

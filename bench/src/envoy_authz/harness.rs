@@ -1,0 +1,405 @@
+//! Runs the comparison: a signer in this process (the e2e crate's
+//! `LocalSigner`) issues the two workloads' certificates through the e2e
+//! agent (SDS files, as istio-agent writes them); per configuration and
+//! round, a fresh server Envoy and client Envoy, an h2load warm-up, then a
+//! measured h2load run with the server's CPU read around it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use meshward_e2e::envoy::agent::{Agent, CaAccess, Workload};
+use meshward_e2e::envoy::bootstrap::{INBOUND, InboundApp, OUTBOUND, SidecarBootstrap, Upstream};
+use meshward_e2e::envoy::sds::SdsDir;
+use meshward_e2e::envoy::wasmplugin::WasmPlugin;
+use meshward_e2e::envoy::{Admin, Envoy, envoy_binary};
+use meshward_e2e::mesh::LocalSigner;
+use serde_json::Value;
+use tracing::info;
+
+use super::{
+    Authz, CLIENT, EnvoyAuthz, H2load, HCM_STATS, SERVER, SERVER_HOST, Sample, aggregate,
+    any_authority, meshward_config, noop_config, rbac_filter, route_direct_response, slots,
+    upstream_http2,
+};
+use crate::config::EnvoyBench;
+use crate::filter_cost::Kind;
+use crate::report::loadavg;
+use crate::signer_proc::process_cpu_times;
+
+/// What the section needs from outside.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// meshward's `.wasm`.
+    pub filter_wasm: PathBuf,
+    /// The empty plugin's `.wasm`.
+    pub noop_wasm: PathBuf,
+    /// h2load.
+    pub h2load: PathBuf,
+    /// Where the run's directory goes.
+    pub work_dir: PathBuf,
+}
+
+/// A configuration answered something other than 2xx: the comparison is
+/// void (a policy did not allow the client), so the run fails.
+#[derive(Debug)]
+pub struct Non2xx(pub String);
+
+impl std::fmt::Display for Non2xx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Non2xx {}
+
+/// Shared by every run.
+struct Cx<'a> {
+    config: &'a EnvoyBench,
+    setup: &'a Setup,
+    dir: PathBuf,
+    server_sds: SdsDir,
+    client_sds: SdsDir,
+    server_id: String,
+    http_plugin: WasmPlugin,
+    network_plugin: WasmPlugin,
+}
+
+/// Measures every configuration `config.rounds` times, interleaved.
+pub async fn measure(config: &EnvoyBench, setup: &Setup) -> anyhow::Result<EnvoyAuthz> {
+    let envoy_version = version_of(&envoy_binary()?, "--version").await?;
+    let h2load_version = version_of(&setup.h2load, "--version")
+        .await
+        .context("h2load (Debian's nghttp2-client; scripts/bench installs it)")?;
+    let noop_wasm_size = std::fs::metadata(&setup.noop_wasm)
+        .with_context(|| {
+            format!(
+                "the empty plugin {} (scripts/bench builds it)",
+                setup.noop_wasm.display()
+            )
+        })?
+        .len();
+    std::fs::metadata(&setup.filter_wasm)
+        .with_context(|| format!("the filter {}", setup.filter_wasm.display()))?;
+    let loadavg_start = loadavg();
+    let tmp = tempfile::Builder::new()
+        .prefix("meshward-envoy-bench-")
+        .tempdir_in(&setup.work_dir)?;
+    let dir = tmp.path().to_path_buf();
+    let mut signer =
+        LocalSigner::start(&dir.join("signer"), Duration::from_secs(24 * 3600)).await?;
+    let ca = CaAccess {
+        grpc: signer.grpc_addr()?,
+        roots_pem: signer.roots_pem()?,
+        tokens: signer.tokens(),
+    };
+    let server_sds = SdsDir::create(&dir.join("server-sds"))?;
+    let client_sds = SdsDir::create(&dir.join("client-sds"))?;
+    let server_agent =
+        Agent::start(Workload::new(SERVER.0, SERVER.1), &ca, server_sds.clone()).await?;
+    let client_agent =
+        Agent::start(Workload::new(CLIENT.0, CLIENT.1), &ca, client_sds.clone()).await?;
+    let cx = Cx {
+        config,
+        setup,
+        dir: dir.clone(),
+        server_sds,
+        client_sds,
+        server_id: server_agent.spiffe_id(),
+        http_plugin: WasmPlugin::manifest("wasmplugin-http.yaml")?,
+        network_plugin: WasmPlugin::manifest("wasmplugin-network.yaml")?,
+    };
+    info!(client = %client_agent.spiffe_id(), server = %cx.server_id, envoy = %envoy_version, "envoy authz: certificates issued");
+    let slots = slots(&config.rules);
+    let mut samples = Vec::new();
+    for round in 1..=config.rounds {
+        for &(kind, authz) in &slots {
+            let s = one(&cx, kind, authz, round)
+                .await
+                .with_context(|| format!("{kind:?} {} round {round}", authz.tag()))?;
+            info!(
+                round,
+                ?kind,
+                authz = authz.tag(),
+                requests_per_s = format!("{:.0}", s.requests_per_s),
+                cpu_us = format!("{:.1}", s.cpu_us),
+                units = s.units,
+                "envoy authz"
+            );
+            samples.push((kind, authz, s));
+        }
+    }
+    drop(client_agent);
+    drop(server_agent);
+    signer.stop().await?;
+    Ok(EnvoyAuthz {
+        envoy_version,
+        h2load_version,
+        noop_wasm_size,
+        loadavg_start,
+        loadavg_end: loadavg(),
+        rows: aggregate(&slots, &samples),
+    })
+}
+
+async fn version_of(binary: &Path, arg: &str) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new(binary)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running {} {arg}", binary.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} {arg}: {}",
+        binary.display(),
+        out.status
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .trim()
+        .to_string())
+}
+
+fn authz_filter(cx: &Cx<'_>, kind: Kind, authz: Authz) -> anyhow::Result<Option<Value>> {
+    let plugin = match kind {
+        Kind::Http => &cx.http_plugin,
+        Kind::Network => &cx.network_plugin,
+    };
+    Ok(match authz {
+        Authz::None => None,
+        Authz::Rbac(n) => Some(rbac_filter(kind, n)),
+        Authz::Meshward(n) => Some(
+            plugin
+                .clone()
+                .with_plugin_config(meshward_config(kind, n))
+                .envoy_filter(&cx.setup.filter_wasm)?,
+        ),
+        Authz::Noop => Some(
+            plugin
+                .clone()
+                .with_plugin_config(noop_config(kind))
+                .envoy_filter(&cx.setup.noop_wasm)?,
+        ),
+    })
+}
+
+fn bootstrap(name: &str, sds: &SdsDir) -> SidecarBootstrap {
+    SidecarBootstrap {
+        name: name.to_string(),
+        namespace: SERVER.0.to_string(),
+        labels: [("app".to_string(), name.to_string())].into(),
+        sds: sds.clone(),
+        inbound: None,
+        permissive: false,
+        http_filters: Vec::new(),
+        network_filters: Vec::new(),
+        upstreams: Vec::new(),
+        signer_admin: None,
+        stats_config: None,
+        tcp_early_data_bytes: None,
+    }
+}
+
+/// Server-side counters the figures divide by.
+#[derive(Debug, Clone, Copy)]
+struct Counters {
+    completed: u64,
+    ok: u64,
+    connections: u64,
+}
+
+impl Counters {
+    async fn read(admin: &Admin) -> anyhow::Result<Self> {
+        let stats = admin.stats().await?;
+        let get = |name: &str| {
+            let full = format!("{HCM_STATS}{name}");
+            stats
+                .iter()
+                .find(|(k, _)| *k == full)
+                .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok(Self {
+            completed: get("downstream_rq_completed"),
+            ok: get("downstream_rq_2xx"),
+            connections: get("downstream_cx_total"),
+        })
+    }
+}
+
+fn server_cpu(pid: u32) -> anyhow::Result<Duration> {
+    Ok(process_cpu_times(&format!("/proc/{pid}/stat"))?.total())
+}
+
+/// Waits until the server Envoy uses under a tenth of a core (what a run
+/// left queued has been served), at most a minute.
+async fn wait_idle(pid: u32) -> anyhow::Result<()> {
+    const STEP: Duration = Duration::from_millis(200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut before = server_cpu(pid)?;
+    loop {
+        tokio::time::sleep(STEP).await;
+        let now = server_cpu(pid)?;
+        if now.saturating_sub(before) <= STEP / 10 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the server Envoy stayed busy for a minute after the load stopped"
+        );
+        before = now;
+    }
+}
+
+async fn h2load(cx: &Cx<'_>, url: &str, amount: &[String]) -> anyhow::Result<H2load> {
+    let out = tokio::process::Command::new(&cx.setup.h2load)
+        .args(["-c", &cx.config.clients.to_string()])
+        .args(["-m", &cx.config.streams.to_string()])
+        .args(["-t", "1"])
+        .args(amount)
+        .arg(url)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {}", cx.setup.h2load.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "h2load {amount:?} {url}: {}\n{text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    H2load::parse(&text)
+}
+
+async fn one(cx: &Cx<'_>, kind: Kind, authz: Authz, round: usize) -> anyhow::Result<Sample> {
+    let run_dir = cx.dir.join(format!("r{round}-{kind:?}-{}", authz.tag()));
+    let filter = authz_filter(cx, kind, authz)?;
+    let mut server = bootstrap(SERVER.1, &cx.server_sds);
+    // The app address is replaced by a direct_response below.
+    server.inbound = Some(InboundApp::Http(std::net::SocketAddr::from((
+        [127, 0, 0, 1],
+        9,
+    ))));
+    match kind {
+        Kind::Http => server.http_filters.extend(filter),
+        Kind::Network => server.network_filters.extend(filter),
+    }
+    let mut server = server.build()?;
+    route_direct_response(&mut server)?;
+    let server = Envoy::start(
+        &format!("{}.{}", SERVER.1, SERVER.0),
+        &run_dir.join("server"),
+        &server,
+    )
+    .await?;
+    let mut client = bootstrap(CLIENT.1, &cx.client_sds);
+    client.upstreams.push(Upstream {
+        host: SERVER_HOST.to_string(),
+        addr: server.listener_addr(INBOUND).await?,
+        spiffe_id: cx.server_id.clone(),
+        tcp: false,
+        handshake_per_request: kind == Kind::Network,
+    });
+    let mut client = client.build()?;
+    any_authority(&mut client)?;
+    if kind == Kind::Http {
+        upstream_http2(&mut client)?;
+    }
+    let client = Envoy::start(
+        &format!("{}.{}", CLIENT.1, CLIENT.0),
+        &run_dir.join("client"),
+        &client,
+    )
+    .await?;
+    let url = format!("http://{}/", client.listener_addr(OUTBOUND).await?);
+    let pid = server.pid().context("the server Envoy has no PID")?;
+
+    let what = format!(
+        "{} ({kind:?}, {} rules)",
+        authz.label(),
+        authz.rules().unwrap_or(0)
+    );
+    let in_flight = (cx.config.clients * cx.config.streams) as u64;
+    let mut warm = h2load(
+        cx,
+        &url,
+        &[
+            "-D".to_string(),
+            cx.config.warmup.as_secs().max(1).to_string(),
+        ],
+    )
+    .await?;
+    if warm.status_2xx + warm.status_other == 0 {
+        // Slower than the warm-up (RBAC with 10 000 policies): no answer
+        // came back in time. Warm up with one request per stream instead,
+        // waiting for every answer, which also gives the rate.
+        wait_idle(pid).await?;
+        warm = h2load(cx, &url, &["-n".to_string(), in_flight.to_string()]).await?;
+    }
+    if warm.status_other > 0 || warm.status_2xx == 0 {
+        return Err(Non2xx(format!(
+            "{what} answered {} non-2xx and {} 2xx responses in the warm-up; server log:\n{}",
+            warm.status_other,
+            warm.status_2xx,
+            server.log_tail(20)
+        ))
+        .into());
+    }
+    wait_idle(pid).await?;
+    let requests = ((warm.requests_per_s * cx.config.window.as_secs_f64()) as u64)
+        .max(cx.config.min_requests)
+        .max(in_flight);
+
+    let before = Counters::read(server.admin()).await?;
+    let loadavg = loadavg()
+        .split_whitespace()
+        .next()
+        .unwrap_or("?")
+        .to_string();
+    let cpu_before = server_cpu(pid)?;
+    let run = h2load(cx, &url, &["-n".to_string(), requests.to_string()]).await?;
+    wait_idle(pid).await?;
+    let cpu = server_cpu(pid)?.saturating_sub(cpu_before);
+    let after = Counters::read(server.admin()).await?;
+
+    let completed = after.completed.saturating_sub(before.completed);
+    let ok = after.ok.saturating_sub(before.ok);
+    if run.status_2xx != requests
+        || run.status_other > 0
+        || run.failed + run.errored + run.timeout > 0
+        || ok != completed
+    {
+        return Err(Non2xx(format!(
+            "{what}: h2load sent {requests}: {} 2xx, {} other statuses, {} failed, {} errored, \
+             {} timed out; the server answered {ok} 2xx of {completed}; server log:\n{}",
+            run.status_2xx,
+            run.status_other,
+            run.failed,
+            run.errored,
+            run.timeout,
+            server.log_tail(20)
+        ))
+        .into());
+    }
+    let units = match kind {
+        Kind::Http => completed,
+        Kind::Network => after.connections.saturating_sub(before.connections),
+    };
+    anyhow::ensure!(units > 0, "{what}: the server counted nothing");
+    client.stop().await?;
+    server.stop().await?;
+    Ok(Sample {
+        round,
+        requests_per_s: run.requests_per_s,
+        cpu_us: cpu.as_secs_f64() * 1e6 / units as f64,
+        units,
+        cpu_s: cpu.as_secs_f64(),
+        loadavg,
+    })
+}
