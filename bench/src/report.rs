@@ -578,24 +578,7 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
     );
 
     let _ = writeln!(s, "## Targets\n");
-    let _ = writeln!(
-        s,
-        "| target | measured | wanted | met |\n| --- | --- | --- | --- |"
-    );
-    for c in checks {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} |",
-            c.name,
-            c.value,
-            c.target,
-            if c.ok { "yes" } else { "**no**" }
-        );
-    }
-    let _ = writeln!(s);
-    for k in &r.skipped {
-        let _ = writeln!(s, "- not measured: {k}");
-    }
+    targets_table(&mut s, checks, &r.skipped);
     if !r.skipped.is_empty() {
         let _ = writeln!(s);
     }
@@ -1073,24 +1056,7 @@ pub fn envoy_markdown_alone(r: &Results, config: &BenchConfig, checks: &[Check])
         "{}, commit {}, {} cores ({}), load average {} at start, {} at end.\n",
         m.date, m.commit, m.cores, m.cpu_model, m.loadavg_start, m.loadavg_end
     );
-    let _ = writeln!(
-        s,
-        "| target | measured | wanted | met |\n| --- | --- | --- | --- |"
-    );
-    for c in checks {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} |",
-            c.name,
-            c.value,
-            c.target,
-            if c.ok { "yes" } else { "**no**" }
-        );
-    }
-    let _ = writeln!(s);
-    for k in &r.skipped {
-        let _ = writeln!(s, "- not measured: {k}");
-    }
+    targets_table(&mut s, checks, &r.skipped);
     envoy_section(&mut s, r, config);
     s
 }
@@ -1256,6 +1222,28 @@ fn envoy_section(s: &mut String, r: &Results, config: &BenchConfig) {
         }
     }
     let _ = writeln!(s);
+}
+
+/// The target checks as a table, then what was not measured.
+fn targets_table(s: &mut String, checks: &[Check], skipped: &[String]) {
+    let _ = writeln!(
+        s,
+        "| target | measured | wanted | met |\n| --- | --- | --- | --- |"
+    );
+    for c in checks {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            c.name,
+            c.value,
+            c.target,
+            if c.ok { "yes" } else { "**no**" }
+        );
+    }
+    let _ = writeln!(s);
+    for k in skipped {
+        let _ = writeln!(s, "- not measured: {k}");
+    }
 }
 
 #[cfg(test)]
