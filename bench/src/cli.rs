@@ -54,6 +54,11 @@ pub struct RunArgs {
     /// BENCHMARKS.md, only `--output` (that section alone) and `--json`.
     #[arg(long, value_enum)]
     pub only: Option<Section>,
+    /// With --only: put that section's tables and target rows into the
+    /// existing report (`--output`, default BENCHMARKS.md) in place of its
+    /// previous ones, leaving every other section's figures as they were.
+    #[arg(long, requires = "only", conflicts_with = "check")]
+    pub merge: bool,
 }
 
 /// A section `run --only` can run alone.
@@ -61,6 +66,9 @@ pub struct RunArgs {
 pub enum Section {
     /// The filter in real Envoy against Envoy's RBAC and an empty plugin.
     EnvoyAuthz,
+    /// The signer against OpenBao's PKI secrets engine (it runs its own
+    /// signer rows for the comparison).
+    Openbao,
 }
 
 /// `load`.
@@ -132,7 +140,18 @@ mod tests {
             panic!("not run")
         };
         assert_eq!(only.only, Some(Section::EnvoyAuthz));
+        assert!(!only.merge);
         assert!(parse(&["run", "--only", "signer"]).is_err());
+        let Command::Run(bao) = parse(&["run", "--only", "openbao", "--merge"])
+            .unwrap()
+            .command
+        else {
+            panic!("not run")
+        };
+        assert_eq!((bao.only, bao.merge), (Some(Section::Openbao), true));
+        // Merging needs a section, and a quick check never writes the report.
+        assert!(parse(&["run", "--merge"]).is_err());
+        assert!(parse(&["run", "--only", "openbao", "--merge", "--check"]).is_err());
     }
 
     #[test]

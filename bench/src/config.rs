@@ -27,6 +27,8 @@ pub struct BenchConfig {
     pub openssl: OpensslBench,
     /// The filter in real Envoy against Envoy's RBAC and an empty plugin.
     pub envoy: EnvoyBench,
+    /// The signer against OpenBao's PKI secrets engine.
+    pub openbao: OpenbaoBench,
     /// Targets `--check` enforces.
     pub targets: Targets,
 }
@@ -148,6 +150,30 @@ pub struct EnvoyBench {
     pub noop_wasm: Option<PathBuf>,
 }
 
+/// Settings of the signer vs OpenBao PKI comparison (`openbao.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenbaoBench {
+    /// Skip it.
+    pub enabled: bool,
+    /// Concurrent clients per measurement (the signer rows' concurrencies).
+    pub concurrency: Vec<usize>,
+    /// Every cell once per round, interleaved; figures are medians.
+    pub rounds: usize,
+    /// Warm-up before each window.
+    #[serde(with = "humantime_serde")]
+    pub warmup: Duration,
+    /// Measurement window.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Also at this concurrency with nothing recorded: meshward's ledger
+    /// off, OpenBao's role `no_store = true` (0 = skip).
+    pub no_store_concurrency: usize,
+    /// The `bao` binary; empty = `MESHWARD_BAO`, else `scripts/openbao --path`.
+    #[serde(default)]
+    pub binary: Option<PathBuf>,
+}
+
 /// `openssl speed` settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -182,6 +208,11 @@ pub struct Targets {
     /// In Envoy: meshward's marginal CPU at the largest rule count / at the
     /// smallest, at most.
     pub envoy_flat_ratio: f64,
+    /// meshward's certificates per server CPU-second / OpenBao's, at
+    /// `openbao_clients` clients, at least.
+    pub openbao_ratio: f64,
+    /// The concurrency that ratio is checked at.
+    pub openbao_clients: usize,
 }
 
 mod humantime_serde {
@@ -249,6 +280,12 @@ impl BenchConfig {
         // Every rule count: the Envoy targets hold at each of them.
         self.envoy.rounds = 1;
         self.envoy.window = self.envoy.window.min(Duration::from_secs(2));
+        // The OpenBao target's concurrency only, one round, recorded only.
+        self.openbao.concurrency = vec![self.targets.openbao_clients];
+        self.openbao.rounds = 1;
+        self.openbao.warmup = self.openbao.warmup.min(Duration::from_millis(500));
+        self.openbao.window = self.openbao.window.min(Duration::from_secs(2));
+        self.openbao.no_store_concurrency = 0;
         self
     }
 
@@ -286,6 +323,19 @@ impl BenchConfig {
         anyhow::ensure!(
             self.envoy.window > Duration::ZERO && self.envoy.warmup > Duration::ZERO,
             "envoy.window and envoy.warmup must be > 0"
+        );
+        anyhow::ensure!(
+            !self.openbao.concurrency.is_empty() && !self.openbao.concurrency.contains(&0),
+            "openbao.concurrency: at least one, none 0"
+        );
+        anyhow::ensure!(self.openbao.rounds > 0, "openbao.rounds must be > 0");
+        anyhow::ensure!(
+            self.openbao.window > Duration::ZERO,
+            "openbao.window must be > 0"
+        );
+        anyhow::ensure!(
+            self.targets.openbao_clients > 0,
+            "targets.openbao_clients must be > 0"
         );
         Ok(())
     }
@@ -351,5 +401,19 @@ mod tests {
         assert!(!c.restart.enabled);
         assert_eq!(c.envoy.rules, vec![10, 1_000, 10_000]);
         assert_eq!(c.envoy.rounds, 1);
+        assert_eq!(c.openbao.concurrency, vec![64]);
+        assert_eq!((c.openbao.rounds, c.openbao.no_store_concurrency), (1, 0));
+    }
+
+    #[test]
+    fn openbao_defaults_match_the_signer_rows_and_the_issue_target() {
+        let c = BenchConfig::defaults().unwrap();
+        assert!(c.openbao.enabled);
+        assert_eq!(c.openbao.concurrency, c.signer.concurrency);
+        assert_eq!(c.openbao.window, c.signer.window);
+        assert_eq!(c.targets.openbao_ratio, 5.0);
+        assert_eq!(c.targets.openbao_clients, 64);
+        assert!(BenchConfig::defaults_overridden_by("[openbao]\nrounds = 0\n", "t").is_err());
+        assert!(BenchConfig::defaults_overridden_by("[openbao]\nconcurrency = []\n", "t").is_err());
     }
 }

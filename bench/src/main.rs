@@ -11,6 +11,7 @@ mod envoy_authz;
 mod filter_cost;
 mod load;
 mod manifest;
+mod openbao;
 // The shared-ledger tests' PostgreSQL fixture: the bench starts the same
 // server for its PostgreSQL row.
 #[path = "../../signer/tests/support/postgres.rs"]
@@ -453,6 +454,55 @@ fn envoy_authz_section(
     Ok(None)
 }
 
+/// The `bao` binary: `[openbao] binary`, else `MESHWARD_BAO`, else what
+/// `scripts/openbao --path` finds or installs.
+fn bao_binary(config: &BenchConfig) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &config.openbao.binary {
+        return Ok(p.clone());
+    }
+    if let Some(p) = std::env::var_os("MESHWARD_BAO").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/openbao");
+    let out = std::process::Command::new(&script)
+        .arg("--path")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} --path: {} (set MESHWARD_BAO or [openbao] binary)",
+        script.display(),
+        out.status
+    );
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// The OpenBao comparison; `None` (with the reason in `skipped`) when it
+/// could not run.
+fn openbao_section(
+    config: &BenchConfig,
+    rt: &tokio::runtime::Runtime,
+    skipped: &mut Vec<String>,
+) -> Option<openbao::OpenbaoComparison> {
+    let setup = (|| {
+        anyhow::Ok(openbao::Setup {
+            bao: bao_binary(config)?,
+            signer: signer_binary(config)?,
+            work_dir: work_dir(config),
+            max_concurrent_requests: config.signer.max_concurrent_requests,
+        })
+    })();
+    match setup.and_then(|setup| rt.block_on(openbao::measure(&config.openbao, &setup))) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "openbao comparison failed");
+            skipped.push(format!("signer vs OpenBao PKI: {e:#}"));
+            None
+        }
+    }
+}
+
 fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
     let config = if args.check { config.quick() } else { config };
     let machine = Machine::describe(signer_proc::filesystem_type(&work_dir(&config)));
@@ -461,6 +511,7 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
     // `--only envoy-authz` runs that section and nothing else.
     let all = args.only.is_none();
     let envoy_on = config.envoy.enabled && matches!(args.only, None | Some(Section::EnvoyAuthz));
+    let openbao_on = config.openbao.enabled && matches!(args.only, None | Some(Section::Openbao));
 
     let (openssl, ring_p256) = if all {
         info!("openssl speed");
@@ -538,6 +589,14 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
             LedgerKind::Postgres,
         ))?);
     }
+    // After the signer rows, in the same run: its own meshward cells
+    // interleaved with OpenBao's.
+    let openbao = if openbao_on {
+        info!("signer vs OpenBao PKI");
+        openbao_section(&config, &rt, &mut skipped)
+    } else {
+        None
+    };
     let mut restart = Vec::new();
     if all && config.restart.enabled {
         for &clients in std::iter::once(&config.restart.clients).chain(&config.restart.also_clients)
@@ -579,22 +638,30 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
             Vec::new()
         },
         envoy_authz,
+        openbao_asked: openbao_on,
+        openbao,
         skipped,
     };
     let mut checks = report::checks(&results, &config.targets);
-    if !all {
-        checks.retain(report::Check::is_envoy);
+    match args.only {
+        None => {}
+        Some(Section::EnvoyAuthz) => checks.retain(report::Check::is_envoy),
+        Some(Section::Openbao) => checks.retain(report::Check::is_openbao),
     }
-    let output = match (&args.output, args.check, all) {
+    let output = match (&args.output, args.check, all || args.merge) {
         (Some(p), _, _) => Some(p.clone()),
         (None, false, true) => Some(PathBuf::from("BENCHMARKS.md")),
         (None, _, _) => None,
     };
     if let Some(path) = output {
-        let text = if all {
-            report::markdown(&results, &config, &checks)
-        } else {
-            report::envoy_markdown_alone(&results, &config, &checks)
+        let text = match args.only {
+            None => report::markdown(&results, &config, &checks),
+            Some(section) if args.merge => {
+                let existing = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {} to merge into", path.display()))?;
+                report::merge_section(&existing, section, &results, &config, &checks)
+            }
+            Some(section) => report::markdown_alone(section, &results, &config, &checks),
         };
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         info!(path = %path.display(), "report written");

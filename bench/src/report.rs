@@ -1,16 +1,21 @@
 //! Everything one run measured, the target checks, and BENCHMARKS.md.
 
+mod merge;
+mod openbao;
+
 use std::fmt::Write as _;
 use std::process::Command;
 
 use serde::Serialize;
 
 use crate::bound::{OpensslSpeed, Rates};
+use crate::cli::Section;
 use crate::config::{BenchConfig, Targets};
 use crate::envoy_authz::{Authz, EnvoyAuthz};
 use crate::filter_cost::{Kind, NativeCost, WasmCost};
 use crate::load::{Restart, Throughput};
 use crate::manifest::MemoryLimit;
+use crate::openbao::OpenbaoComparison;
 use crate::signer_proc::{LedgerKind, Memory};
 use crate::stats::Summary;
 use crate::workload::KeyType;
@@ -148,6 +153,11 @@ pub struct Results {
     pub envoy_rules: Vec<usize>,
     /// The filter in real Envoy against Envoy's RBAC and an empty plugin.
     pub envoy_authz: Option<EnvoyAuthz>,
+    /// Whether the OpenBao comparison was to run (its targets are checked
+    /// only then).
+    pub openbao_asked: bool,
+    /// The signer against OpenBao's PKI secrets engine.
+    pub openbao: Option<OpenbaoComparison>,
     /// Why a part did not run, if one did not.
     pub skipped: Vec<String>,
 }
@@ -169,6 +179,11 @@ impl Check {
     /// One of the real-Envoy section's targets.
     pub fn is_envoy(&self) -> bool {
         self.name.starts_with(ENVOY_CHECK_PREFIX)
+    }
+
+    /// One of the OpenBao comparison's targets.
+    pub fn is_openbao(&self) -> bool {
+        self.name.starts_with(openbao::CHECK_PREFIX)
     }
 }
 
@@ -406,6 +421,7 @@ pub fn checks(r: &Results, t: &Targets) -> Vec<Check> {
         None => out.push(missing(name, target)),
     }
     out.extend(envoy_checks(r, t));
+    out.extend(openbao::checks(r, t));
     out
 }
 
@@ -749,6 +765,7 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
         }
     }
     let _ = writeln!(s);
+    openbao::section(&mut s, r, &config.targets, false);
 
     // 2. Restart.
     let _ = writeln!(s, "## 2. Mass restart\n");
@@ -1042,27 +1059,75 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
     s
 }
 
-/// The real-Envoy section alone (`run --only envoy-authz --output …`): the
-/// machine, its targets, its tables.
-pub fn envoy_markdown_alone(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
+/// One section alone (`run --only SECTION --output …`): the machine, its
+/// targets, its tables.
+pub fn markdown_alone(
+    section: Section,
+    r: &Results,
+    config: &BenchConfig,
+    checks: &[Check],
+) -> String {
     let mut s = String::new();
     let m = &r.machine;
-    let _ = writeln!(
-        s,
-        "# The filter in real Envoy (`meshward-bench run --only envoy-authz`)\n"
-    );
+    let title = match section {
+        Section::EnvoyAuthz => "The filter in real Envoy (`meshward-bench run --only envoy-authz`)",
+        Section::Openbao => "Signer vs OpenBao PKI (`meshward-bench run --only openbao`)",
+    };
+    let _ = writeln!(s, "# {title}\n");
     let _ = writeln!(
         s,
         "{}, commit {}, {} cores ({}), load average {} at start, {} at end.\n",
         m.date, m.commit, m.cores, m.cpu_model, m.loadavg_start, m.loadavg_end
     );
     targets_table(&mut s, checks, &r.skipped);
-    envoy_section(&mut s, r, config);
+    section_body(&mut s, section, r, config, false);
     s
 }
 
+fn section_body(
+    s: &mut String,
+    section: Section,
+    r: &Results,
+    config: &BenchConfig,
+    standalone: bool,
+) {
+    match section {
+        Section::EnvoyAuthz => envoy_section(s, r, config),
+        Section::Openbao => openbao::section(s, r, &config.targets, standalone),
+    }
+}
+
+/// `existing` (a full BENCHMARKS.md) with `section`'s part and target rows
+/// replaced by this run's (`run --only SECTION --merge`).
+pub fn merge_section(
+    existing: &str,
+    section: Section,
+    r: &Results,
+    config: &BenchConfig,
+    checks: &[Check],
+) -> String {
+    let part = match section {
+        Section::EnvoyAuthz => merge::Part {
+            heading: ENVOY_HEADING,
+            before: None,
+            check_prefix: ENVOY_CHECK_PREFIX,
+        },
+        Section::Openbao => merge::Part {
+            heading: openbao::HEADING,
+            before: Some(openbao::BEFORE),
+            check_prefix: openbao::CHECK_PREFIX,
+        },
+    };
+    let mut body = String::new();
+    section_body(&mut body, section, r, config, true);
+    let rows: Vec<String> = checks.iter().map(target_row).collect();
+    merge::splice(existing, &part, &body, &rows)
+}
+
+const ENVOY_HEADING: &str = "## 5. The filter in real Envoy vs Envoy RBAC";
+
 fn envoy_section(s: &mut String, r: &Results, config: &BenchConfig) {
-    let _ = writeln!(s, "## 5. The filter in real Envoy vs Envoy RBAC\n");
+    let _ = writeln!(s, "{ENVOY_HEADING}\n");
     let Some(e) = &r.envoy_authz else {
         let _ = writeln!(
             s,
@@ -1224,6 +1289,17 @@ fn envoy_section(s: &mut String, r: &Results, config: &BenchConfig) {
     let _ = writeln!(s);
 }
 
+/// One row of the targets table.
+fn target_row(c: &Check) -> String {
+    format!(
+        "| {} | {} | {} | {} |",
+        c.name,
+        c.value,
+        c.target,
+        if c.ok { "yes" } else { "**no**" }
+    )
+}
+
 /// The target checks as a table, then what was not measured.
 fn targets_table(s: &mut String, checks: &[Check], skipped: &[String]) {
     let _ = writeln!(
@@ -1231,14 +1307,7 @@ fn targets_table(s: &mut String, checks: &[Check], skipped: &[String]) {
         "| target | measured | wanted | met |\n| --- | --- | --- | --- |"
     );
     for c in checks {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} |",
-            c.name,
-            c.value,
-            c.target,
-            if c.ok { "yes" } else { "**no**" }
-        );
+        let _ = writeln!(s, "{}", target_row(c));
     }
     let _ = writeln!(s);
     for k in skipped {
@@ -1341,6 +1410,8 @@ mod tests {
             wasm_size: None,
             envoy_rules: Vec::new(),
             envoy_authz: None,
+            openbao_asked: false,
+            openbao: None,
             skipped: Vec::new(),
         }
     }
@@ -1482,6 +1553,152 @@ mod tests {
             .collect();
         assert_eq!(envoy.len(), 6);
         assert!(envoy.iter().all(|c| !c.ok && c.value == "not measured"));
+    }
+
+    fn openbao_sample(round: usize, per_cpu_s: f64, errors: u64) -> crate::openbao::Sample {
+        crate::openbao::Sample {
+            round,
+            issued: 1000,
+            certs_per_s: per_cpu_s,
+            latency_ms: None,
+            server_cores: 1.0,
+            loadgen_cores: 0.5,
+            certs_per_server_cpu_s: per_cpu_s,
+            server_kernel_us_per_cert: 30.0,
+            server_peak_rss: Some(100 << 20),
+            errors,
+            first_error: (errors > 0).then(|| "503 Service Unavailable".to_string()),
+            loadavg: "1.0".to_string(),
+        }
+    }
+
+    fn openbao_results(dev_errors: u64) -> Results {
+        use crate::openbao::{OpenbaoComparison, Server, aggregate, slots};
+        let slots = slots(&[64], 64);
+        let per_cpu = |server: Server| match server {
+            Server::Meshward => 4400.0,
+            Server::OpenbaoDev => 800.0,
+            Server::OpenbaoRaft => 550.0,
+        };
+        let samples: Vec<_> = slots
+            .iter()
+            .map(|&c| {
+                let errors = if c.server == Server::OpenbaoDev && c.stored {
+                    dev_errors
+                } else {
+                    0
+                };
+                (c, openbao_sample(1, per_cpu(c.server), errors))
+            })
+            .collect();
+        Results {
+            openbao_asked: true,
+            openbao: Some(OpenbaoComparison {
+                bao_version: "OpenBao v2.7.2".to_string(),
+                loadavg_start: "1.0".to_string(),
+                loadavg_end: "1.1".to_string(),
+                date: "2026-12-07T00:00:00Z".to_string(),
+                window_s: 4.0,
+                warmup_s: 1.0,
+                rounds: 1,
+                rows: aggregate(&slots, &samples),
+            }),
+            ..results(vec![row(9_000.0, 1.0)])
+        }
+    }
+
+    #[test]
+    fn openbao_targets_compare_certificates_per_server_cpu_second_at_64_clients() {
+        let config = BenchConfig::defaults().unwrap();
+        let results = openbao_results(0);
+        let checks: Vec<Check> = checks(&results, &config.targets)
+            .into_iter()
+            .filter(Check::is_openbao)
+            .collect();
+        assert_eq!(checks.len(), 2, "{checks:#?}");
+        assert!(checks.iter().all(|c| c.ok), "{checks:#?}");
+        assert_eq!(checks[0].value, "5.50× (4400 vs 800; rounds 5.50×)");
+        assert!(checks[1].name.contains("raft storage (on disk)"));
+        let text = markdown(&results, &config, &checks);
+        assert!(text.contains("### Signer vs OpenBao PKI"), "{text}");
+        assert!(
+            text.contains("| 64 | every certificate | 4400 | 800 | 550 | 5.50× | 8.00× |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| 64 | nothing | 4400 | 800 | 550 |"),
+            "{text}"
+        );
+        // Section 1, then this, then section 2.
+        let (one, bao, two) = (
+            text.find("## 1. Signer throughput").unwrap(),
+            text.find("### Signer vs OpenBao PKI").unwrap(),
+            text.find("## 2. Mass restart").unwrap(),
+        );
+        assert!(one < bao && bao < two);
+
+        // Failed requests void the comparison; not run fails as not measured.
+        let failing = checks_of(&openbao_results(3), &config);
+        assert!(!failing[0].ok && failing[0].value.ends_with("; 3 failed requests"));
+        assert!(failing[1].ok);
+        let missing = Results {
+            openbao: None,
+            skipped: vec!["signer vs OpenBao PKI: no bao".to_string()],
+            ..openbao_results(0)
+        };
+        let none = checks_of(&missing, &config);
+        assert!(none.iter().all(|c| !c.ok && c.value == "not measured"));
+        assert!(markdown(&missing, &config, &none).contains("Not run: no bao."));
+        // Not asked for: no targets.
+        let off = Results {
+            openbao_asked: false,
+            ..missing
+        };
+        assert!(checks_of(&off, &config).is_empty());
+    }
+
+    fn checks_of(r: &Results, config: &BenchConfig) -> Vec<Check> {
+        checks(r, &config.targets)
+            .into_iter()
+            .filter(Check::is_openbao)
+            .collect()
+    }
+
+    #[test]
+    fn merging_the_openbao_section_replaces_only_its_part() {
+        let config = BenchConfig::defaults().unwrap();
+        let old = Results {
+            openbao_asked: true,
+            openbao: None,
+            ..results(vec![row(9_000.0, 1.0)])
+        };
+        let old_checks = checks(&old, &config.targets);
+        let before = markdown(&old, &config, &old_checks);
+        let new = openbao_results(0);
+        let new_checks = checks_of(&new, &config);
+        let merged = merge_section(&before, Section::Openbao, &new, &config, &new_checks);
+        assert!(merged.contains("| 64 | every certificate | 4400 | 800 | 550 | 5.50× | 8.00× |"));
+        assert!(
+            merged.contains("Measured 2026-12-07T00:00:00Z by `meshward-bench run --only openbao`")
+        );
+        let rows: Vec<&str> = merged
+            .lines()
+            .filter(|l| l.starts_with("| vs OpenBao PKI, "))
+            .collect();
+        assert_eq!(rows.len(), 2, "{merged}");
+        assert!(rows.iter().all(|l| l.ends_with("| yes |")), "{rows:?}");
+        // Everything outside the section and its target rows is unchanged.
+        let strip = |t: &str| {
+            let start = t.find("### Signer vs OpenBao PKI").unwrap();
+            let end = t.find("## 2. Mass restart").unwrap();
+            let mut rest = format!("{}{}", &t[..start], &t[end..]);
+            rest.retain(|c| c != '\r');
+            rest.lines()
+                .filter(|l| !l.starts_with("| vs OpenBao PKI, "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(strip(&merged), strip(&before));
     }
 
     fn restart(clients: usize, peak_mib: u64, waits: f64) -> Restart {
