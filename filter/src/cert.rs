@@ -48,6 +48,46 @@ impl CertSource {
 pub struct PeerCert {
     pub validity: CertValidity,
     pub source: CertSource,
+    /// Set when the signer's ledger holds the certificate as revoked (only
+    /// the ledger can say so: [`CertSource::Ledger`]).
+    pub revoked: Option<Revoked>,
+}
+
+/// A revocation the signer's ledger reported for the peer's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revoked {
+    /// When it was revoked.
+    pub at: UnixTime,
+    /// RFC 5280 `CRLReason` code.
+    pub reason: u8,
+}
+
+impl Revoked {
+    /// The reason's name, as the signer spells it (`key-compromise`, …).
+    pub fn reason_name(&self) -> &'static str {
+        revocation_reason_name(self.reason).unwrap_or("unspecified")
+    }
+}
+
+/// The signer's name for an RFC 5280 `CRLReason` code it uses.
+pub fn revocation_reason_name(code: u8) -> Option<&'static str> {
+    Some(match code {
+        0 => "unspecified",
+        1 => "key-compromise",
+        2 => "ca-compromise",
+        3 => "affiliation-changed",
+        4 => "superseded",
+        5 => "cessation-of-operation",
+        9 => "privilege-withdrawn",
+        _ => return None,
+    })
+}
+
+/// The code of a reason name the signer reports.
+pub fn revocation_reason_code(name: &str) -> Option<u8> {
+    [0u8, 1, 2, 3, 4, 5, 9]
+        .into_iter()
+        .find(|c| revocation_reason_name(*c) == Some(name))
 }
 
 /// Age and remaining validity at a given instant. Either can be negative

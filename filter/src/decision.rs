@@ -29,6 +29,8 @@ pub enum Reason {
     InvalidPeerIdentity,
     /// The path has dot segments or encoded separators (see `path_is_ambiguous`).
     AmbiguousPath,
+    /// The signer's ledger holds the peer's certificate as revoked.
+    RevokedCertificate(crate::cert::Revoked),
     /// A DENY rule matched (its name is [`Decision::rule`]).
     DenyRule,
     /// An ALLOW rule matched (its name is [`Decision::rule`]).
@@ -49,6 +51,7 @@ impl Reason {
             Self::PlaintextPeer => "plaintext_peer",
             Self::InvalidPeerIdentity => "invalid_peer_identity",
             Self::AmbiguousPath => "ambiguous_path",
+            Self::RevokedCertificate(_) => "revoked_certificate",
             Self::DenyRule => "deny_rule",
             Self::AllowRule => "allow_rule",
             Self::NoAllowRuleMatched => "no_allow_rule_matched",
@@ -108,6 +111,12 @@ impl fmt::Display for Decision<'_> {
             (Reason::AmbiguousPath, _) => {
                 f.write_str("path has dot segments or encoded separators")
             }
+            (Reason::RevokedCertificate(r), _) => write!(
+                f,
+                "peer certificate revoked at {} ({})",
+                r.at.0,
+                r.reason_name()
+            ),
             (Reason::NoAllowRuleMatched, _) => f.write_str("no ALLOW rule matched"),
             (Reason::NoAllowRules, _) => f.write_str("no ALLOW rules"),
             (Reason::Internal(_), _) => f.write_str("internal error (fail closed)"),

@@ -9,7 +9,7 @@
 //! Time is always an argument.
 
 use crate::UnixTime;
-use crate::cert::CertValidity;
+use crate::cert::{CertValidity, Revoked};
 use crate::config::ConfigError;
 use crate::duration::parse_duration;
 use serde::Deserialize;
@@ -222,6 +222,8 @@ pub fn cache_key(digest: &str) -> String {
 pub enum LedgerAnswer {
     /// Issued by the signer, with this validity.
     Issued(CertValidity),
+    /// Issued by the signer and since revoked: every decision denies it.
+    Revoked(CertValidity, Revoked),
     /// Not in the ledger (HTTP 404).
     NotIssued,
 }
@@ -243,6 +245,15 @@ struct CertificateView {
     spiffe_id: String,
     not_before: i64,
     not_after: i64,
+    /// Present once the certificate is revoked.
+    revocation: Option<RevocationView>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RevocationView {
+    revoked_at: i64,
+    reason: String,
 }
 
 /// Reads the ledger's answer to the lookup of `digest` for a peer whose URI
@@ -292,17 +303,32 @@ pub fn read_response(
     if view.not_after < view.not_before {
         return unknown("ledger notAfter is before notBefore".into());
     }
-    LookupOutcome::Answer(LedgerAnswer::Issued(CertValidity {
+    let validity = CertValidity {
         not_before: UnixTime(view.not_before),
         not_after: UnixTime(view.not_after),
-    }))
+    };
+    match view.revocation {
+        None => LookupOutcome::Answer(LedgerAnswer::Issued(validity)),
+        // A revocation is believed whatever its details: a reason this
+        // plugin does not know, or an odd time, still revokes
+        // (`unspecified`, clamped into range).
+        Some(r) => LookupOutcome::Answer(LedgerAnswer::Revoked(
+            validity,
+            Revoked {
+                at: UnixTime(r.revoked_at.clamp(0, MAX_TIME)),
+                reason: crate::cert::revocation_reason_code(&r.reason).unwrap_or(0),
+            },
+        )),
+    }
 }
 
 const ENTRY_VERSION: u8 = 1;
 const KIND_ISSUED: u8 = 1;
 const KIND_NOT_ISSUED: u8 = 2;
+const KIND_REVOKED: u8 = 3;
 const ISSUED_LEN: usize = 26;
 const NOT_ISSUED_LEN: usize = 10;
+const REVOKED_LEN: usize = 35;
 
 /// One cached answer: the answer and when it stops being used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -316,7 +342,7 @@ impl CacheEntry {
     /// `cache_ttl_secs`, not-issued ones `negative_cache_ttl_secs`.
     pub fn new(answer: LedgerAnswer, now: UnixTime, settings: &LedgerSettings) -> Self {
         let ttl = match answer {
-            LedgerAnswer::Issued(_) => settings.cache_ttl_secs,
+            LedgerAnswer::Issued(_) | LedgerAnswer::Revoked(..) => settings.cache_ttl_secs,
             LedgerAnswer::NotIssued => settings.negative_cache_ttl_secs,
         };
         Self {
@@ -326,9 +352,10 @@ impl CacheEntry {
     }
 
     /// Compact bytes: version, kind, expiry (i64 LE), and for an issued
-    /// certificate notBefore and notAfter (i64 LE). 26 or 10 bytes.
+    /// certificate notBefore and notAfter (i64 LE), for a revoked one also
+    /// the revocation time (i64 LE) and reason code. 26, 35 or 10 bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(ISSUED_LEN);
+        let mut out = Vec::with_capacity(REVOKED_LEN);
         out.push(ENTRY_VERSION);
         match self.answer {
             LedgerAnswer::Issued(v) => {
@@ -336,6 +363,14 @@ impl CacheEntry {
                 out.extend_from_slice(&self.expires.0.to_le_bytes());
                 out.extend_from_slice(&v.not_before.0.to_le_bytes());
                 out.extend_from_slice(&v.not_after.0.to_le_bytes());
+            }
+            LedgerAnswer::Revoked(v, r) => {
+                out.push(KIND_REVOKED);
+                out.extend_from_slice(&self.expires.0.to_le_bytes());
+                out.extend_from_slice(&v.not_before.0.to_le_bytes());
+                out.extend_from_slice(&v.not_after.0.to_le_bytes());
+                out.extend_from_slice(&r.at.0.to_le_bytes());
+                out.push(r.reason);
             }
             LedgerAnswer::NotIssued => {
                 out.push(KIND_NOT_ISSUED);
@@ -369,6 +404,22 @@ impl CacheEntry {
                     not_after: UnixTime(not_after),
                 })
             }
+            (KIND_REVOKED, REVOKED_LEN) => {
+                let (not_before, not_after, at) = (i64_at(10)?, i64_at(18)?, i64_at(26)?);
+                if not_after < not_before {
+                    return None;
+                }
+                LedgerAnswer::Revoked(
+                    CertValidity {
+                        not_before: UnixTime(not_before),
+                        not_after: UnixTime(not_after),
+                    },
+                    Revoked {
+                        at: UnixTime(at),
+                        reason: *bytes.get(34)?,
+                    },
+                )
+            }
             (KIND_NOT_ISSUED, NOT_ISSUED_LEN) => LedgerAnswer::NotIssued,
             _ => return None,
         };
@@ -380,7 +431,7 @@ impl CacheEntry {
     /// something else, or the host clock went back) is not used.
     pub fn fresh_at(&self, now: UnixTime, settings: &LedgerSettings) -> Option<LedgerAnswer> {
         let ttl = match self.answer {
-            LedgerAnswer::Issued(_) => settings.cache_ttl_secs,
+            LedgerAnswer::Issued(_) | LedgerAnswer::Revoked(..) => settings.cache_ttl_secs,
             LedgerAnswer::NotIssued => settings.negative_cache_ttl_secs,
         };
         (now < self.expires && self.expires.0 <= now.0.saturating_add(ttl)).then_some(self.answer)
@@ -433,6 +484,38 @@ mod tests {
             read_response(Some(404), b"{\"error\":\"not found\"}", DIGEST, Some(SAN)),
             LookupOutcome::Answer(LedgerAnswer::NotIssued)
         );
+    }
+
+    #[test]
+    fn revoked_certificate_answer_is_read_and_cached_as_revoked() {
+        let mut b = String::from_utf8(body(DIGEST, SAN, 100, 200)).unwrap();
+        b.pop(); // the closing brace
+        b.push_str(
+            r#","revocation":{"sha256":"x","serial":"0a","spiffeId":"s","notAfter":200,"revokedAt":150,"reason":"key-compromise"}}"#,
+        );
+        let revoked = LedgerAnswer::Revoked(
+            validity(100, 200),
+            Revoked {
+                at: UnixTime(150),
+                reason: 1,
+            },
+        );
+        assert_eq!(
+            read_response(Some(200), b.as_bytes(), DIGEST, Some(SAN)),
+            LookupOutcome::Answer(revoked)
+        );
+        let s = settings();
+        let entry = CacheEntry::new(revoked, UnixTime(1_000), &s);
+        let bytes = entry.encode();
+        assert_eq!(bytes.len(), REVOKED_LEN);
+        assert_eq!(CacheEntry::decode(&bytes), Some(entry));
+        assert_eq!(entry.fresh_at(UnixTime(1_001), &s), Some(revoked));
+        // A reason this plugin does not know still revokes.
+        let odd = b.replace("key-compromise", "something-new");
+        assert!(matches!(
+            read_response(Some(200), odd.as_bytes(), DIGEST, Some(SAN)),
+            LookupOutcome::Answer(LedgerAnswer::Revoked(_, Revoked { reason: 0, .. }))
+        ));
     }
 
     #[test]

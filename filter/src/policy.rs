@@ -390,6 +390,14 @@ impl Policy {
         if self.require_mtls && !peer.mtls {
             return decide(Verdict::Deny, None, Reason::PlaintextPeer, None);
         }
+        if let Some(revoked) = peer.cert.and_then(|c| c.revoked) {
+            return decide(
+                Verdict::Deny,
+                None,
+                Reason::RevokedCertificate(revoked),
+                None,
+            );
+        }
         if request.protocol == Protocol::Http && request.path.is_some_and(path_is_ambiguous) {
             return decide(Verdict::Deny, None, Reason::AmbiguousPath, None);
         }

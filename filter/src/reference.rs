@@ -178,6 +178,14 @@ pub fn authorize<'c>(
     if config.require_mtls && !peer.mtls {
         return decide(Verdict::Deny, None, Reason::PlaintextPeer, None);
     }
+    if let Some(revoked) = peer.cert.and_then(|c| c.revoked) {
+        return decide(
+            Verdict::Deny,
+            None,
+            Reason::RevokedCertificate(revoked),
+            None,
+        );
+    }
     if req.protocol == Protocol::Http && req.path.is_some_and(path_is_ambiguous) {
         return decide(Verdict::Deny, None, Reason::AmbiguousPath, None);
     }

@@ -47,6 +47,11 @@ impl XfccElement {
     pub fn get<'a>(&'a self, key: &str) -> Option<&'a str> {
         self.values(key).next()
     }
+
+    /// Every pair, in header order, unquoted and unescaped.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -192,6 +197,7 @@ pub fn peer_cert_from_xfcc(
                 return Ok(Some(PeerCert {
                     validity,
                     source: CertSource::XfccCert,
+                    revoked: None,
                 }));
             }
         }

@@ -332,6 +332,7 @@ fn with_cert(id: &str, not_before: i64, not_after: i64) -> Peer {
             not_after: UnixTime(not_after),
         },
         source: CertSource::XfccCert,
+        revoked: None,
     };
     Peer::from_connection(true, Some(id), Some(cert))
 }
@@ -440,4 +441,28 @@ fn deny_reason_text_is_header_safe() {
     let text = d.to_string();
     assert_eq!(text, "denied by rule deny-Legacy_1");
     assert!(text.bytes().all(|b| (0x20..0x7f).contains(&b)));
+}
+
+#[test]
+fn revoked_peer_certificate_is_denied_whatever_the_allow_rules_say() {
+    // An ALLOW rule for the peer, no DENY rule: a stolen, revoked
+    // certificate must still get nothing, with the reason in the answer.
+    let json = r#"{"rules":[{"name":"everyone","action":"ALLOW"}]}"#;
+    let p = policy(json);
+    let n = NOW.0;
+    let mut peer = with_cert(WEB, n - 60, n + 3600);
+    assert_eq!(decide(json, &p, &peer, &get("/")).verdict, Verdict::Allow);
+    if let Some(c) = peer.cert.as_mut() {
+        c.revoked = Some(meshward_filter::cert::Revoked {
+            at: UnixTime(n - 10),
+            reason: 1,
+        });
+    }
+    let d = decide(json, &p, &peer, &get("/"));
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert_eq!(d.reason.code(), "revoked_certificate");
+    assert_eq!(
+        d.to_string(),
+        format!("peer certificate revoked at {} (key-compromise)", n - 10)
+    );
 }

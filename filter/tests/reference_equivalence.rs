@@ -4,7 +4,7 @@
 //! reason, same AUDIT mark.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use meshward_filter::cert::{CertSource, CertValidity, PeerCert};
+use meshward_filter::cert::{CertSource, CertValidity, PeerCert, Revoked};
 use meshward_filter::config::{FilterType, Operation, PortText, Rule, RuleAction, Source, When};
 use meshward_filter::policy::PeerRulesCache;
 use meshward_filter::{Config, Mode, Peer, Policy, Request, UnixTime, UnknownCertAge, reference};
@@ -166,15 +166,23 @@ fn peer() -> impl Strategy<Value = Peer> {
     (
         any::<bool>(),
         option::weighted(0.9, select(IDS)),
-        option::of((-200_000i64..0, 0i64..200_000)),
+        option::of((
+            -200_000i64..0,
+            0i64..200_000,
+            option::weighted(0.1, 0u8..10),
+        )),
     )
         .prop_map(|(mtls, id, cert)| {
-            let cert = cert.map(|(age, rem)| PeerCert {
+            let cert = cert.map(|(age, rem, revoked)| PeerCert {
                 validity: CertValidity {
                     not_before: UnixTime(NOW + age),
                     not_after: UnixTime(NOW + rem),
                 },
                 source: CertSource::XfccCert,
+                revoked: revoked.map(|reason| Revoked {
+                    at: UnixTime(NOW - 1),
+                    reason,
+                }),
             });
             Peer::from_connection(mtls, id, cert)
         })

@@ -213,6 +213,7 @@ pub fn evaluate(query: &Query) -> Answer {
                 not_after: UnixTime(na),
             },
             source: CertSource::PeerCertificateProperty,
+            revoked: None,
         }),
         _ => None,
     };

@@ -67,6 +67,8 @@ pub struct Config {
     pub bundle: crate::bundle::BundleConfig,
     /// The admin port's dashboard page (`[dashboard]`).
     pub dashboard: crate::dashboard::DashboardConfig,
+    /// Revocation and the CRL (`[revocation]`).
+    pub revocation: crate::revocation::RevocationConfig,
 }
 
 /// Listeners and the serving certificate.
@@ -402,6 +404,7 @@ impl Default for Config {
             ledger: crate::ledger::LedgerConfig::default(),
             bundle: crate::bundle::BundleConfig::default(),
             dashboard: crate::dashboard::DashboardConfig::default(),
+            revocation: crate::revocation::RevocationConfig::default(),
         }
     }
 }
@@ -509,6 +512,7 @@ impl Config {
 
     /// Check what the types cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.revocation.validate().map_err(ConfigError::Invalid)?;
         spiffe::TrustDomain::new(&self.trust_domain).map_err(|e| {
             ConfigError::Invalid(format!("trust_domain {:?}: {e}", self.trust_domain))
         })?;

@@ -156,6 +156,86 @@ pub trait Issuer: Send + Sync {
     /// The validity of the certificate that signs leaves: the policy never
     /// issues outside it, and its end is exported as a metric.
     fn signing_validity(&self) -> SigningValidity;
+
+    /// Whether [`Issuer::sign_crl`] can work (the key is local).
+    fn signs_crls(&self) -> bool {
+        false
+    }
+
+    /// Sign a CRL (RFC 5280 v2) with the key that signs leaves, so a relying
+    /// party finds it by the leaves' issuer. A backend whose CRL is someone
+    /// else's (Vault publishes its own) says so.
+    fn sign_crl(&self, crl: &CrlRequest) -> Result<Vec<u8>, String> {
+        let _ = crl;
+        debug_assert!(!self.signs_crls());
+        Err(format!(
+            "the {} backend does not sign CRLs itself",
+            self.name()
+        ))
+    }
+}
+
+/// What a CRL lists and when it is valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlRequest {
+    /// thisUpdate.
+    pub this_update: OffsetDateTime,
+    /// nextUpdate: relying parties treat the CRL as stale after it.
+    pub next_update: OffsetDateTime,
+    /// cRLNumber: grows with every CRL the signer issues.
+    pub number: u64,
+    /// The revoked certificates.
+    pub entries: Vec<CrlEntry>,
+}
+
+/// One revoked certificate in a CRL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlEntry {
+    /// Serial number, big-endian magnitude.
+    pub serial: Vec<u8>,
+    /// revocationDate.
+    pub revoked_at: OffsetDateTime,
+    /// reasonCode (RFC 5280 `CRLReason`).
+    pub reason: crate::ledger::RevocationReason,
+}
+
+/// Sign `crl` with a local CA key (the builtin and cacerts backends).
+pub fn sign_crl_with(
+    crl: &CrlRequest,
+    issuer: &rcgen::Issuer<'_, impl rcgen::SigningKey>,
+) -> Result<Vec<u8>, String> {
+    use crate::ledger::RevocationReason as R;
+    use rcgen::RevocationReason as Rc;
+    let revoked_certs = crl
+        .entries
+        .iter()
+        .map(|e| rcgen::RevokedCertParams {
+            serial_number: rcgen::SerialNumber::from_slice(&e.serial),
+            revocation_time: e.revoked_at,
+            reason_code: Some(match e.reason {
+                R::Unspecified => Rc::Unspecified,
+                R::KeyCompromise => Rc::KeyCompromise,
+                R::CaCompromise => Rc::CaCompromise,
+                R::AffiliationChanged => Rc::AffiliationChanged,
+                R::Superseded => Rc::Superseded,
+                R::CessationOfOperation => Rc::CessationOfOperation,
+                R::PrivilegeWithdrawn => Rc::PrivilegeWithdrawn,
+            }),
+            invalidity_date: None,
+        })
+        .collect();
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: crl.this_update,
+        next_update: crl.next_update,
+        crl_number: rcgen::SerialNumber::from(crl.number),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    params
+        .signed_by(issuer)
+        .map(|c| c.der().to_vec())
+        .map_err(|e| format!("signing the CRL: {e}"))
 }
 
 /// A random, positive, non-zero 128-bit serial number (RFC 5280 allows up to

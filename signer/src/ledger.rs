@@ -17,6 +17,7 @@
 
 pub mod metrics;
 pub mod postgres;
+pub mod revocation;
 pub mod service;
 pub mod sqlite;
 
@@ -38,6 +39,7 @@ use crate::observer::{IssuanceEvent, IssuanceObserver, ObserveFuture};
 
 pub use metrics::LedgerMetrics;
 pub use postgres::{PostgresLedger, PostgresOptions, PostgresTls};
+pub use revocation::{Revocation, RevocationReason, RevocationTarget, RevocationView};
 pub use service::{LedgerConfig, LedgerService, PostgresConfig, PostgresTlsMode};
 pub use sqlite::{SqliteLedger, SqliteOptions};
 
@@ -257,6 +259,27 @@ pub trait Ledger: Send + Sync {
         &self,
         before: OffsetDateTime,
     ) -> LedgerFuture<'_, Option<OffsetDateTime>>;
+
+    /// Revoke the recorded certificates `target` names that are unexpired
+    /// and were issued at or before `now`; returns every revocation now in
+    /// effect for them (already-revoked ones keep their first time and
+    /// reason). Durable before it returns, like [`Ledger::record`].
+    fn revoke<'a>(
+        &'a self,
+        target: &'a RevocationTarget,
+        reason: RevocationReason,
+        now: OffsetDateTime,
+    ) -> LedgerFuture<'a, Vec<Revocation>>;
+
+    /// Clear the revocations `target` names; returns how many were cleared.
+    fn unrevoke<'a>(&'a self, target: &'a RevocationTarget) -> LedgerFuture<'a, u64>;
+
+    /// The revocations of certificates still unexpired at `now`, oldest
+    /// revocation first.
+    fn revocations(&self, now: OffsetDateTime) -> LedgerFuture<'_, Vec<Revocation>>;
+
+    /// The revocation of one certificate, if it is revoked.
+    fn revocation(&self, sha256: CertDigest) -> LedgerFuture<'_, Option<Revocation>>;
 }
 
 /// What [`import_sqlite`] did.
@@ -396,6 +419,10 @@ impl IssuanceObserver for LedgerObserver {
 ///  "backend":"builtin","issuedAt":1700000120}
 /// ```
 ///
+/// A revoked certificate's answer also carries `"revocation":{"sha256":…,
+/// "serial":…,"spiffeId":…,"notAfter":…,"revokedAt":1700000500,
+/// "reason":"key-compromise"}` (see [`RevocationView`]).
+///
 /// Unknown digest: 404 `{"error":"not found"}`; malformed digest: 400
 /// `{"error":"..."}`; ledger failure: 503 `{"error":"..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -419,6 +446,9 @@ pub struct CertificateView {
     pub backend: String,
     /// When it was recorded, unix seconds.
     pub issued_at: i64,
+    /// Present when the certificate is revoked (the filter denies it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<RevocationView>,
 }
 
 impl From<&IssuanceRecord> for CertificateView {
@@ -433,6 +463,7 @@ impl From<&IssuanceRecord> for CertificateView {
             not_after_rfc3339: rfc3339(r.not_after),
             backend: r.backend.clone(),
             issued_at: r.issued_at.unix_timestamp(),
+            revocation: None,
         }
     }
 }
@@ -451,10 +482,22 @@ pub async fn lookup_response(ledger: &dyn Ledger, digest: &str) -> (u16, serde_j
         Err(e) => return (400, serde_json::json!({ "error": e.to_string() })),
     };
     match ledger.lookup(digest).await {
-        Ok(Some(rec)) => match serde_json::to_value(CertificateView::from(&rec)) {
-            Ok(v) => (200, v),
-            Err(e) => (500, serde_json::json!({ "error": e.to_string() })),
-        },
+        Ok(Some(rec)) => {
+            let mut view = CertificateView::from(&rec);
+            match ledger.revocation(digest).await {
+                Ok(r) => view.revocation = r.as_ref().map(RevocationView::from),
+                Err(e) => {
+                    // Unknown, not "valid": the filter treats a 503 as
+                    // unknown validity.
+                    tracing::warn!(error = %e, "ledger revocation lookup failed");
+                    return (503, serde_json::json!({ "error": e.to_string() }));
+                }
+            }
+            match serde_json::to_value(view) {
+                Ok(v) => (200, v),
+                Err(e) => (500, serde_json::json!({ "error": e.to_string() })),
+            }
+        }
         Ok(None) => (404, serde_json::json!({ "error": "not found" })),
         Err(e) => {
             tracing::warn!(error = %e, "ledger lookup failed");

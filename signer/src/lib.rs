@@ -32,6 +32,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod observer;
 pub mod policy;
+pub mod revocation;
 pub mod runtime;
 pub mod server;
 

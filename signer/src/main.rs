@@ -41,8 +41,10 @@ enum Command {
     /// Inspect the issuance policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Rotate the built-in CA: `ca rotate-intermediate`, `ca rotate-root
-    /// [--overlap 24h]`, `ca status`. A running signer picks the change up.
+    /// The CA: `ca rotate-intermediate`, `ca rotate-root [--overlap 24h]`,
+    /// `ca status` (a running signer picks the change up); `ca revoke`,
+    /// `ca unrevoke`, `ca revocations` (in the ledger, so every replica
+    /// sharing it sees them).
     Ca(CaArgs),
     /// The issuance ledger: `ledger import --from <ledger.sqlite>` copies a
     /// replica's SQLite records into the shared `[ledger.postgres]` store
@@ -177,7 +179,7 @@ impl ServeArgs {
     }
 }
 
-/// Logs go to stdout. For `serve`, through a writer thread: a request only
+/// `serve` logs to stdout; other commands to stderr. For `serve`, through a writer thread: a request only
 /// formats its line and queues it; the thread writes whatever has queued in
 /// one `write` (one line per syscall otherwise costs as much as a TLS
 /// handshake's worth of CPU under load). The returned guard flushes the
@@ -194,6 +196,9 @@ fn init_logs(
         .with_env_filter(filter)
         .with_target(false);
     if !buffered {
+        // A one-shot command prints its answer on stdout (`config`'s TOML,
+        // `ca revocations -o json`): its logs go to stderr.
+        let builder = builder.with_writer(std::io::stderr);
         match format {
             LogFormat::Text => builder.init(),
             LogFormat::Json => builder.json().init(),
@@ -274,6 +279,27 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Ca(args) => {
             let config = args.config.load()?;
+            if let meshward_signer::bundle::rotation::CaCommand::Revocation(cmd) = &args.command {
+                let ledger = meshward_signer::ledger::LedgerService::open(
+                    &config.ledger,
+                    &config.ca.data_dir,
+                )
+                .await?
+                .context("revocations live in the ledger, and [ledger] enabled = false")?;
+                match meshward_signer::revocation::run(
+                    cmd,
+                    ledger.ledger().as_ref(),
+                    time::OffsetDateTime::now_utc(),
+                )
+                .await
+                {
+                    Ok(out) => {
+                        print!("{out}");
+                        return Ok(());
+                    }
+                    Err(why) => anyhow::bail!("{why}"),
+                }
+            }
             if matches!(
                 args.command,
                 meshward_signer::bundle::rotation::CaCommand::CheckVault

@@ -38,6 +38,8 @@ pub enum Outcome {
     RateLimited,
     /// RESOURCE_EXHAUSTED: the peer address past its failed authentications.
     AuthThrottled,
+    /// PERMISSION_DENIED: a client certificate the ledger holds as revoked.
+    Revoked,
     /// UNAVAILABLE.
     Unavailable,
     /// INTERNAL.
@@ -55,6 +57,7 @@ impl Outcome {
             Outcome::ResourceExhausted => "resource_exhausted",
             Outcome::RateLimited => "rate_limited",
             Outcome::AuthThrottled => "auth_throttled",
+            Outcome::Revoked => "revoked",
             Outcome::Unavailable => "unavailable",
             Outcome::Internal => "internal",
         }
@@ -145,6 +148,7 @@ impl Metrics {
             Outcome::ResourceExhausted,
             Outcome::RateLimited,
             Outcome::AuthThrottled,
+            Outcome::Revoked,
             Outcome::Unavailable,
             Outcome::Internal,
         ] {

@@ -244,6 +244,10 @@ impl Signer {
         }
         let bundle_gauges = crate::bundle::BundleGauges::default();
         bundle_gauges.register(metrics.registry_mut());
+        let crl_metrics = crate::revocation::CrlMetrics::default();
+        if ledger.is_some() {
+            crl_metrics.register(metrics.registry_mut());
+        }
         let metrics = Arc::new(metrics);
         metrics.set_ca_expiry(issuer.signing_validity().not_after.unix_timestamp());
 
@@ -331,6 +335,7 @@ impl Signer {
                         .map(|l| l.observer() as Arc<dyn IssuanceObserver>),
                 )
                 .collect(),
+            revocations: ledger.as_ref().map(|l| l.ledger().clone()),
             metrics: metrics.clone(),
         });
         let service = CaService::new(pipeline).into_server(config.server.max_concurrent_requests);
@@ -400,6 +405,33 @@ impl Signer {
             )),
             None => None,
         };
+        // The CRL: from the ledger's revocations, signed by the issuing CA
+        // when the key is here (builtin, cacerts).
+        let why_no_crl = if !config.revocation.crl {
+            "no CRL: revocation.crl = false"
+        } else if !issuer.signs_crls() {
+            "no CRL from this signer: the backend's CA key is elsewhere (with Vault, publish Vault's CRL: <vault>/v1/<mount>/crl)"
+        } else {
+            ""
+        };
+        let crl = match &ledger {
+            Some(l) if why_no_crl.is_empty() => Some(crate::revocation::CrlPublisher::new(
+                issuer.clone(),
+                l.ledger().clone(),
+                config.revocation.clone(),
+                config
+                    .revocation
+                    .crl_dir
+                    .clone()
+                    .or_else(|| config.bundle.dir.clone()),
+                crl_metrics.clone(),
+            )),
+            _ => None,
+        };
+        let revocation_routes = ledger
+            .as_ref()
+            .map(|l| crate::revocation::routes(crl.clone(), l.ledger().clone(), why_no_crl))
+            .unwrap_or_default();
         let admin_router = admin::router(AdminState {
             metrics: metrics.clone(),
             serving: serving_flag.clone(),
@@ -407,6 +439,7 @@ impl Signer {
         })
         .merge(bundle.admin_routes())
         .merge(ledger.as_ref().map(|l| l.routes()).unwrap_or_default())
+        .merge(revocation_routes)
         .merge(crate::dashboard::routes(crate::dashboard::DashboardState {
             issuer: issuer.clone(),
             bundle: bundle.channel().clone(),
@@ -423,6 +456,9 @@ impl Signer {
             fleet,
         }));
         let mut tasks = bundle.take_tasks();
+        if let Some(crl) = &crl {
+            tasks.push(crl.spawn(shutdown_rx.clone()));
+        }
         if let Some(l) = &ledger {
             tasks.push(l.spawn_maintenance(
                 config.ledger.retention,

@@ -279,6 +279,7 @@ impl Connection {
                     Ok(validity) => Some(PeerCert {
                         validity,
                         source: CertSource::PeerCertificateProperty,
+                        revoked: None,
                     }),
                     Err(e) => {
                         log(

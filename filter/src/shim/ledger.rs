@@ -83,6 +83,12 @@ fn validity(answer: LedgerAnswer) -> Option<PeerCert> {
         LedgerAnswer::Issued(validity) => Some(PeerCert {
             validity,
             source: CertSource::Ledger,
+            revoked: None,
+        }),
+        LedgerAnswer::Revoked(validity, revoked) => Some(PeerCert {
+            validity,
+            source: CertSource::Ledger,
+            revoked: Some(revoked),
         }),
         LedgerAnswer::NotIssued => None,
     }
@@ -181,6 +187,7 @@ pub fn finish(
         LookupOutcome::Answer(answer) => {
             metrics.ledger_lookup(match answer {
                 LedgerAnswer::Issued(_) => "issued",
+                LedgerAnswer::Revoked(..) => "revoked",
                 LedgerAnswer::NotIssued => "not_issued",
             });
             let entry = CacheEntry::new(answer, now, settings).encode();

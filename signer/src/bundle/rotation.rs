@@ -460,6 +460,8 @@ pub enum CaCommand {
     /// mount's issuing CA chains to `roots_file` (non-zero exit otherwise).
     /// Signs nothing.
     CheckVault,
+    #[command(flatten)]
+    Revocation(crate::revocation::RevocationCommand),
 }
 
 /// Run a [`CaCommand`] for `config` at `now`; returns what to print.
@@ -479,9 +481,9 @@ pub fn run_ca_command(
         crate::issuer::cacerts::describe(dir, now).map_err(|e| RotationError::Ca(e.to_string()))
     };
     match cmd {
-        CaCommand::CheckVault => {
+        CaCommand::CheckVault | CaCommand::Revocation(_) => {
             return Err(RotationError::WrongPhase(
-                "ca check-vault talks to Vault: run it with the meshward-signer command"
+                "ca check-vault and the revocation commands are async: run them with the meshward-signer command"
                     .to_string(),
             ));
         }
@@ -527,7 +529,10 @@ pub fn run_ca_command(
                 humantime::format_duration(overlap)
             ));
         }
-        CaCommand::Status | CaCommand::CheckCacerts { .. } | CaCommand::CheckVault => {}
+        CaCommand::Status
+        | CaCommand::CheckCacerts { .. }
+        | CaCommand::CheckVault
+        | CaCommand::Revocation(_) => {}
     }
     out.push_str(&format!("phase: {:?}\n", dir.phase()?));
     for r in dir.trust_roots()? {

@@ -285,6 +285,14 @@ impl Issuer for BuiltinIssuer {
     fn signing_validity(&self) -> SigningValidity {
         self.validity
     }
+
+    fn signs_crls(&self) -> bool {
+        true
+    }
+
+    fn sign_crl(&self, crl: &super::CrlRequest) -> Result<Vec<u8>, String> {
+        super::sign_crl_with(crl, &self.signer)
+    }
 }
 
 fn ca_params(org: &str, cn: &str, path_len: Option<u8>) -> CertificateParams {

@@ -397,4 +397,12 @@ impl Issuer for CaCertsIssuer {
     fn signing_validity(&self) -> SigningValidity {
         self.material().validity
     }
+
+    fn signs_crls(&self) -> bool {
+        true
+    }
+
+    fn sign_crl(&self, crl: &super::CrlRequest) -> Result<Vec<u8>, String> {
+        super::sign_crl_with(crl, &self.material().issuer)
+    }
 }

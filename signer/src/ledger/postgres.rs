@@ -61,6 +61,7 @@ use tokio_postgres::config::SslMode;
 
 use super::{
     CertDigest, IssuanceRecord, Ledger, LedgerError, LedgerFuture, LedgerMetrics, NamespaceCount,
+    Revocation, RevocationReason, RevocationTarget,
 };
 
 /// The schema version this signer writes.
@@ -99,6 +100,23 @@ CREATE INDEX meshward_certificates_not_after ON meshward_certificates (not_after
 CREATE INDEX meshward_certificates_issued_at ON meshward_certificates (issued_at);
 CREATE INDEX meshward_certificates_recorded_by ON meshward_certificates (recorded_by, namespace);
 ";
+
+/// Revocations, one row per revoked certificate (`ledger/revocation.rs`);
+/// created if missing on every start, so a v1 database written before
+/// revocations existed gains it without a version change.
+const REVOCATIONS: &str = "
+CREATE TABLE IF NOT EXISTS meshward_revocations (
+    sha256     BYTEA PRIMARY KEY CHECK (octet_length(sha256) = 32),
+    serial     TEXT NOT NULL,
+    spiffe_id  TEXT NOT NULL,
+    not_after  BIGINT NOT NULL,
+    revoked_at BIGINT NOT NULL,
+    reason     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS meshward_revocations_not_after ON meshward_revocations (not_after);
+";
+
+const REVOCATION_COLUMNS: &str = "sha256, serial, spiffe_id, not_after, revoked_at, reason";
 
 const INSERT: &str = "INSERT INTO meshward_certificates
    (sha256, serial, spiffe_id, namespace, not_before, not_after, backend, caller, issued_at, recorded_by)
@@ -524,6 +542,7 @@ async fn ensure_schema(pool: &Pool) -> Result<(), SchemaError> {
             )));
         }
     }
+    tx.batch_execute(REVOCATIONS).await.map_err(schema_err)?;
     tx.commit().await.map_err(schema_err)
 }
 
@@ -649,6 +668,38 @@ fn from_unix(what: &str, secs: i64) -> Result<OffsetDateTime, LedgerError> {
     })
 }
 
+/// The certificates a target names, as a `WHERE` clause and its `$1`.
+fn target_clause(target: &RevocationTarget) -> (&'static str, Box<ToSqlSync>) {
+    match target {
+        RevocationTarget::Sha256(d) => ("sha256 = $1", Box::new(d.as_bytes().to_vec())),
+        RevocationTarget::Serial(s) => ("serial = $1", Box::new(s.clone())),
+        RevocationTarget::SpiffeId(id) => ("spiffe_id = $1", Box::new(id.clone())),
+    }
+}
+
+type ToSqlSync = dyn tokio_postgres::types::ToSql + Sync + Send;
+
+fn rows_to_revocations(rows: &[tokio_postgres::Row]) -> Result<Vec<Revocation>, LedgerError> {
+    rows.iter()
+        .map(|row| {
+            let get_err = |e: tokio_postgres::Error| LedgerError::Corrupt {
+                sha256: "meshward_revocations".to_string(),
+                reason: describe(&e),
+            };
+            let digest: Vec<u8> = row.try_get(0).map_err(get_err)?;
+            let reason: String = row.try_get(5).map_err(get_err)?;
+            super::sqlite::revocation_row(
+                &digest,
+                row.try_get(1).map_err(get_err)?,
+                row.try_get(2).map_err(get_err)?,
+                row.try_get(3).map_err(get_err)?,
+                row.try_get(4).map_err(get_err)?,
+                &reason,
+            )
+        })
+        .collect()
+}
+
 fn row_to_record(
     sha256: CertDigest,
     row: &tokio_postgres::Row,
@@ -723,6 +774,13 @@ impl Ledger for PostgresLedger {
                     .map_err(pg_err("prune"))?;
                 total = total.saturating_add(n);
                 if n < u64::try_from(PRUNE_BATCH).unwrap_or(u64::MAX) {
+                    client
+                        .execute(
+                            "DELETE FROM meshward_revocations WHERE not_after < $1",
+                            &[&cutoff],
+                        )
+                        .await
+                        .map_err(pg_err("prune"))?;
                     return Ok(total);
                 }
             }
@@ -775,6 +833,92 @@ impl Ledger for PostgresLedger {
             let max: Option<i64> = row.try_get(0).map_err(pg_err("latest_not_after"))?;
             max.map(|secs| from_unix("max(not_after)", secs))
                 .transpose()
+        })
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        target: &'a RevocationTarget,
+        reason: RevocationReason,
+        now: OffsetDateTime,
+    ) -> LedgerFuture<'a, Vec<Revocation>> {
+        let now = now.unix_timestamp();
+        Box::pin(async move {
+            let mut client = self.client("revoke").await?;
+            let (clause, key) = target_clause(target);
+            let tx = client.transaction().await.map_err(pg_err("revoke"))?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO meshward_revocations ({REVOCATION_COLUMNS})
+                     SELECT sha256, serial, spiffe_id, not_after, $2, $3 FROM meshward_certificates
+                     WHERE {clause} AND not_after > $2 AND issued_at <= $2
+                     ON CONFLICT (sha256) DO NOTHING"
+                ),
+                &[key.as_ref(), &now, &reason.as_str()],
+            )
+            .await
+            .map_err(pg_err("revoke"))?;
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT {REVOCATION_COLUMNS} FROM meshward_revocations
+                         WHERE {clause} AND not_after > $2 ORDER BY revoked_at, serial"
+                    ),
+                    &[key.as_ref(), &now],
+                )
+                .await
+                .map_err(pg_err("revoke"))?;
+            tx.commit().await.map_err(pg_err("revoke"))?;
+            rows_to_revocations(&rows)
+        })
+    }
+
+    fn unrevoke<'a>(&'a self, target: &'a RevocationTarget) -> LedgerFuture<'a, u64> {
+        Box::pin(async move {
+            let client = self.client("unrevoke").await?;
+            let (clause, key) = target_clause(target);
+            client
+                .execute(
+                    &format!("DELETE FROM meshward_revocations WHERE {clause}"),
+                    &[key.as_ref()],
+                )
+                .await
+                .map_err(pg_err("unrevoke"))
+        })
+    }
+
+    fn revocations(&self, now: OffsetDateTime) -> LedgerFuture<'_, Vec<Revocation>> {
+        let now = now.unix_timestamp();
+        Box::pin(async move {
+            let client = self.client("revocations").await?;
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT {REVOCATION_COLUMNS} FROM meshward_revocations
+                         WHERE not_after > $1 ORDER BY revoked_at, serial"
+                    ),
+                    &[&now],
+                )
+                .await
+                .map_err(pg_err("revocations"))?;
+            rows_to_revocations(&rows)
+        })
+    }
+
+    fn revocation(&self, sha256: CertDigest) -> LedgerFuture<'_, Option<Revocation>> {
+        Box::pin(async move {
+            let client = self.client("revocation").await?;
+            let digest: &[u8] = sha256.as_bytes();
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT {REVOCATION_COLUMNS} FROM meshward_revocations WHERE sha256 = $1"
+                    ),
+                    &[&digest],
+                )
+                .await
+                .map_err(pg_err("revocation"))?;
+            Ok(rows_to_revocations(&rows)?.pop())
         })
     }
 }

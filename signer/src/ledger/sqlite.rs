@@ -42,6 +42,7 @@ use tokio::sync::oneshot;
 
 use super::{
     CertDigest, IssuanceRecord, Ledger, LedgerError, LedgerFuture, LedgerMetrics, NamespaceCount,
+    Revocation, RevocationReason, RevocationTarget,
 };
 
 mod schema;
@@ -78,7 +79,13 @@ type Reply<T> = oneshot::Sender<Result<T, LedgerError>>;
 enum Job {
     Record(Box<IssuanceRecord>, Reply<()>),
     Prune(i64, Reply<u64>),
+    /// An operator's write (revoke, unrevoke): runs alone, after the
+    /// group's records; the closure answers its caller itself.
+    Admin(AdminJob),
 }
+
+/// An operator's write, run on the writer's connection.
+type AdminJob = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// The SQLite ledger.
 #[derive(Debug, Clone)]
@@ -266,17 +273,19 @@ impl SqliteLedger {
 struct Group {
     records: Vec<(Box<IssuanceRecord>, Reply<()>)>,
     prunes: Vec<(i64, Reply<u64>)>,
+    admin: Vec<AdminJob>,
 }
 
 impl Group {
     fn len(&self) -> usize {
-        self.records.len() + self.prunes.len()
+        self.records.len() + self.prunes.len() + self.admin.len()
     }
 
     fn push(&mut self, job: Job) {
         match job {
             Job::Record(rec, reply) => self.records.push((rec, reply)),
             Job::Prune(cutoff, reply) => self.prunes.push((cutoff, reply)),
+            Job::Admin(job) => self.admin.push(job),
         }
     }
 
@@ -319,7 +328,11 @@ fn writer_loop(
 ) {
     let mut previous_records = 0;
     while let Ok(first) = rx.recv() {
-        let Group { records, prunes } = collect_group(first, rx, previous_records, commit_delay);
+        let Group {
+            records,
+            prunes,
+            admin,
+        } = collect_group(first, rx, previous_records, commit_delay);
         previous_records = records.len();
         if !records.is_empty() {
             let (n, started) = (records.len(), Instant::now());
@@ -335,6 +348,9 @@ fn writer_loop(
         }
         for (cutoff, reply) in prunes {
             let _ = reply.send(prune(&conn, cutoff));
+        }
+        for job in admin {
+            job(&mut conn);
         }
     }
 }
@@ -402,7 +418,113 @@ fn prune(conn: &Connection, cutoff: i64) -> Result<u64, LedgerError> {
             params![cutoff],
         )
         .map_err(store_err("prune"))?;
+    conn.execute(
+        "DELETE FROM revocations WHERE not_after < ?1",
+        params![cutoff],
+    )
+    .map_err(store_err("prune"))?;
     Ok(u64::try_from(n).unwrap_or(u64::MAX))
+}
+
+/// The certificates a target names, as `WHERE` over `certificates`.
+fn target_clause(target: &RevocationTarget) -> (&'static str, rusqlite::types::Value) {
+    use rusqlite::types::Value;
+    match target {
+        RevocationTarget::Sha256(d) => ("sha256 = ?1", Value::Blob(d.as_bytes().to_vec())),
+        RevocationTarget::Serial(s) => ("serial = ?1", Value::Text(s.clone())),
+        RevocationTarget::SpiffeId(id) => ("spiffe_id = ?1", Value::Text(id.clone())),
+    }
+}
+
+/// Revoke in one transaction, then read back what is in effect.
+fn revoke(
+    conn: &mut Connection,
+    target: &RevocationTarget,
+    reason: RevocationReason,
+    now: i64,
+) -> Result<Vec<Revocation>, LedgerError> {
+    let (clause, key) = target_clause(target);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(store_err("revoke"))?;
+    tx.execute(
+        &format!(
+            "INSERT INTO revocations (sha256, serial, spiffe_id, not_after, revoked_at, reason)
+             SELECT sha256, serial, spiffe_id, not_after, ?2, ?3 FROM certificates
+             WHERE {clause} AND not_after > ?2 AND issued_at <= ?2
+             ON CONFLICT (sha256) DO NOTHING"
+        ),
+        params![key, now, reason.as_str()],
+    )
+    .map_err(store_err("revoke"))?;
+    let out = select_revocations(
+        &tx,
+        &format!(
+            "SELECT r.sha256, r.serial, r.spiffe_id, r.not_after, r.revoked_at, r.reason
+             FROM revocations r WHERE r.{clause} AND r.not_after > ?2 ORDER BY r.revoked_at, r.serial"
+        ),
+        params![key, now],
+    )?;
+    tx.commit().map_err(store_err("revoke"))?;
+    Ok(out)
+}
+
+fn select_revocations(
+    conn: &Connection,
+    sql: &str,
+    args: impl rusqlite::Params,
+) -> Result<Vec<Revocation>, LedgerError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(store_err("revocations"))?;
+    let rows = stmt
+        .query_map(args, |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })
+        .map_err(store_err("revocations"))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (digest, serial, spiffe_id, not_after, revoked_at, reason) =
+            row.map_err(store_err("revocations"))?;
+        out.push(revocation_row(
+            &digest, serial, spiffe_id, not_after, revoked_at, &reason,
+        )?);
+    }
+    Ok(out)
+}
+
+/// A stored revocation row, checked.
+pub(super) fn revocation_row(
+    digest: &[u8],
+    serial: String,
+    spiffe_id: String,
+    not_after: i64,
+    revoked_at: i64,
+    reason: &str,
+) -> Result<Revocation, LedgerError> {
+    let bytes: [u8; 32] = digest.try_into().map_err(|_| LedgerError::Corrupt {
+        sha256: hex::encode(digest),
+        reason: format!("revocation digest of {} bytes", digest.len()),
+    })?;
+    let sha256 = CertDigest::from_bytes(bytes);
+    Ok(Revocation {
+        sha256,
+        serial,
+        spiffe_id,
+        not_after: from_unix(sha256, not_after)?,
+        revoked_at: from_unix(sha256, revoked_at)?,
+        reason: reason
+            .parse()
+            .map_err(|e: super::revocation::BadTarget| LedgerError::Corrupt {
+                sha256: sha256.to_hex(),
+                reason: e.to_string(),
+            })?,
+    })
 }
 
 fn store_err(op: &'static str) -> impl Fn(rusqlite::Error) -> LedgerError {
@@ -450,6 +572,23 @@ fn row_to_record(sha256: CertDigest, row: Row) -> Result<IssuanceRecord, LedgerE
         caller,
         issued_at: from_unix(sha256, at)?,
     })
+}
+
+impl SqliteLedger {
+    /// Run `f` on the writer's connection (alone, after the group it
+    /// arrives with) and wait for its answer.
+    async fn admin<T, F>(&self, op: &'static str, f: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, LedgerError> + Send + 'static,
+    {
+        self.write(op, move |reply| {
+            Job::Admin(Box::new(move |conn| {
+                let _ = reply.send(f(conn));
+            }))
+        })
+        .await
+    }
 }
 
 impl Ledger for SqliteLedger {
@@ -525,6 +664,52 @@ impl Ledger for SqliteLedger {
                 })
             })
             .transpose()
+        }))
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        target: &'a RevocationTarget,
+        reason: RevocationReason,
+        now: OffsetDateTime,
+    ) -> LedgerFuture<'a, Vec<Revocation>> {
+        let target = target.clone();
+        let now = now.unix_timestamp();
+        Box::pin(self.admin("revoke", move |conn| revoke(conn, &target, reason, now)))
+    }
+
+    fn unrevoke<'a>(&'a self, target: &'a RevocationTarget) -> LedgerFuture<'a, u64> {
+        let target = target.clone();
+        Box::pin(self.admin("unrevoke", move |conn| {
+            let (clause, key) = target_clause(&target);
+            let n = conn
+                .execute(&format!("DELETE FROM revocations WHERE {clause}"), [key])
+                .map_err(store_err("unrevoke"))?;
+            Ok(u64::try_from(n).unwrap_or(u64::MAX))
+        }))
+    }
+
+    fn revocations(&self, now: OffsetDateTime) -> LedgerFuture<'_, Vec<Revocation>> {
+        let now = now.unix_timestamp();
+        Box::pin(self.read("revocations", move |conn| {
+            select_revocations(
+                conn,
+                "SELECT sha256, serial, spiffe_id, not_after, revoked_at, reason
+                 FROM revocations WHERE not_after > ?1 ORDER BY revoked_at, serial",
+                params![now],
+            )
+        }))
+    }
+
+    fn revocation(&self, sha256: CertDigest) -> LedgerFuture<'_, Option<Revocation>> {
+        Box::pin(self.read("revocation", move |conn| {
+            Ok(select_revocations(
+                conn,
+                "SELECT sha256, serial, spiffe_id, not_after, revoked_at, reason
+                 FROM revocations WHERE sha256 = ?1",
+                params![sha256.as_bytes()],
+            )?
+            .pop())
         }))
     }
 }

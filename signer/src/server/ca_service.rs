@@ -17,7 +17,9 @@ use time::OffsetDateTime;
 use tonic::{Code, Request, Response, Status};
 use tracing::{debug, info, warn};
 
-use crate::authn::{Authenticator, AuthnError, CallerIdentity, Credentials, bearer_token};
+use crate::authn::{
+    AuthMethod, Authenticator, AuthnError, CallerIdentity, Credentials, bearer_token,
+};
 use crate::csr::{self, CsrError};
 use crate::issuer::{IssueError, IssueRequest, IssuedChain, Issuer};
 use crate::metrics::{Metrics, Outcome};
@@ -139,6 +141,10 @@ pub struct CaPipeline {
     pub namespace_labels: Option<Arc<dyn NamespaceLabels>>,
     /// Run after each issuance.
     pub observers: Vec<Arc<dyn IssuanceObserver>>,
+    /// Where revocations are kept (the ledger): a caller renewing with a
+    /// revoked client certificate is refused. `None`: no ledger, nothing
+    /// can be revoked.
+    pub revocations: Option<Arc<dyn crate::ledger::Ledger>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -188,6 +194,38 @@ impl CaService {
 }
 
 impl CaPipeline {
+    /// A client certificate the ledger holds as revoked is no credential:
+    /// PERMISSION_DENIED, whoever presents it (the workload itself, a node
+    /// agent, or whoever stole its key). A ledger that cannot answer
+    /// refuses too (UNAVAILABLE): the issuance could not be recorded either.
+    async fn refuse_revoked(&self, credentials: &Credentials) -> Result<(), Refusal> {
+        let (Some(ledger), Some(leaf)) = (&self.revocations, credentials.peer_certificates.first())
+        else {
+            return Ok(());
+        };
+        let digest = crate::ledger::CertDigest::of(leaf.as_ref());
+        match ledger.revocation(digest).await {
+            Ok(None) => Ok(()),
+            Ok(Some(r)) => Err(Refusal {
+                outcome: Some(Outcome::Revoked),
+                ..Refusal::new(
+                    Code::PermissionDenied,
+                    format!(
+                        "client certificate sha256 {digest} (serial {}) was revoked at {} ({}); \
+                         it is no renewal credential: authenticate with a service-account token",
+                        r.serial,
+                        r.revoked_at.unix_timestamp(),
+                        r.reason
+                    ),
+                )
+            }),
+            Err(e) => Err(Refusal::new(
+                Code::Unavailable,
+                format!("cannot check the client certificate against the revocations: {e}"),
+            )),
+        }
+    }
+
     /// Handle one request at `now`.
     pub async fn handle(
         &self,
@@ -201,6 +239,11 @@ impl CaPipeline {
             .await
             .map_err(|e| (Refusal::from(e), None))?;
         let with_caller = |r: Refusal| (r, Some(caller.clone()));
+        if caller.method == AuthMethod::ClientCertificate {
+            self.refuse_revoked(credentials)
+                .await
+                .map_err(with_caller)?;
+        }
 
         let target = self.target_identity(&caller, req).map_err(with_caller)?;
         if target.spiffe_id != caller.spiffe_id

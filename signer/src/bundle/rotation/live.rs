@@ -155,6 +155,20 @@ impl Issuer for RotatingBuiltin {
             },
         }
     }
+
+    fn signs_crls(&self) -> bool {
+        true
+    }
+
+    fn sign_crl(&self, crl: &crate::issuer::CrlRequest) -> Result<Vec<u8>, String> {
+        let ca = self
+            .current
+            .read()
+            .map_err(|_| "CA lock poisoned".to_string())?
+            .ca
+            .clone();
+        ca.sign_crl(crl)
+    }
 }
 
 /// Tick the rotation every `interval` until `shutdown`, publishing each

@@ -62,6 +62,23 @@ CREATE INDEX certificates_namespace ON certificates (namespace, not_after);
 CREATE INDEX certificates_not_after ON certificates (not_after);
 CREATE INDEX certificates_issued_at ON certificates (issued_at);";
 
+/// Revocations (`ledger/revocation.rs`): one row per revoked certificate,
+/// keyed by its digest. Created on every open if missing, so a v2 file
+/// written before revocations existed gains the table without a version
+/// change (a signer that predates it ignores the table: it would not refuse
+/// revoked certificates, so do not roll back past revocations while any are
+/// in effect).
+const REVOCATIONS: &str = "
+CREATE TABLE IF NOT EXISTS revocations (
+    sha256     BLOB PRIMARY KEY,
+    serial     TEXT NOT NULL,
+    spiffe_id  TEXT NOT NULL,
+    not_after  INTEGER NOT NULL,
+    revoked_at INTEGER NOT NULL,
+    reason     TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS revocations_not_after ON revocations (not_after);";
+
 /// The v1 columns, in table order (what a v1 file must look like before it
 /// is converted).
 const V1_COLUMNS: [&str; 9] = [
@@ -149,7 +166,7 @@ pub fn ensure_current(conn: &mut Connection) -> Result<Opened, SchemaError> {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(sql("reading the schema version"))?;
     let opened = match version {
-        CURRENT => return Ok(Opened::Current),
+        CURRENT => Opened::Current,
         // v1 never set user_version (0); 1 was never written but would mean
         // the same layout.
         0 | 1 => {
@@ -175,8 +192,12 @@ pub fn ensure_current(conn: &mut Connection) -> Result<Opened, SchemaError> {
         }
         found => return Err(SchemaError::UnknownVersion { found }),
     };
-    tx.execute_batch(&format!("PRAGMA user_version = {CURRENT}"))
-        .map_err(sql("writing the schema version"))?;
+    tx.execute_batch(REVOCATIONS)
+        .map_err(sql("creating the revocations table"))?;
+    if opened != Opened::Current {
+        tx.execute_batch(&format!("PRAGMA user_version = {CURRENT}"))
+            .map_err(sql("writing the schema version"))?;
+    }
     tx.commit().map_err(sql("committing the schema"))?;
     Ok(opened)
 }
