@@ -552,3 +552,62 @@ async fn sqlite_records_are_imported_into_the_shared_ledger_once() {
         "{again}"
     );
 }
+
+#[tokio::test]
+async fn a_revocation_made_through_one_replica_is_enforced_by_every_replica() {
+    use meshward_signer::client::{CaClient, CallOptions, WorkloadKey, WorkloadKeyType};
+    use meshward_signer::ledger::{RevocationReason, RevocationTarget};
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_database("revoke");
+    let a = Harness::start_with(shared(&pg, "revoke", "signer-0")).await;
+    let b = Harness::start_with(shared(&pg, "revoke", "signer-1")).await;
+    let (key, cert) = a
+        .issue("shop", "cart", &a.opts("shop", "cart"))
+        .await
+        .unwrap();
+    // The operator runs `ca revoke` in signer-1's pod.
+    let revoked = b
+        .signer
+        .ledger()
+        .unwrap()
+        .revoke(
+            &RevocationTarget::spiffe_id("spiffe://cluster.local/ns/shop/sa/cart").unwrap(),
+            RevocationReason::KeyCompromise,
+            OffsetDateTime::now_utc() + time::Duration::seconds(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(revoked.len(), 1);
+    // signer-0 refuses the certificate as a renewal credential at once.
+    let renewer = CaClient::connect_with_client_cert(
+        a.signer.grpc_addr(),
+        a.signer.roots_pem(),
+        "localhost",
+        &cert.chain_pem(),
+        &key.private_key_pem(),
+    )
+    .await
+    .unwrap();
+    let r = renewer
+        .request_certificate(
+            &WorkloadKey::generate(WorkloadKeyType::EcdsaP256).unwrap(),
+            &harness::id("shop", "cart"),
+            &CallOptions::default(),
+        )
+        .await;
+    assert_refused(r, Code::PermissionDenied, "was revoked");
+    // And both replicas' ledger answers carry the revocation.
+    let digest = CertDigest::of(&cert.leaf).to_hex();
+    for h in [&a, &b] {
+        let (status, body) =
+            http_get(h.signer.admin_addr(), &format!("/v1/certificates/{digest}")).await;
+        assert_eq!(status, 200, "{body}");
+        let view: CertificateView = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            view.revocation.unwrap().reason,
+            RevocationReason::KeyCompromise
+        );
+    }
+    a.signer.shutdown().await.unwrap();
+    b.signer.shutdown().await.unwrap();
+}
