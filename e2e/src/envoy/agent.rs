@@ -55,6 +55,10 @@ pub struct Workload {
     pub cert_ttl: Duration,
     /// Rotate between these fractions of the lifetime (within 0.5–0.8).
     pub rotate_between: (f64, f64),
+    /// The mounted CRL (`ca-crl.pem` of the `istio-ca-crl` ConfigMap, or
+    /// the signer's directory sink): watched, and put into `ROOTCA` so
+    /// Envoy refuses revoked peers at the handshake.
+    pub crl_file: Option<std::path::PathBuf>,
 }
 
 impl Workload {
@@ -66,6 +70,7 @@ impl Workload {
             trust_domain: "cluster.local".to_owned(),
             cert_ttl: Duration::from_secs(24 * 3600),
             rotate_between: (0.5, 0.8),
+            crl_file: None,
         }
     }
 
@@ -149,6 +154,8 @@ struct State {
     roots: watch::Sender<Vec<CertificateDer<'static>>>,
     chain: watch::Sender<Vec<CertificateDer<'static>>>,
     pinned: Vec<CertificateDer<'static>>,
+    /// The CRL in `ROOTCA` now.
+    crl: watch::Sender<Option<String>>,
 }
 
 impl State {
@@ -162,7 +169,8 @@ impl State {
             }
         }
         if *self.roots.borrow() != roots {
-            self.sds.write_rootca(&certs_pem(&roots))?;
+            self.sds
+                .write_rootca(&certs_pem(&roots), self.crl.borrow().as_deref())?;
             tracing::info!(identity = %self.workload.spiffe_id(), roots = roots.len(), "ROOTCA written");
             self.roots.send_replace(roots);
         }
@@ -216,9 +224,24 @@ impl Agent {
             roots: watch::channel(Vec::new()).0,
             chain: watch::channel(Vec::new()).0,
             pinned,
+            crl: watch::channel(None).0,
         });
+        if let Some(file) = &state.workload.crl_file {
+            state.crl.send_replace(read_crl(file));
+        }
         state.install(&first, 1)?;
-        let task = tokio::spawn(rotate_loop(state.clone(), client, ca.tokens.clone()));
+        let rotate = tokio::spawn(rotate_loop(state.clone(), client, ca.tokens.clone()));
+        let task = match state.workload.crl_file.clone() {
+            Some(file) => {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let crl = tokio::spawn(crl_loop(state, file));
+                    let _ = rotate.await;
+                    crl.abort();
+                })
+            }
+            None => rotate,
+        };
         Ok(Self { state, task })
     }
 
@@ -235,6 +258,11 @@ impl Agent {
     /// The chain written to `default` last (leaf, then intermediates).
     pub fn presented_chain(&self) -> Vec<CertificateDer<'static>> {
         self.state.chain.borrow().clone()
+    }
+
+    /// The CRL written to `ROOTCA` last.
+    pub fn crl(&self) -> Option<String> {
+        self.state.crl.borrow().clone()
     }
 
     /// The roots written to `ROOTCA` last.
@@ -295,6 +323,33 @@ async fn rotate_loop(state: Arc<State>, client: CaClient, tokens: Arc<TokenIssue
                 }
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// The CRL file's PEM, if it holds one.
+fn read_crl(file: &std::path::Path) -> Option<String> {
+    std::fs::read_to_string(file)
+        .ok()
+        .filter(|t| t.contains("-----BEGIN X509 CRL-----"))
+}
+
+/// Re-writes `ROOTCA` whenever the mounted CRL changes (polled, as a
+/// kubelet-updated ConfigMap volume would be).
+async fn crl_loop(state: Arc<State>, file: std::path::PathBuf) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = read_crl(&file);
+        if now.is_none() || *state.crl.borrow() == now {
+            continue;
+        }
+        let roots = state.roots.borrow().clone();
+        match state.sds.write_rootca(&certs_pem(&roots), now.as_deref()) {
+            Ok(()) => {
+                tracing::info!(identity = %state.workload.spiffe_id(), "ROOTCA written with a new CRL");
+                state.crl.send_replace(now);
+            }
+            Err(e) => tracing::warn!(error = %e, "writing ROOTCA with the CRL failed"),
         }
     }
 }

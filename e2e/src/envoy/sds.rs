@@ -69,12 +69,18 @@ impl SdsDir {
         )
     }
 
-    /// Writes `ROOTCA`: every trusted root, PEM.
-    pub fn write_rootca(&self, roots_pem: &str) -> anyhow::Result<()> {
-        self.write(
-            ROOTCA,
-            &json!({"validation_context": {"trusted_ca": {"inline_string": roots_pem}}}),
-        )
+    /// Writes `ROOTCA`: every trusted root, PEM, and the CA's CRL when
+    /// there is one (what istio-agent adds from the mounted `istio-ca-crl`
+    /// ConfigMap). The CRL is the issuing CA's; the roots publish none, so
+    /// only the leaf is checked against it (`only_verify_leaf_cert_crl`),
+    /// else BoringSSL would want a CRL for every CA of the chain.
+    pub fn write_rootca(&self, roots_pem: &str, crl_pem: Option<&str>) -> anyhow::Result<()> {
+        let mut ctx = json!({"trusted_ca": {"inline_string": roots_pem}});
+        if let (Some(crl), Some(obj)) = (crl_pem, ctx.as_object_mut()) {
+            obj.insert("crl".into(), json!({"inline_string": crl}));
+            obj.insert("only_verify_leaf_cert_crl".into(), json!(true));
+        }
+        self.write(ROOTCA, &json!({"validation_context": ctx}))
     }
 
     fn write(&self, name: &str, body: &serde_json::Value) -> anyhow::Result<()> {

@@ -28,11 +28,32 @@ impl Mesh {
 
     /// A signer whose longest (and default) certificate is `max_ttl`.
     pub async fn start_with_ttl(max_ttl: Duration) -> Mesh {
+        Self::start_configured(max_ttl, |_, _| {}).await
+    }
+
+    /// A signer with `tweak` applied to its configuration (`dir` is the
+    /// mesh's temporary directory, for files the signer writes).
+    pub async fn start_configured(
+        max_ttl: Duration,
+        tweak: impl FnOnce(&mut meshward_signer::Config, &std::path::Path),
+    ) -> Mesh {
         let _ = tracing_subscriber::fmt().with_test_writer().try_init();
         let dir = tempfile::tempdir().unwrap();
-        let signer = LocalSigner::start(&dir.path().join("ca"), max_ttl)
-            .await
-            .unwrap();
+        let path = dir.path().to_path_buf();
+        let signer = LocalSigner::start_configured(
+            &dir.path().join("ca"),
+            max_ttl,
+            std::sync::Arc::new(
+                meshward_signer::client::token::TokenIssuer::generate(
+                    meshward_e2e::mesh::ca::TOKEN_ISSUER,
+                    meshward_signer::authn::keys::JwtAlgorithm::Es256,
+                )
+                .unwrap(),
+            ),
+            |c| tweak(c, &path),
+        )
+        .await
+        .unwrap();
         Mesh { dir, signer }
     }
 
