@@ -485,3 +485,49 @@ async fn status_reports_a_root_rotation_in_progress() {
         assert!(root["validity"]["not_after"].as_i64().unwrap() > now.unix_timestamp());
     }
 }
+
+#[tokio::test]
+async fn dashboard_lists_revocations_and_the_crl() {
+    use meshward_signer::ledger::{CertDigest, RevocationReason, RevocationTarget};
+    let Some(browser) = chromium() else { return };
+    let h = Harness::start_with(|c| {
+        c.revocation.crl_check_interval = std::time::Duration::from_millis(50);
+    })
+    .await;
+    let (_, cert) = h
+        .issue("shop", "web", &h.opts("shop", "web"))
+        .await
+        .unwrap();
+    h.signer
+        .ledger()
+        .unwrap()
+        .revoke(
+            &RevocationTarget::Sha256(CertDigest::of(&cert.leaf)),
+            RevocationReason::KeyCompromise,
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap();
+    // Let the CRL pick it up before the page reads the metrics.
+    for _ in 0..100 {
+        if h.metrics().await.contains("meshward_signer_crl_entries 1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let dom = dump_dom(&browser, &dashboard_url(&h), BUDGET).await;
+    assert!(
+        dom.contains("data-loaded=\"true\""),
+        "never rendered:\n{dom}"
+    );
+    let summary = element_text(&dom, "revocations-summary");
+    assert!(
+        summary.starts_with("1 revoked certificate(s)") && summary.contains("CRL: 1 entries"),
+        "{summary}"
+    );
+    let table = between(&dom, "id=\"revocations\"", "</table>");
+    assert!(
+        table.contains("spiffe://cluster.local/ns/shop/sa/web") && table.contains("key-compromise"),
+        "{table}"
+    );
+}

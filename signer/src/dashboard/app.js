@@ -405,6 +405,27 @@ function renderMetrics(m, dt, ledger) {
   fillTable("other", rows.map(([k, v]) => [cell(k), cell(v, "num")]));
 }
 
+// The revocations of unexpired certificates (/v1/revocations) and the CRL
+// state from the metrics. Every value is set as text.
+function renderRevocations(list, m) {
+  const crl = present(m, "crl_published_total")
+    ? `CRL: ${count(total(m, "crl_entries"))} entries, next update ` +
+      `${date(total(m, "crl_next_update_timestamp_seconds"))}` +
+      (total(m, "crl_failures_total") > 0
+        ? `, ${count(total(m, "crl_failures_total"))} failed builds`
+        : "")
+    : "no CRL published by this signer";
+  setText("revocations-summary", `${count(list.length)} revoked certificate(s) still unexpired; ${crl}.`);
+  fillTable("revocations", list.map((r) => [
+    cell(r.spiffeId),
+    cell(r.serial, "mono"),
+    cell(r.sha256.slice(0, 16) + "…", "mono"),
+    cell(r.reason),
+    cell(date(r.revokedAt)),
+    cell(date(r.notAfter)),
+  ]));
+}
+
 function renderHealth(ok, text) {
   const el = byId("health");
   el.textContent = ok ? "ready" : `not ready: ${text.trim()}`;
@@ -430,6 +451,13 @@ async function refresh() {
     renderStatus(s);
     renderHealth(ready.ok, ready.text);
     renderMetrics(m, dt, s.ledger);
+    if (s.ledger !== "off") {
+      const revocations = await fetchText("/v1/revocations");
+      if (!revocations.ok) throw new Error(`/v1/revocations answered ${revocations.status}`);
+      renderRevocations(JSON.parse(revocations.text), m);
+    } else {
+      setText("revocations-summary", "No ledger on this replica: nothing can be revoked.");
+    }
     if (s.fleet) {
       const fleet = await fetchText("/v1/fleet");
       if (!fleet.ok) throw new Error(`/v1/fleet answered ${fleet.status}`);
