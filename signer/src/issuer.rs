@@ -162,6 +162,20 @@ pub trait Issuer: Send + Sync {
         false
     }
 
+    /// The CRL the backend publishes itself (Vault's `<mount>/crl`), DER,
+    /// for backends whose CA key is elsewhere; `None` for the others.
+    fn fetch_crl(&self) -> Option<BackendFuture<'_, Vec<u8>>> {
+        None
+    }
+
+    /// Revoke a certificate at the backend too (Vault's `<mount>/revoke`),
+    /// by serial (lowercase hex); `None` when the backend keeps no
+    /// revocations of its own.
+    fn revoke_at_backend<'a>(&'a self, serial: &'a str) -> Option<BackendFuture<'a, ()>> {
+        let _ = serial;
+        None
+    }
+
     /// Sign a CRL (RFC 5280 v2) with the key that signs leaves, so a relying
     /// party finds it by the leaves' issuer. A backend whose CRL is someone
     /// else's (Vault publishes its own) says so.
@@ -174,6 +188,9 @@ pub trait Issuer: Send + Sync {
         ))
     }
 }
+
+/// A backend call made outside signing (its CRL, a revocation).
+pub type BackendFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
 
 /// What a CRL lists and when it is valid.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -286,9 +286,21 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .await?
                 .context("revocations live in the ledger, and [ledger] enabled = false")?;
+                // With Vault, revocations go to Vault's PKI too (its CRL).
+                let vault = match (config.ca.backend.as_str(), &config.ca.vault) {
+                    ("vault", Some(v)) => Some(
+                        meshward_signer::issuer::vault::VaultIssuer::connect(v)
+                            .await
+                            .map_err(|e| anyhow::anyhow!("[ca.vault]: {e}"))?,
+                    ),
+                    _ => None,
+                };
                 match meshward_signer::revocation::run(
                     cmd,
                     ledger.ledger().as_ref(),
+                    vault
+                        .as_ref()
+                        .map(|v| v as &dyn meshward_signer::issuer::Issuer),
                     time::OffsetDateTime::now_utc(),
                 )
                 .await

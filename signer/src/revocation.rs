@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use x509_parser::prelude::FromDer;
 
 use crate::issuer::{CrlEntry, CrlRequest, Issuer};
 use crate::ledger::service::humantime_serde;
@@ -109,17 +110,14 @@ pub struct PublishedCrl {
     pub next_update: OffsetDateTime,
     /// cRLNumber.
     pub number: u64,
+    /// Entries in it.
+    pub entries: usize,
     /// The revocations it lists (digest + reason), to tell whether a new
     /// one is needed.
     listed: Vec<(crate::ledger::CertDigest, RevocationReason)>,
 }
 
-impl PublishedCrl {
-    /// Entries in it.
-    pub fn entries(&self) -> usize {
-        self.listed.len()
-    }
-}
+impl PublishedCrl {}
 
 /// The CRL metrics.
 #[derive(Debug, Clone, Default)]
@@ -258,6 +256,9 @@ impl CrlPublisher {
             .set(i64::try_from(revocations.len()).unwrap_or(i64::MAX));
         let listed: Vec<_> = revocations.iter().map(|r| (r.sha256, r.reason)).collect();
         let previous = self.current();
+        if !self.issuer.signs_crls() {
+            return self.refresh_from_backend(previous).await;
+        }
         if let Some(p) = &previous {
             let half = (p.next_update - p.this_update) / 2;
             if p.listed == listed && now < p.this_update + half {
@@ -275,8 +276,68 @@ impl CrlPublisher {
         let request = crl_request(&revocations, now, now + validity, number)?;
         let der = self.issuer.sign_crl(&request).map_err(CrlError::Sign)?;
         let pem = pem::encode(&pem::Pem::new("X509 CRL", der.clone()));
+        let entries = listed.len();
+        self.publish(
+            PublishedCrl {
+                der,
+                pem,
+                this_update: now,
+                next_update: request.next_update,
+                number,
+                entries,
+                listed,
+            },
+            entries,
+        )
+        .await
+    }
+
+    /// A backend that publishes its own CRL (Vault): fetch it, publish it
+    /// when it changed. `ca revoke` revoked at the backend too.
+    async fn refresh_from_backend(
+        &self,
+        previous: Option<Arc<PublishedCrl>>,
+    ) -> Result<bool, CrlError> {
+        let Some(fetch) = self.issuer.fetch_crl() else {
+            return Err(CrlError::Sign(format!(
+                "the {} backend neither signs nor publishes a CRL",
+                self.issuer.name()
+            )));
+        };
+        let der = fetch.await.map_err(CrlError::Sign)?;
+        if previous.as_ref().is_some_and(|p| p.der == der) {
+            return Ok(false);
+        }
+        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
+            .map_err(|e| CrlError::Sign(format!("the backend's CRL does not parse: {e}")))?;
+        let to_time = |t: x509_parser::time::ASN1Time| t.to_datetime();
+        let this_update = to_time(crl.last_update());
+        let next_update = crl.next_update().map_or(this_update, to_time);
+        let entries = crl.iter_revoked_certificates().count();
+        let number = crl
+            .crl_number()
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or_default();
+        self.publish(
+            PublishedCrl {
+                pem: pem::encode(&pem::Pem::new("X509 CRL", der.clone())),
+                der,
+                this_update,
+                next_update,
+                number,
+                entries,
+                // The backend's entries, not the ledger's: its bytes are compared.
+                listed: Vec::new(),
+            },
+            entries,
+        )
+        .await
+    }
+
+    /// Write the directory sink, update the metrics, and publish.
+    async fn publish(&self, published: PublishedCrl, entries: usize) -> Result<bool, CrlError> {
         if let Some(dir) = &self.dir {
-            let (dir, data) = (dir.clone(), pem.clone());
+            let (dir, data) = (dir.clone(), published.pem.clone());
             tokio::task::spawn_blocking(move || {
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| e.to_string())
@@ -292,24 +353,16 @@ impl CrlPublisher {
                 reason: format!("blocking task failed: {e}"),
             })??;
         }
-        let published = PublishedCrl {
-            der,
-            pem,
-            this_update: now,
-            next_update: request.next_update,
-            number,
-            listed,
-        };
         self.metrics
             .entries
-            .set(i64::try_from(published.entries()).unwrap_or(i64::MAX));
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
         self.metrics
             .next_update
             .set(published.next_update.unix_timestamp());
         self.metrics.published.inc();
         tracing::info!(
-            entries = published.entries(),
-            number,
+            entries,
+            number = published.number,
             next_update = %published.next_update,
             "CRL published"
         );
@@ -522,6 +575,7 @@ pub enum ListFormat {
 pub async fn run(
     cmd: &RevocationCommand,
     ledger: &dyn Ledger,
+    backend: Option<&dyn Issuer>,
     now: OffsetDateTime,
 ) -> Result<String, String> {
     use std::fmt::Write;
@@ -553,13 +607,48 @@ pub async fn run(
             for r in &revoked {
                 let _ = writeln!(out, "{}", line(r));
             }
+            // A backend with revocations of its own (Vault) hears of each,
+            // so its CRL lists them. The ledger's revocation stands either
+            // way; a failure here is reported (non-zero exit) to be re-run.
+            let mut failed = Vec::new();
+            for r in &revoked {
+                let Some((b, call)) =
+                    backend.and_then(|b| b.revoke_at_backend(&r.serial).map(|c| (b, c)))
+                else {
+                    continue;
+                };
+                match call.await {
+                    Ok(()) => {
+                        let _ = writeln!(
+                            out,
+                            "  revoked at the {} backend too: serial {}",
+                            b.name(),
+                            r.serial
+                        );
+                    }
+                    Err(e) => failed.push(format!("serial {}: {e}", r.serial)),
+                }
+            }
+            if !failed.is_empty() {
+                return Err(format!(
+                    "{out}revoked in the ledger, but the backend refused: {} (run ca revoke again)",
+                    failed.join("; ")
+                ));
+            }
             Ok(out)
         }
         RevocationCommand::Unrevoke { target } => {
             let target = target.target()?;
             let n = ledger.unrevoke(&target).await.map_err(|e| e.to_string())?;
             tracing::warn!(%target, cleared = n, "revocations cleared");
-            Ok(format!("cleared {n} revocation(s) matching {target}\n"))
+            let mut out = format!("cleared {n} revocation(s) matching {target}\n");
+            if backend.is_some_and(|b| !b.signs_crls()) {
+                out.push_str(
+                    "note: the backend's own CRL (Vault) cannot be cleared; it lists the certificate \
+                     until it expires. The signer and the filter accept it again.\n",
+                );
+            }
+            Ok(out)
         }
         RevocationCommand::Revocations { output } => {
             let list = ledger.revocations(now).await.map_err(|e| e.to_string())?;

@@ -409,7 +409,7 @@ impl Signer {
         // when the key is here (builtin, cacerts).
         let why_no_crl = if !config.revocation.crl {
             "no CRL: revocation.crl = false"
-        } else if !issuer.signs_crls() {
+        } else if !issuer.signs_crls() && issuer.fetch_crl().is_none() {
             "no CRL from this signer: the backend's CA key is elsewhere (with Vault, publish Vault's CRL: <vault>/v1/<mount>/crl)"
         } else {
             ""

@@ -704,3 +704,83 @@ fn ca_check_vault_logs_in_and_checks_the_issuing_ca_against_the_roots() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ca_revoke_with_the_vault_backend_revokes_in_vault_and_publishes_vaults_crl() {
+    let Some(bao) = OpenBao::start(BaoOptions::default()) else {
+        return;
+    };
+    let vault = bao.vault_config(AuthKind::Token, "");
+    let h = Harness::start_with(move |c| {
+        c.ca.backend = "vault".to_string();
+        c.ca.vault = Some(vault);
+        c.revocation.crl_check_interval = Duration::from_millis(100);
+    })
+    .await;
+    let (_, cert) = h
+        .issue("shop", "frontend", &h.opts("shop", "frontend"))
+        .await
+        .unwrap();
+    let (_, c) = x509_parser::parse_x509_certificate(cert.leaf.as_ref()).unwrap();
+    let serial = hex::encode(c.raw_serial())
+        .trim_start_matches("00")
+        .to_string();
+    // The operator's `ca revoke`, with the signer's own configuration.
+    let config = h.dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ca]\nbackend = \"vault\"\ndata_dir = {:?}\n[ca.vault]\n{}",
+            h.config.ca.data_dir.display().to_string(),
+            bao.vault_config_toml(AuthKind::Token, "")
+                .replace("[auth]", "[ca.vault.auth]")
+        ),
+    )
+    .unwrap();
+    let (ok, out) = cli::signer_cli(&[
+        "ca",
+        "-c",
+        config.to_str().unwrap(),
+        "revoke",
+        "--serial",
+        &serial,
+        "--reason",
+        "key-compromise",
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("revoked at the vault backend too"), "{out}");
+    // /v1/crl serves Vault's own CRL, which now lists the certificate.
+    let mut listed = false;
+    for _ in 0..100 {
+        let (status, _) = harness::http_get(h.signer.admin_addr(), "/v1/crl.pem").await;
+        if status == 200 {
+            let der = reqwest::get(format!("http://{}/v1/crl", h.signer.admin_addr()))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let (_, crl) = <x509_parser::revocation_list::CertificateRevocationList as x509_parser::prelude::FromDer<_>>::from_der(&der).unwrap();
+            if crl
+                .iter_revoked_certificates()
+                .any(|r| hex::encode(r.raw_serial()).trim_start_matches("00") == serial)
+            {
+                listed = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(listed, "Vault's CRL never listed serial {serial}");
+    // And the ledger refuses it as a credential like any revoked one.
+    let (status, body) = harness::http_get(
+        h.signer.admin_addr(),
+        &format!(
+            "/v1/certificates/{}",
+            meshward_signer::ledger::CertDigest::of(cert.leaf.as_ref())
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(body.contains("key-compromise"), "{body}");
+}

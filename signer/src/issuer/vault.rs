@@ -620,6 +620,56 @@ impl Issuer for VaultIssuer {
             Err(p) => *p.into_inner(),
         }
     }
+
+    fn fetch_crl(&self) -> Option<crate::issuer::BackendFuture<'_, Vec<u8>>> {
+        Some(Box::pin(async move {
+            // Vault's CRL for the mount's issuer, PEM (`<mount>/crl/pem`,
+            // unauthenticated like `ca/pem`).
+            let pem = self
+                .client
+                .get_text(&format!("{}/crl/pem", self.mount))
+                .await
+                .map_err(|e| e.to_string())?;
+            let parsed = pem::parse(pem.trim())
+                .map_err(|e| format!("{}/crl/pem is not PEM: {e}", self.mount))?;
+            if parsed.tag() != "X509 CRL" {
+                return Err(format!(
+                    "{}/crl/pem holds a {}, not an X509 CRL",
+                    self.mount,
+                    parsed.tag()
+                ));
+            }
+            Ok(parsed.into_contents())
+        }))
+    }
+
+    fn revoke_at_backend<'a>(
+        &'a self,
+        serial: &'a str,
+    ) -> Option<crate::issuer::BackendFuture<'a, ()>> {
+        Some(Box::pin(async move {
+            // Vault names serials as colon-separated hex pairs.
+            let padded = if serial.len() % 2 == 1 {
+                format!("0{serial}")
+            } else {
+                serial.to_string()
+            };
+            let colons = padded
+                .as_bytes()
+                .chunks(2)
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect::<Vec<_>>()
+                .join(":");
+            self.client
+                .post_json(
+                    &format!("{}/revoke", self.mount),
+                    &serde_json::json!({ "serial_number": colons }),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }))
+    }
 }
 
 fn internal(reason: String) -> IssueError {

@@ -451,7 +451,8 @@ impl OpenBao {
         let policy = format!(
             "path \"{MOUNT}/sign/{ROLE}\" {{ capabilities = [\"create\", \"update\"] }}\n\
              path \"{MOUNT}/sign-verbatim/{ROLE}\" {{ capabilities = [\"create\", \"update\"] }}\n\
-             path \"{MOUNT}/sign/{SERVING_ROLE}\" {{ capabilities = [\"create\", \"update\"] }}\n"
+             path \"{MOUNT}/sign/{SERVING_ROLE}\" {{ capabilities = [\"create\", \"update\"] }}\n\
+             path \"{MOUNT}/revoke\" {{ capabilities = [\"update\"] }}\n"
         );
         self.cli_with_stdin(&["policy", "write", POLICY, "-"], Some(&policy))?;
         if self.options.namespace.is_some() {

@@ -213,6 +213,23 @@ impl VaultClient {
         serde_json::from_value(data).map_err(|e| VaultError::BadResponse(format!("{path}: {e}")))
     }
 
+    /// An authenticated `POST <path>` (e.g. `<mount>/revoke`) within the
+    /// configured budget, with the same retries and re-login as signing;
+    /// returns the answer's `data`.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<Value, VaultError> {
+        match tokio::time::timeout(self.settings.timeout, self.authenticated_post(path, body)).await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                self.record(false);
+                Err(VaultError::Unavailable(format!(
+                    "no answer within {:?}",
+                    self.settings.timeout
+                )))
+            }
+        }
+    }
+
     /// Logs in now with the configured credentials (as the first signing
     /// would), within the configured budget; `Ok` once Vault accepted them.
     pub async fn check_login(&self) -> Result<(), VaultError> {
