@@ -169,6 +169,7 @@ pub struct CrlPublisher {
     dir: Option<PathBuf>,
     metrics: CrlMetrics,
     current: watch::Sender<Option<Arc<PublishedCrl>>>,
+    configmaps: Option<crate::bundle::configmap::ConfigMapSink>,
 }
 
 impl std::fmt::Debug for CrlPublisher {
@@ -224,7 +225,15 @@ impl CrlPublisher {
             dir,
             metrics,
             current: watch::channel(None).0,
+            configmaps: None,
         }
+    }
+
+    /// Also write each CRL as the `istio-ca-crl` ConfigMap (key
+    /// `ca-crl.pem`) into the namespaces `sink` selects (`[bundle.configmap]`).
+    pub fn with_configmaps(mut self, sink: crate::bundle::configmap::ConfigMapSink) -> Self {
+        self.configmaps = Some(sink.for_crl());
+        self
     }
 
     /// The CRL published now, if one is.
@@ -359,6 +368,21 @@ impl CrlPublisher {
         self.metrics
             .next_update
             .set(published.next_update.unix_timestamp());
+        if let Some(sink) = &self.configmaps {
+            // Best effort per namespace, like the root ConfigMaps: a failure
+            // is counted and the next change (or half-life re-sign) retries.
+            match sink.sync_pem(&published.pem).await {
+                Ok(report) if report.failed.is_empty() => {}
+                Ok(report) => {
+                    self.metrics.failures.inc();
+                    tracing::warn!(failed = ?report.failed, "istio-ca-crl not written in every namespace");
+                }
+                Err(e) => {
+                    self.metrics.failures.inc();
+                    tracing::warn!(error = %e, "istio-ca-crl ConfigMaps not written");
+                }
+            }
+        }
         self.metrics.published.inc();
         tracing::info!(
             entries,

@@ -428,6 +428,16 @@ impl Signer {
             )),
             _ => None,
         };
+        let crl = match (crl, &config.bundle.configmap) {
+            (Some(c), Some(cm)) => Some(
+                c.with_configmaps(
+                    crate::bundle::service::configmap_sink(cm)
+                        .await
+                        .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+                ),
+            ),
+            (c, _) => c,
+        };
         let revocation_routes = ledger
             .as_ref()
             .map(|l| crate::revocation::routes(crl.clone(), l.ledger().clone(), why_no_crl))

@@ -476,3 +476,36 @@ async fn without_the_cluster_wide_list_each_namespace_is_read_on_its_own() {
         api.requests
     );
 }
+
+#[tokio::test]
+async fn crl_configmap_is_istios_istio_ca_crl_in_the_selected_namespaces_and_can_be_emptied() {
+    let (addr, api) = start_api(Api {
+        namespaces: vec![
+            ns("shop", &[("istio-injection", "enabled")]),
+            ns("kube-system", &[]),
+        ],
+        ..Api::default()
+    })
+    .await;
+    let sink = ConfigMapSink::new(client(addr), selector()).for_crl();
+    let listing = "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n";
+    let report = sink.sync_pem(listing).await.unwrap();
+    assert_eq!(report.created, vec!["shop"]);
+    {
+        let api = api.lock().unwrap();
+        let cm = &api.configmaps[&("shop".to_string(), "istio-ca-crl".to_string())];
+        assert_eq!(cm["data"]["ca-crl.pem"], listing);
+        assert!(
+            !api.configmaps
+                .contains_key(&("shop".to_string(), "istio-ca-root-cert".to_string())),
+            "the CRL sink touches only istio-ca-crl"
+        );
+    }
+    // A later (e.g. zero-entry, after unrevoke) CRL replaces it.
+    let empty = "-----BEGIN X509 CRL-----\nBBBB\n-----END X509 CRL-----\n";
+    let report = sink.sync_pem(empty).await.unwrap();
+    assert_eq!(report.updated, vec!["shop"]);
+    let api = api.lock().unwrap();
+    let cm = &api.configmaps[&("shop".to_string(), "istio-ca-crl".to_string())];
+    assert_eq!(cm["data"]["ca-crl.pem"], empty);
+}

@@ -160,6 +160,7 @@ pub struct ConfigMapSink {
     client: kube::Client,
     selector: LabelSelector,
     name: String,
+    key: &'static str,
 }
 
 impl fmt::Debug for ConfigMapSink {
@@ -178,12 +179,30 @@ impl ConfigMapSink {
             client,
             selector,
             name: CONFIGMAP_NAME.to_string(),
+            key: ROOT_CERT_KEY,
         }
     }
 
-    /// Write the bundle's roots into every selected namespace. Per-namespace
-    /// failures are collected, not fatal; listing namespaces failing is.
+    /// The same namespaces, for Istio's CRL ConfigMap instead:
+    /// `istio-ca-crl`, key `ca-crl.pem` (what a sidecar mounts at
+    /// `/var/run/secrets/istio/crl`).
+    pub fn for_crl(self) -> Self {
+        Self {
+            name: crate::revocation::CRL_CONFIGMAP_NAME.to_string(),
+            key: crate::revocation::CRL_PEM,
+            ..self
+        }
+    }
+
+    /// Write the bundle's roots into every selected namespace.
     pub async fn sync(&self, bundle: &TrustBundle) -> Result<ConfigMapReport, BundleError> {
+        self.sync_pem(&bundle.roots_pem()).await
+    }
+
+    /// Write `pem` under this sink's key into every selected namespace.
+    /// Per-namespace failures are collected, not fatal; listing namespaces
+    /// failing is.
+    pub async fn sync_pem(&self, pem: &str) -> Result<ConfigMapReport, BundleError> {
         let err = |reason: String| BundleError::Sink {
             sink: "configmap",
             reason,
@@ -213,7 +232,6 @@ impl ConfigMapSink {
                 None
             }
         };
-        let pem = bundle.roots_pem();
         let mut report = ConfigMapReport::default();
         for ns in selected {
             let Some(ns_name) = ns.metadata.name.clone() else {
@@ -244,7 +262,7 @@ impl ConfigMapSink {
                 }
             };
             let outcome = match current {
-                Ok(current) => self.sync_one(&ns_name, current, &pem).await,
+                Ok(current) => self.sync_one(&ns_name, current, pem).await,
                 Err(e) => Err(e),
             };
             match outcome {
@@ -252,7 +270,7 @@ impl ConfigMapSink {
                 Ok(Outcome::Updated) => report.updated.push(ns_name),
                 Ok(Outcome::Unchanged) => report.unchanged.push(ns_name),
                 Err(e) => {
-                    tracing::warn!(namespace = %ns_name, error = %e, "writing istio-ca-root-cert failed");
+                    tracing::warn!(namespace = %ns_name, configmap = %self.name, error = %e, "writing the ConfigMap failed");
                     report.failed.push((ns_name, e.to_string()));
                 }
             }
@@ -280,10 +298,7 @@ impl ConfigMapSink {
                         )])),
                         ..ObjectMeta::default()
                     },
-                    data: Some(BTreeMap::from([(
-                        ROOT_CERT_KEY.to_string(),
-                        pem.to_string(),
-                    )])),
+                    data: Some(BTreeMap::from([(self.key.to_string(), pem.to_string())])),
                     ..ConfigMap::default()
                 };
                 api.create(&PostParams::default(), &cm).await?;
@@ -293,7 +308,7 @@ impl ConfigMapSink {
                 let data_ok = cm
                     .data
                     .as_ref()
-                    .and_then(|d| d.get(ROOT_CERT_KEY))
+                    .and_then(|d| d.get(self.key))
                     .is_some_and(|v| v == pem);
                 let label_ok = cm
                     .metadata
@@ -306,7 +321,7 @@ impl ConfigMapSink {
                 }
                 cm.data
                     .get_or_insert_with(BTreeMap::new)
-                    .insert(ROOT_CERT_KEY.to_string(), pem.to_string());
+                    .insert(self.key.to_string(), pem.to_string());
                 cm.metadata
                     .labels
                     .get_or_insert_with(BTreeMap::new)

@@ -211,7 +211,7 @@ fn endpoint_err(reason: String) -> BundleError {
     }
 }
 
-async fn configmap_sink(cm: &ConfigMapConfig) -> Result<ConfigMapSink, BundleError> {
+pub(crate) async fn configmap_sink(cm: &ConfigMapConfig) -> Result<ConfigMapSink, BundleError> {
     let err = |reason: String| BundleError::Sink {
         sink: "configmap",
         reason,
