@@ -498,3 +498,52 @@ async fn a_crl_that_cannot_be_signed_never_blocks_rotation() {
     assert!(status.1.contains(&digest(&cert)), "{}", status.1);
     h.signer.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_crl_is_signed_again_before_its_next_update_even_without_a_change() {
+    use meshward_signer::issuer::Issuer;
+    use meshward_signer::issuer::builtin::{BuiltinIssuer, BuiltinOptions, CaKeyAlgorithm};
+    use meshward_signer::revocation::{CrlMetrics, CrlPublisher, RevocationConfig};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = time::OffsetDateTime::now_utc();
+    let issuer: Arc<dyn Issuer> = Arc::new(
+        BuiltinIssuer::load_or_create(
+            &BuiltinOptions {
+                data_dir: dir.path().join("ca"),
+                key_algorithm: CaKeyAlgorithm::EcdsaP256,
+                organization: "cluster.local".into(),
+                root_ttl: Duration::from_secs(86400 * 365),
+                intermediate_ttl: Duration::from_secs(86400 * 30),
+            },
+            t0,
+        )
+        .unwrap(),
+    );
+    let ledger = Arc::new(
+        SqliteLedger::open(&SqliteOptions {
+            path: dir.path().join("l.sqlite"),
+            busy_timeout: Duration::from_secs(5),
+            commit_delay: Duration::ZERO,
+        })
+        .unwrap(),
+    );
+    let config = RevocationConfig {
+        crl_validity: Duration::from_secs(24 * 3600),
+        ..RevocationConfig::default()
+    };
+    let crl = CrlPublisher::new(issuer, ledger, config, None, CrlMetrics::default());
+    assert!(crl.refresh(t0).await.unwrap(), "the first CRL is signed");
+    let first = crl.current().unwrap();
+    assert_eq!(
+        first.next_update - first.this_update,
+        time::Duration::days(1)
+    );
+    // Nothing changed and less than half the validity passed: kept.
+    assert!(!crl.refresh(t0 + time::Duration::hours(11)).await.unwrap());
+    // Past half of it: signed again, nextUpdate moves, the number grows.
+    assert!(crl.refresh(t0 + time::Duration::hours(12)).await.unwrap());
+    let second = crl.current().unwrap();
+    assert!(second.next_update > first.next_update);
+    assert!(second.number > first.number);
+}
