@@ -381,7 +381,12 @@ fn decode_json<T: for<'de> Deserialize<'de>>(part: &str, what: &str) -> Result<T
     let bytes = URL_SAFE_NO_PAD
         .decode(part)
         .map_err(|e| AuthnError::Malformed(format!("{what} is not base64url: {e}")))?;
-    serde_json::from_slice(&bytes)
+    // JSON text is UTF-8 (RFC 8259, RFC 7519 7.2). serde_json checks UTF-8
+    // only in the strings it keeps, so an unknown claim holding other bytes
+    // would pass: check the whole text first.
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| AuthnError::Malformed(format!("{what} is not UTF-8: {e}")))?;
+    serde_json::from_str(text)
         .map_err(|e| AuthnError::Malformed(format!("{what} is not the expected JSON: {e}")))
 }
 
@@ -543,6 +548,35 @@ mod tests {
             block_on(authn.verify(&token, None, 1_160)),
             Err(AuthnError::Expired(1_100))
         );
+    }
+
+    /// Found by fuzzing (`fuzz/corpus/jwt/regression-*`): serde_json skips
+    /// an unknown claim without checking its bytes, so a token whose claims
+    /// were not UTF-8 (not JSON) was accepted.
+    #[test]
+    fn token_whose_claims_are_not_utf8_is_refused() {
+        let (pair, authn) = signing_setup();
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256","kid":"k"}"#);
+        let mut claims = br#"{"iss":"iss","aud":"istio-ca","exp":1100,"sub":"system:serviceaccount:shop:web","x":""#.to_vec();
+        claims.extend_from_slice(b"\xd8\xd8\"}");
+        let message = format!("{header}.{}", URL_SAFE_NO_PAD.encode(&claims));
+        let sig = pair
+            .sign(&ring::rand::SystemRandom::new(), message.as_bytes())
+            .unwrap();
+        let token = format!("{message}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()));
+        let refused = block_on(authn.verify(&token, None, 1_000));
+        assert!(
+            matches!(&refused, Err(AuthnError::Malformed(m)) if m.contains("UTF-8")),
+            "{refused:?}"
+        );
+        // The same claims in UTF-8 are fine.
+        let claims = br#"{"iss":"iss","aud":"istio-ca","exp":1100,"sub":"system:serviceaccount:shop:web","x":"\u00d8"}"#;
+        let message = format!("{header}.{}", URL_SAFE_NO_PAD.encode(claims));
+        let sig = pair
+            .sign(&ring::rand::SystemRandom::new(), message.as_bytes())
+            .unwrap();
+        let token = format!("{message}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()));
+        assert!(block_on(authn.verify(&token, None, 1_000)).is_ok());
     }
 
     #[test]
