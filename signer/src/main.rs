@@ -105,7 +105,7 @@ struct ExplainArgs {
 
 /// Configuration sources, lowest precedence first: embedded defaults, the
 /// config file, environment variables, flags.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct ServeArgs {
     /// TOML config file (every key optional; unknown keys are an error).
     #[arg(long, short = 'c', env = "MESHWARD_CONFIG")]
@@ -344,6 +344,11 @@ async fn main() -> anyhow::Result<()> {
             let signer = meshward_signer::Signer::start(config)
                 .await
                 .context("starting the signer")?;
+            #[cfg(unix)]
+            {
+                let reloader = signer.reloader();
+                tokio::spawn(reload_on_sighup(args, reloader));
+            }
             let stopper = signer.stopper();
             tokio::spawn(async move {
                 shutdown_signal().await;
@@ -466,6 +471,38 @@ fn explain(
         }
     )?;
     Ok(out)
+}
+
+/// `SIGHUP`: read the configuration again from the same file, environment
+/// and flags, and apply what a running signer can change (see
+/// [`meshward_signer::runtime::Reloader`]). A configuration that does not
+/// load or validate is refused with an error line; the running one stays.
+#[cfg(unix)]
+async fn reload_on_sighup(args: ServeArgs, reloader: meshward_signer::runtime::Reloader) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: configuration reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let next = match args.load() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "configuration reload refused; the running configuration stays");
+                continue;
+            }
+        };
+        match reloader.reload(next) {
+            Ok(report) => {
+                if !report.need_restart.is_empty() {
+                    tracing::warn!(sections = ?report.need_restart, "changed settings that take effect only after a restart (running values kept)");
+                }
+                info!(applied = ?report.applied, "configuration reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload refused; the running configuration stays")
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -308,12 +308,16 @@ impl Signer {
                 warn!(accounts = ?config.authn.trusted_node_accounts, "trusted node agents may use ImpersonatedIdentity for ANY identity on any node (authn.unbound_node_agents = true)");
             }
         }
+        let live =
+            crate::server::ca_service::LiveSettings::new(crate::server::ca_service::Reloadable {
+                policy,
+                trusted_node_accounts: config.trusted_node_accounts(),
+            });
         let pipeline = Arc::new(CaPipeline {
             trust_domain: trust_domain.clone(),
             authenticator,
             issuer: issuer.clone(),
-            policy,
-            trusted_node_accounts: config.trusted_node_accounts(),
+            live: live.clone(),
             node_authorizer,
             rate_limit: IssuanceRateLimit::new(
                 config.policy.rate_limit_burst,
@@ -569,6 +573,10 @@ impl Signer {
             bundle_endpoint: bundle.endpoint_addr(),
             ledger: ledger.map(|l| l.ledger().clone()),
             tasks: [grpc_task, admin_task].into_iter().chain(tasks).collect(),
+            reloader: Reloader {
+                live,
+                config: Arc::new(std::sync::Mutex::new(config)),
+            },
         })
     }
 }
@@ -764,6 +772,92 @@ pub struct RunningSigner {
     bundle_endpoint: Option<SocketAddr>,
     ledger: Option<Arc<dyn crate::ledger::Ledger>>,
     tasks: Vec<JoinHandle<Result<(), String>>>,
+    reloader: Reloader,
+}
+
+/// Applies a new configuration to a running signer (`SIGHUP`): the
+/// issuance policy (`[policy]` TTLs, tiers, allowed key types) and
+/// `authn.trusted_node_accounts` take effect for the next request, without
+/// dropping a connection. Anything else that changed is reported as needing
+/// a restart and keeps its running value. A configuration that does not
+/// validate is refused whole: the running one stays.
+#[derive(Clone)]
+pub struct Reloader {
+    live: crate::server::ca_service::LiveSettings,
+    config: Arc<std::sync::Mutex<Config>>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader").finish_non_exhaustive()
+    }
+}
+
+/// What [`Reloader::reload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Live settings that changed and now apply.
+    pub applied: Vec<&'static str>,
+    /// Settings that changed but need a restart (their running values stay).
+    pub need_restart: Vec<&'static str>,
+}
+
+impl Reloader {
+    /// Apply `next` (already loaded from the same sources as at start).
+    pub fn reload(&self, next: Config) -> Result<ReloadReport, ConfigError> {
+        next.validate()?;
+        let policy = next.issuance_policy()?;
+        let mut running = self
+            .config
+            .lock()
+            .map_err(|_| ConfigError::Invalid("configuration lock poisoned".into()))?;
+        let mut applied = Vec::new();
+        if next.policy != running.policy {
+            applied.push("policy");
+        }
+        if next.authn.trusted_node_accounts != running.authn.trusted_node_accounts {
+            applied.push("authn.trusted_node_accounts");
+        }
+        let mut need_restart = Vec::new();
+        let p = (&next.policy, &running.policy);
+        if p.0.rate_limit_burst != p.1.rate_limit_burst
+            || p.0.rate_limit_interval != p.1.rate_limit_interval
+            || p.0.kubernetes != p.1.kubernetes
+            || p.0.namespace_label_cache != p.1.namespace_label_cache
+        {
+            need_restart
+                .push("policy.rate_limit_*, policy.kubernetes, policy.namespace_label_cache");
+        }
+        let mut authn = next.authn.clone();
+        authn.trusted_node_accounts = running.authn.trusted_node_accounts.clone();
+        for (name, changed) in [
+            ("trust_domain", next.trust_domain != running.trust_domain),
+            ("server", next.server != running.server),
+            ("ca", next.ca != running.ca),
+            (
+                "authn (other than trusted_node_accounts)",
+                authn != running.authn,
+            ),
+            ("ledger", next.ledger != running.ledger),
+            ("bundle", next.bundle != running.bundle),
+            ("dashboard", next.dashboard != running.dashboard),
+            ("revocation", next.revocation != running.revocation),
+        ] {
+            if changed {
+                need_restart.push(name);
+            }
+        }
+        self.live.set(crate::server::ca_service::Reloadable {
+            policy,
+            trusted_node_accounts: next.trusted_node_accounts(),
+        });
+        running.policy = next.policy.clone();
+        running.authn.trusted_node_accounts = next.authn.trusted_node_accounts.clone();
+        Ok(ReloadReport {
+            applied,
+            need_restart,
+        })
+    }
 }
 
 impl RunningSigner {
@@ -832,6 +926,12 @@ impl RunningSigner {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// A handle that applies a new configuration (for `SIGHUP` in the
+    /// binary, and tests).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// A handle that stops the signer when `stop()` is called (for signal

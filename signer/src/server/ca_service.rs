@@ -117,6 +117,44 @@ impl From<IssueError> for Refusal {
     }
 }
 
+/// What a configuration reload changes in a running pipeline.
+#[derive(Debug, Clone)]
+pub struct Reloadable {
+    /// TTL tiers and allowed key types.
+    pub policy: IssuancePolicy,
+    /// `(namespace, service account)` of node agents allowed to use
+    /// `ImpersonatedIdentity`.
+    pub trusted_node_accounts: Vec<(String, String)>,
+}
+
+/// The [`Reloadable`] settings in effect: each request takes them once at
+/// its start, a reload swaps them for the next requests.
+#[derive(Debug, Clone)]
+pub struct LiveSettings(Arc<std::sync::RwLock<Arc<Reloadable>>>);
+
+impl LiveSettings {
+    /// Settings starting as `initial`.
+    pub fn new(initial: Reloadable) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(Arc::new(initial))))
+    }
+
+    /// The settings in effect now.
+    pub fn get(&self) -> Arc<Reloadable> {
+        match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Replace them (requests already running keep the ones they took).
+    pub fn set(&self, next: Reloadable) {
+        match self.0.write() {
+            Ok(mut g) => *g = Arc::new(next),
+            Err(p) => *p.into_inner() = Arc::new(next),
+        }
+    }
+}
+
 /// Everything the pipeline needs.
 pub struct CaPipeline {
     /// Trust domain of issued identities.
@@ -125,11 +163,9 @@ pub struct CaPipeline {
     pub authenticator: Arc<dyn Authenticator>,
     /// Who signs.
     pub issuer: Arc<dyn Issuer>,
-    /// TTL tiers and allowed key types.
-    pub policy: IssuancePolicy,
-    /// `(namespace, service account)` of node agents allowed to use
-    /// `ImpersonatedIdentity`.
-    pub trusted_node_accounts: Vec<(String, String)>,
+    /// The settings a reload (`SIGHUP`) may change: the TTL tiers and
+    /// allowed key types, the trusted node agents.
+    pub live: LiveSettings,
     /// Binds a node agent's `ImpersonatedIdentity` to its node; `None` only
     /// with `authn.unbound_node_agents`.
     pub node_authorizer: Option<Arc<dyn NodeAuthorizer>>,
@@ -239,13 +275,16 @@ impl CaPipeline {
             .await
             .map_err(|e| (Refusal::from(e), None))?;
         let with_caller = |r: Refusal| (r, Some(caller.clone()));
+        let live = self.live.get();
         if caller.method == AuthMethod::ClientCertificate {
             self.refuse_revoked(credentials)
                 .await
                 .map_err(with_caller)?;
         }
 
-        let target = self.target_identity(&caller, req).map_err(with_caller)?;
+        let target = self
+            .target_identity(&caller, req, &live.trusted_node_accounts)
+            .map_err(with_caller)?;
         if target.spiffe_id != caller.spiffe_id
             && let Some(nodes) = &self.node_authorizer
         {
@@ -304,7 +343,7 @@ impl CaPipeline {
             .check_identity(&target.spiffe_id)
             .map_err(|e| with_caller(e.into()))?;
 
-        let labels = if self.policy.needs_labels() {
+        let labels = if live.policy.needs_labels() {
             let source = self.namespace_labels.as_ref().ok_or_else(|| {
                 with_caller(Refusal::new(
                     Code::Unavailable,
@@ -320,7 +359,7 @@ impl CaPipeline {
         } else {
             None
         };
-        let effective = self
+        let effective = live
             .policy
             .for_namespace(&target.namespace, labels.as_ref());
         effective
@@ -383,6 +422,7 @@ impl CaPipeline {
         &self,
         caller: &CallerIdentity,
         req: &IstioCertificateRequest,
+        trusted_node_accounts: &[(String, String)],
     ) -> Result<CallerIdentity, Refusal> {
         let asked = req
             .metadata
@@ -396,8 +436,7 @@ impl CaPipeline {
         let Some(asked) = asked else {
             return Ok(caller.clone());
         };
-        let trusted = self
-            .trusted_node_accounts
+        let trusted = trusted_node_accounts
             .iter()
             .any(|(ns, sa)| *ns == caller.namespace && *sa == caller.service_account);
         if !trusted {

@@ -371,6 +371,11 @@ impl<S> Limited<S> {
     pub fn new(inner: S, slot: Slot) -> Self {
         Self { inner, slot }
     }
+
+    /// The stream and its slot, apart.
+    pub fn into_parts(self) -> (S, Slot) {
+        (self.inner, self.slot)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {

@@ -28,7 +28,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::debug;
 
 use super::connections::{BoundedAccept, ConnectionLimit, Limited};
@@ -148,21 +147,96 @@ pub fn server_config(certs: Arc<dyn ResolvesServerCert>) -> Result<rustls::Serve
 /// Accept TCP connections while `limit` has a free slot, handshake each in
 /// its own task, and yield the TLS streams (each holding its slot) until
 /// `shutdown` turns true.
+/// TLS close_notify and FIN, then read and discard what the client had
+/// sent (briefly) so the close is not turned into a reset.
+async fn close_unserved(mut stream: TlsStream<TcpStream>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// A handshaken connection on its way to the gRPC server.
+type Handshaken = Result<Limited<TlsStream<TcpStream>>, std::io::Error>;
+
+/// The connections [`tls_incoming`] hands to the server. After shutdown the
+/// server stops taking them; [`drain_unserved`] closes those left cleanly.
+pub struct Incoming(Arc<std::sync::Mutex<mpsc::Receiver<Handshaken>>>);
+
+impl tokio_stream::Stream for Incoming {
+    type Item = Handshaken;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.0.lock() {
+            Ok(mut rx) => rx.poll_recv(cx),
+            Err(_) => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+/// Once shutdown began, closes (without a reset) every connection that
+/// was handshaken but not taken by the server, until the accept side ends.
+async fn drain_unserved(
+    rx: Arc<std::sync::Mutex<mpsc::Receiver<Handshaken>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+    // Let the server take what it polled before it saw the signal.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    loop {
+        let next = match rx.lock() {
+            Ok(mut rx) => rx.try_recv(),
+            Err(_) => return,
+        };
+        match next {
+            Ok(Ok(stream)) => {
+                let (tls, _slot) = stream.into_parts();
+                tokio::spawn(close_unserved(tls));
+            }
+            Ok(Err(_)) => {}
+            Err(mpsc::error::TryRecvError::Empty) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => return,
+        }
+    }
+}
+
 pub fn tls_incoming(
     listener: TcpListener,
     config: rustls::ServerConfig,
     limit: ConnectionLimit,
     mut shutdown: watch::Receiver<bool>,
-) -> ReceiverStream<Result<Limited<TlsStream<TcpStream>>, std::io::Error>> {
+) -> Incoming {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = mpsc::channel(64);
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    tokio::spawn(drain_unserved(rx.clone(), shutdown.clone()));
     let mut accept = BoundedAccept::new(listener, limit, "gRPC", "server.max_connections");
     tokio::spawn(async move {
         while let Some((tcp, peer, slot)) = accept.next(&mut shutdown).await {
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let stopping = shutdown.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    // A handshake that ends after shutdown began: the
+                    // server takes no new connection any more, and dropping
+                    // this one with the client's request unread would make
+                    // the kernel send a reset. Close it cleanly instead: the
+                    // client sees the connection end before any answer and
+                    // retries elsewhere (UNAVAILABLE), its request unserved.
+                    Ok(Ok(stream)) if *stopping.borrow() => close_unserved(stream).await,
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(Limited::new(stream, slot))).await;
                     }
@@ -172,5 +246,5 @@ pub fn tls_incoming(
             });
         }
     });
-    ReceiverStream::new(rx)
+    Incoming(rx)
 }
