@@ -31,15 +31,7 @@ fn p256() -> WorkloadKey {
 }
 
 async fn connect_as(h: &Harness, cert: &IssuedCertificate, key: &WorkloadKey) -> CaClient {
-    CaClient::connect_with_client_cert(
-        h.signer.grpc_addr(),
-        h.signer.roots_pem(),
-        "localhost",
-        &cert.chain_pem(),
-        &key.private_key_pem(),
-    )
-    .await
-    .unwrap()
+    h.connect_as(cert, key).await
 }
 
 /// Sign a certificate for `ns/sa` directly with a CA in `dir`, valid over

@@ -149,6 +149,19 @@ impl Harness {
             .unwrap()
     }
 
+    /// A client presenting `cert` (chain) and `key`: mTLS renewal.
+    pub async fn connect_as(&self, cert: &IssuedCertificate, key: &WorkloadKey) -> CaClient {
+        CaClient::connect_with_client_cert(
+            self.signer.grpc_addr(),
+            self.signer.roots_pem(),
+            "localhost",
+            &cert.chain_pem(),
+            &key.private_key_pem(),
+        )
+        .await
+        .unwrap()
+    }
+
     pub async fn metrics(&self) -> String {
         http_get(self.signer.admin_addr(), "/metrics").await.1
     }
