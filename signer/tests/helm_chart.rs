@@ -359,9 +359,15 @@ fn template_output_is_deterministic_in_install_order_with_source_lines() {
 }
 
 #[test]
-fn wasm_plugins_and_monitoring_are_off_by_default() {
+fn wasm_plugins_istio_wiring_and_monitoring_are_off_by_default() {
     let docs = docs(&template(&[]));
-    for kind in ["WasmPlugin", "ServiceMonitor", "PrometheusRule"] {
+    for kind in [
+        "WasmPlugin",
+        "PeerAuthentication",
+        "EnvoyFilter",
+        "ServiceMonitor",
+        "PrometheusRule",
+    ] {
         assert!(
             docs.iter().all(|d| d["kind"].as_str() != Some(kind)),
             "{kind} rendered by default"
@@ -535,6 +541,68 @@ fn fullname_override_renames_the_objects_and_the_names_pointing_at_them() {
     );
 }
 
+/// The shared ledger: a TLS-verified PostgreSQL store instead of the SQLite
+/// path, whose password and CA files are the Secret the pod mounts.
+#[test]
+fn shared_postgres_ledger_is_a_verified_tls_store_reading_the_mounted_secret() {
+    let docs = docs(&template(&[
+        "--set",
+        "app.ledger.postgres.enabled=true",
+        "--set",
+        "app.ledger.postgres.url=host=ledger-db.example port=5432 user=meshward_signer dbname=meshward",
+    ]));
+    let config = signer_config(&docs);
+    assert!(config.ledger.path.is_none());
+    let pg = config.ledger.postgres.clone().expect("[ledger.postgres]");
+    let opts = pg
+        .options(config.ledger.commit_delay)
+        .expect("the shared ledger's options resolve");
+    let ca_file = PathBuf::from("/etc/meshward/ledger-db/ca.crt");
+    assert_eq!(
+        opts.tls,
+        meshward_signer::ledger::PostgresTls::VerifyFull {
+            ca_file: ca_file.clone()
+        }
+    );
+    let password = opts.password_file.clone().expect("password_file");
+    let container = signer_container(&docs);
+    let pod = &find(&docs, "StatefulSet", "meshward-signer")["spec"]["template"]["spec"];
+    for file in [&ca_file, &password] {
+        let mount = container["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| file.starts_with(m["mountPath"].as_str().unwrap()))
+            .unwrap_or_else(|| panic!("{} is not mounted", file.display()));
+        let volume = pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap();
+        assert_eq!(
+            volume["secret"]["secretName"].as_str(),
+            Some("meshward-ledger-db")
+        );
+    }
+    // Without TLS, no CA file is configured (the signer refuses one it
+    // would never check).
+    let plain = signer_config(&docs_of(&[
+        "--set",
+        "app.ledger.postgres.enabled=true,app.ledger.postgres.tls=disable",
+        "--set",
+        "app.ledger.postgres.url=host=db",
+    ]));
+    let pg = plain.ledger.postgres.unwrap();
+    assert!(pg.ca_file.is_none());
+    pg.options(plain.ledger.commit_delay)
+        .expect("plain-TCP options resolve");
+}
+
+fn docs_of(args: &[&str]) -> Vec<Yaml> {
+    docs(&template(args))
+}
+
 /// A value is data in signer.toml, never TOML: quotes, newlines and table
 /// headers inside a string stay inside that string.
 #[test]
@@ -608,7 +676,13 @@ const REFUSED: &[(&str, &str)] = &[
     ),
     ("fullnameOverride=Meshward_Signer", "/fullnameOverride"),
     ("unknownTopLevel=1", "unknownTopLevel"),
+    ("app.ledger.postgres.tls=prefer", "/app/ledger/postgres/tls"),
+    ("istio.rootNamespace=Istio System", "/istio/rootNamespace"),
     // Refused by the chart's own checks (combinations).
+    (
+        "app.ledger.postgres.enabled=true",
+        "app.ledger.postgres.url",
+    ),
     ("app.ca.backend=builtin", "replicaCount"),
     ("app.tls.rootCAFile=/etc/roots.pem", "app.tls.rootCAFile"),
 ];
@@ -864,6 +938,20 @@ fn enabled_monitoring_renders_the_kustomize_monitoring_objects() {
     );
     // Besides the signer's own objects, nothing.
     let signer = keys(&docs(&template(&[])));
+    let beyond: Vec<_> = extra.iter().filter(|k| !signer.contains(k)).collect();
+    assert!(beyond.is_empty(), "{beyond:?}");
+}
+
+#[test]
+fn enabled_istio_wiring_renders_the_kustomize_istio_objects() {
+    let extra = assert_chart_renders_what_kustomize_renders(
+        "istio",
+        &[
+            "--set",
+            "istio.peerAuthentication.enabled=true,istio.xfccCert.enabled=true",
+        ],
+    );
+    let signer = keys(&docs_of(&[]));
     let beyond: Vec<_> = extra.iter().filter(|k| !signer.contains(k)).collect();
     assert!(beyond.is_empty(), "{beyond:?}");
 }

@@ -56,6 +56,9 @@ app: {{ include "meshward.fullname" . }}
 {{- if and (eq $ca.backend "builtin") (gt (int .Values.replicaCount) 1) -}}
 {{- fail (printf "app.ca.backend=builtin keeps its CA on each replica's own volume, so %d replicas would be %d CAs with different roots: set replicaCount to 1, or use the cacerts or vault backend" (int .Values.replicaCount) (int .Values.replicaCount)) -}}
 {{- end -}}
+{{- if and .Values.app.ledger.postgres.enabled (not (trim .Values.app.ledger.postgres.url)) -}}
+{{- fail "app.ledger.postgres.enabled needs app.ledger.postgres.url (the database to connect to, without the password)" -}}
+{{- end -}}
 {{- if and .Values.app.tls.rootCAFile (ne $ca.backend "vault") -}}
 {{- fail (printf "app.tls.rootCAFile is the vault backend's roots file; with app.ca.backend=%s the signer publishes its own root (cacerts: root-cert.pem of the Secret)" $ca.backend) -}}
 {{- end -}}
@@ -148,8 +151,21 @@ token_file = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 jwks_file = "/etc/meshward/jwks/jwks.json"
 {{- end }}
 
+{{- $pg := $app.ledger.postgres }}
+{{- if $pg.enabled }}
+
+[ledger.postgres]
+url = {{ $pg.url | toJson }}
+password_file = "/etc/meshward/ledger-db/password"
+tls = {{ $pg.tls | toJson }}
+{{- if eq $pg.tls "verify-full" }}
+ca_file = "/etc/meshward/ledger-db/ca.crt"
+{{- end }}
+{{- else }}
+
 [ledger]
 path = "/var/lib/meshward/ledger.sqlite"
+{{- end }}
 
 [bundle]
 [bundle.configmap]
