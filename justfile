@@ -27,6 +27,10 @@ oci *ARGS:
 signer-image *ARGS:
     scripts/signer-image {{ARGS}}
 
+# Helm's own engine without a helm binary: `just helm template meshward charts/meshward -n istio-system`.
+helm *ARGS:
+    scripts/helm {{ARGS}}
+
 # fmt, clippy (native and wasm32), tests: what .ci/run does.
 presubmit:
     .ci/run
