@@ -71,7 +71,9 @@ async fn sigterm_mid_load_answers_what_was_admitted_and_every_certificate_handed
                         issued.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(meshward_signer::client::ClientError::Status(s)) => {
-                        seen.errors.push(format!("{:?} {}", s.code(), s.message()));
+                        // With the source: an HTTP/2 GOAWAY shows only there.
+                        seen.errors
+                            .push(format!("{:?} {} {s:?}", s.code(), s.message()));
                         if matches!(s.code(), Code::Unavailable | Code::Cancelled) {
                             break;
                         }
@@ -110,7 +112,8 @@ async fn sigterm_mid_load_answers_what_was_admitted_and_every_certificate_handed
     served.wait_for_log("shutting down", Duration::from_secs(5));
 
     let mut handed_out = Vec::new();
-    let mut races = 0;
+    let mut resets = 0;
+    let mut refused_by_goaway = 0;
     for c in clients {
         let seen = c.await.unwrap();
         for e in &seen.errors {
@@ -118,14 +121,15 @@ async fn sigterm_mid_load_answers_what_was_admitted_and_every_certificate_handed
             // client's next request finds the port closed or the connection
             // closed cleanly (UNAVAILABLE), or, queued on the closing
             // connection and never sent, is cancelled by its own HTTP/2
-            // stack (CANCELLED). What the signer itself answers is never
-            // anything else. A client-side HTTP/2 error in the GOAWAY race
-            // (a stream opened after the server's last-stream-id, which the
-            // server never processed) is tolerated and counted: see the
-            // note in SECURITY.md.
+            // stack (CANCELLED). A stream the client opened past the
+            // GOAWAY's last-stream-id fails with that GOAWAY (NO_ERROR):
+            // RFC 9113 §6.8 says the server never processed it and it is
+            // safe to retry (grpc-go, istio-agent's client, retries it as
+            // UNAVAILABLE; tonic reports it as an h2 error). What the signer
+            // itself answers is never anything else.
             let lower = e.to_lowercase();
+            let goaway = lower.contains("goaway(") && lower.contains("no_error, remote");
             let transport = [
-                "h2 protocol error",
                 "connection reset",
                 "transport error",
                 "tcp connect",
@@ -135,17 +139,30 @@ async fn sigterm_mid_load_answers_what_was_admitted_and_every_certificate_handed
             .iter()
             .any(|t| lower.contains(t));
             assert!(
-                lower.starts_with("unavailable") || lower.starts_with("cancelled") || transport,
+                lower.starts_with("unavailable")
+                    || lower.starts_with("cancelled")
+                    || goaway
+                    || transport,
                 "the signer answered something else than UNAVAILABLE while stopping: {e}"
             );
-            if lower.contains("protocol error") || lower.contains("reset") {
-                races += 1;
+            if goaway {
+                refused_by_goaway += 1;
+            }
+            if lower.contains("reset") || lower.contains("broken pipe") {
+                resets += 1;
             }
         }
         handed_out.extend(seen.issued);
     }
+    eprintln!("streams refused by the GOAWAY: {refused_by_goaway}; resets: {resets}");
     assert!(handed_out.len() >= 100);
-    assert!(races <= 1, "{races} clients saw a reset");
+    // Connections still in the listen backlog at shutdown are taken and
+    // closed cleanly (they used to be reset by the kernel). One reset is
+    // left to chance: a connection completed between the last backlog
+    // accept and the listener's close, or a request written on a
+    // connection hyper closed after its final GOAWAY (about 1 run in 40
+    // on 2 busy cores; SECURITY.md).
+    assert!(resets <= 1, "{resets} clients saw a reset");
     let ledger = SqliteLedger::open(&SqliteOptions {
         path: data.join("ledger.sqlite"),
         busy_timeout: Duration::from_secs(5),

@@ -47,6 +47,10 @@ const LIMIT_WARN_INTERVAL: Duration = Duration::from_secs(30);
 /// Pause after a failed `accept` (e.g. out of file descriptors).
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
+/// At most this many backlog connections are taken at shutdown (the listen
+/// backlog is 1024 by default).
+const BACKLOG_DRAIN_MAX: usize = 4096;
+
 /// An accept loop bounded by a [`ConnectionLimit`]: it takes a slot before
 /// each `accept`, so at the limit connections wait in the listen backlog.
 #[derive(Debug)]
@@ -135,6 +139,39 @@ impl BoundedAccept {
                 }
             }
         }
+    }
+
+    /// At shutdown: close the listening socket, first taking every
+    /// connection the kernel already completed in its backlog (they would be
+    /// reset when it closes). The caller closes them cleanly; a connection
+    /// arriving between the last accept and the close is the only one left
+    /// to the kernel.
+    pub fn close_taking_backlog(self) -> Vec<TcpStream> {
+        let mut taken = Vec::new();
+        let listener = match self.listener.into_std() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(port = self.what, error = %e, "listener not detached; backlog left to the kernel");
+                return taken;
+            }
+        };
+        // Bounded: a flood arriving while this runs must not keep it here.
+        for _ in 0..BACKLOG_DRAIN_MAX {
+            match listener.accept() {
+                Ok((tcp, _)) => {
+                    let tcp = tcp
+                        .set_nonblocking(true)
+                        .and_then(|()| TcpStream::from_std(tcp));
+                    if let Ok(tcp) = tcp {
+                        taken.push(tcp);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        drop(listener);
+        taken
     }
 
     /// A free slot, waiting (and saying so, now and then) when there is none.

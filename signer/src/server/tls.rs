@@ -35,6 +35,10 @@ use super::connections::{BoundedAccept, ConnectionLimit, Limited};
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a connection found in the listen backlog at shutdown may take to
+/// finish its handshake before it is dropped.
+const BACKLOG_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Why TLS could not be configured.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -242,6 +246,26 @@ pub fn tls_incoming(
                     }
                     Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+        // Stopping: connections the kernel completed but nobody accepted yet
+        // would be reset when the listener closes. Take them, finish their
+        // handshake and close them cleanly, as those above.
+        let backlog = accept.close_taking_backlog();
+        if !backlog.is_empty() {
+            debug!(
+                connections = backlog.len(),
+                "closing the listen backlog cleanly"
+            );
+        }
+        for tcp in backlog {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(Ok(stream)) =
+                    tokio::time::timeout(BACKLOG_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    close_unserved(stream).await;
                 }
             });
         }
