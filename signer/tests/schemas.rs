@@ -459,6 +459,37 @@ fn prometheus_rule_with_two_groups_of_one_name_is_refused() {
     assert!(errors.contains("duplicate entry"), "{errors}");
 }
 
+/// The validator does not refuse what Istio accepts: valid uses of the
+/// fields the manifests leave out (targetRefs, a scheme-less url, HOST env,
+/// int-or-string port keys with a selector) pass, with their CEL rules run.
+#[test]
+fn istio_resources_using_fields_the_manifests_leave_out_are_accepted() {
+    let docs = r#"
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: by-target-ref, namespace: shop}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: ingress}]
+  url: ghcr.io/meshward/meshward-filter:0.1.0
+  priority: 10
+  vmConfig:
+    env: [{name: POD, valueFrom: HOST}, {name: MODE, value: enforce}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: db, namespace: shop}
+spec:
+  selector: {matchLabels: {app: postgres}}
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    "5432": {mode: PERMISSIVE}
+"#;
+    let verdicts = validate(&[("valid".into(), docs.into())]);
+    assert_all_pass("valid Istio resources", &verdicts);
+    assert_eq!(verdicts.len(), 2);
+    assert!(verdicts.iter().all(|v| v.cel_rules >= 4), "{verdicts:?}");
+}
+
 // Alert rules and dashboard queries through promtool.
 
 fn promtool() -> String {
