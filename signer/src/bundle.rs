@@ -126,7 +126,7 @@ impl TrustBundle {
     pub fn roots_pem(&self) -> String {
         self.roots
             .iter()
-            .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+            .map(|c| crate::pem_encode("CERTIFICATE", c))
             .collect()
     }
 

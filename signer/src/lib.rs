@@ -39,6 +39,18 @@ pub mod server;
 pub use config::Config;
 pub use runtime::{RunningSigner, Signer, StartError, Stopper};
 
+/// PEM with LF line endings, as istiod, istio-csr and openssl write it (the
+/// `pem` crate's default is CRLF). The root-certificate ConfigMap is compared
+/// byte for byte by every writer: with CRLF, meshward and istiod (or
+/// istio-csr) running side by side during a migration kept rewriting each
+/// other's `istio-ca-root-cert`.
+pub fn pem_encode(tag: &str, der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new(tag, der.to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
 /// The integration tests' PostgreSQL fixture, for the store's unit tests.
 #[cfg(test)]
 #[path = "../tests/support/postgres.rs"]

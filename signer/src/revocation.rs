@@ -284,7 +284,7 @@ impl CrlPublisher {
             .map_or(millis, |p| millis.max(p.number.saturating_add(1)));
         let request = crl_request(&revocations, now, now + validity, number)?;
         let der = self.issuer.sign_crl(&request).map_err(CrlError::Sign)?;
-        let pem = pem::encode(&pem::Pem::new("X509 CRL", der.clone()));
+        let pem = crate::pem_encode("X509 CRL", &der);
         let entries = listed.len();
         self.publish(
             PublishedCrl {
@@ -329,7 +329,7 @@ impl CrlPublisher {
             .unwrap_or_default();
         self.publish(
             PublishedCrl {
-                pem: pem::encode(&pem::Pem::new("X509 CRL", der.clone())),
+                pem: crate::pem_encode("X509 CRL", &der),
                 der,
                 this_update,
                 next_update,

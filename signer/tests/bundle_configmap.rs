@@ -509,3 +509,54 @@ async fn crl_configmap_is_istios_istio_ca_crl_in_the_selected_namespaces_and_can
     let cm = &api.configmaps[&("shop".to_string(), "istio-ca-crl".to_string())];
     assert_eq!(cm["data"]["ca-crl.pem"], empty);
 }
+
+/// istiod and istio-csr write `root-cert.pem` as openssl does: LF line
+/// endings. During a migration both run for a while; each rewrites the
+/// ConfigMap when its bytes differ from its own. With CRLF (the `pem`
+/// crate's default) the signer and istiod kept overwriting each other.
+#[tokio::test]
+async fn roots_istiod_already_wrote_are_not_rewritten_for_their_line_endings() {
+    use base64::Engine as _;
+    let b = bundle(vec![root("shared")], 1);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&b.roots()[0]);
+    let mut istiod_pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        istiod_pem.push_str(std::str::from_utf8(line).unwrap());
+        istiod_pem.push('\n');
+    }
+    istiod_pem.push_str("-----END CERTIFICATE-----\n");
+    assert_eq!(
+        b.roots_pem(),
+        istiod_pem,
+        "the signer writes PEM as istiod does"
+    );
+
+    let mut existing = HashMap::new();
+    existing.insert(
+        ("shop".to_string(), "istio-ca-root-cert".to_string()),
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "istio-ca-root-cert", "namespace": "shop",
+                            "resourceVersion": "3",
+                            "labels": {"istio.io/config": "true"}},
+               "data": {"root-cert.pem": istiod_pem}}),
+    );
+    let (addr, api) = start_api(Api {
+        namespaces: vec![ns("shop", &[("istio-injection", "enabled")])],
+        configmaps: existing,
+        next_rv: 3,
+        ..Api::default()
+    })
+    .await;
+    let report = ConfigMapSink::new(client(addr), selector())
+        .sync(&b)
+        .await
+        .unwrap();
+    assert!(report.updated.is_empty(), "rewrote {:?}", report.updated);
+    assert!(report.created.is_empty());
+    let api = api.lock().unwrap();
+    assert!(
+        !api.requests.iter().any(|r| r.starts_with("PUT ")),
+        "no write: {:?}",
+        api.requests
+    );
+}

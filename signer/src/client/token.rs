@@ -120,7 +120,7 @@ impl TokenIssuer {
 
     /// The public key as a PEM `PUBLIC KEY` block.
     pub fn public_key_pem(&self) -> String {
-        pem::encode(&pem::Pem::new("PUBLIC KEY", self.public_key_der()))
+        crate::pem_encode("PUBLIC KEY", &self.public_key_der())
     }
 
     /// The public key as a JWKS document.

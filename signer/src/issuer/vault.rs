@@ -495,7 +495,7 @@ impl VaultIssuer {
                 "validity window ended before signing ({ttl}s)"
             )));
         }
-        let csr = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", req.csr_der.clone()));
+        let csr = crate::pem_encode("CERTIFICATE REQUEST", &req.csr_der);
         let id = req.spiffe_id.to_string();
         let body = if self.sign_verbatim {
             json!({

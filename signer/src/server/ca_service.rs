@@ -517,7 +517,7 @@ pub fn istio_chain(chain: &IssuedChain) -> Vec<String> {
 
 /// One certificate as PEM.
 pub fn to_pem(der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+    crate::pem_encode("CERTIFICATE", der)
 }
 
 fn credentials_of<T>(request: &Request<T>) -> Credentials {

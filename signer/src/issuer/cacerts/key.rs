@@ -89,7 +89,7 @@ mod tests {
     use super::*;
 
     fn pem_of(tag: &str, der: &[u8]) -> Vec<u8> {
-        pem::encode(&pem::Pem::new(tag, der.to_vec())).into_bytes()
+        crate::pem_encode(tag, der).into_bytes()
     }
 
     #[test]
