@@ -141,6 +141,20 @@ pub struct EnvoyBench {
     pub window: Duration,
     /// Fewest requests per measurement.
     pub min_requests: u64,
+    /// Requests per second h2load sends to the HTTP filters (0: closed
+    /// loop, as fast as the client side goes). A configuration that cannot
+    /// sustain it runs closed-loop.
+    #[serde(default)]
+    pub http_rate: u64,
+    /// The same for the network filters (one connection per request).
+    #[serde(default)]
+    pub network_rate: u64,
+    /// Pin the server Envoy to a CPU of its own and the client Envoy and
+    /// h2load to the others (needs at least 2 CPUs; `taskset`), so the
+    /// server's CPU per request is not inflated by sharing a core (and its
+    /// caches) with the load it is measured under.
+    #[serde(default = "pin_by_default")]
+    pub pin: bool,
     /// The h2load binary; empty = `h2load` on `PATH`.
     #[serde(default)]
     pub h2load: Option<PathBuf>,
@@ -148,6 +162,10 @@ pub struct EnvoyBench {
     /// `target/meshward_noop_plugin.wasm`.
     #[serde(default)]
     pub noop_wasm: Option<PathBuf>,
+}
+
+fn pin_by_default() -> bool {
+    true
 }
 
 /// Settings of the signer vs OpenBao PKI comparison (`openbao.rs`).

@@ -23,7 +23,7 @@
 mod harness;
 
 #[cfg(feature = "envoy")]
-pub use harness::{Non2xx, Setup, measure};
+pub use harness::{Non2xx, Pins, Setup, measure};
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -395,6 +395,13 @@ pub struct Sample {
     pub cpu_s: f64,
     /// /proc/loadavg (1 min) when the run started.
     pub loadavg: String,
+    /// The fixed rate h2load sent at (requests/s), or `None`: closed loop
+    /// (the configuration could not sustain the rate).
+    pub paced_rate: Option<u64>,
+    /// Downstream TLS handshakes the server made in the run, and how many
+    /// of them resumed a session.
+    pub handshakes: u64,
+    pub resumed: u64,
 }
 
 /// One configuration over every round.
@@ -430,6 +437,8 @@ pub struct EnvoyAuthz {
     pub loadavg_start: String,
     /// … and when it ended.
     pub loadavg_end: String,
+    /// The CPUs the server and the load were pinned to (`None`: not pinned).
+    pub pins: Option<Pins>,
     /// Per configuration.
     pub rows: Vec<Row>,
 }
@@ -602,6 +611,9 @@ traffic: 171.88KB (176000) total, 23.57KB (24136) headers (space savings 90.12%)
             units: 100,
             cpu_s: 0.1,
             loadavg: "1.0".into(),
+            paced_rate: None,
+            handshakes: 0,
+            resumed: 0,
         }
     }
 

@@ -1158,7 +1158,7 @@ fn envoy_section(s: &mut String, r: &Results, config: &BenchConfig) {
          client Envoy, one pooled connection. *Per connection* (network filters): one HTTP/1.1 \
          request per new TLS connection (`max_requests_per_connection: 1`; Envoy's default TLS \
          session resumption left on at both ends, as in a mesh). Everything on the same \
-         machine, loopback.\n",
+         machine, loopback{}.\n",
         e.envoy_version,
         e.h2load_version,
         r.machine.cores,
@@ -1166,6 +1166,15 @@ fn envoy_section(s: &mut String, r: &Results, config: &BenchConfig) {
         c.streams,
         crate::envoy_authz::CLIENT.0,
         crate::envoy_authz::CLIENT.1,
+        match &e.pins {
+            Some(p) => format!(
+                "; the server Envoy pinned to CPU {} (`taskset -a`, every thread), the client \
+                 Envoy and h2load to CPU {}, so that the server's CPU per request is its own \
+                 core's, not inflated by sharing a core (and its caches) with the load",
+                p.server, p.load
+            ),
+            None => ", not pinned to CPUs".to_string(),
+        },
     );
     let _ = writeln!(
         s,
@@ -1508,6 +1517,7 @@ mod tests {
                 envoy_version: "envoy 1.40.0".to_string(),
                 h2load_version: "h2load nghttp2/1.64.0".to_string(),
                 noop_wasm_size: 50_000,
+                pins: None,
                 loadavg_start: "1.0".to_string(),
                 loadavg_end: "1.0".to_string(),
                 rows,

@@ -64,6 +64,68 @@ struct Cx<'a> {
     server_id: String,
     http_plugin: WasmPlugin,
     network_plugin: WasmPlugin,
+    pins: Option<Pins>,
+}
+
+/// Which CPUs the server Envoy and the load (client Envoy, h2load) run on.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pins {
+    pub server: String,
+    pub load: String,
+}
+
+impl Pins {
+    /// The last CPU this process may use for the server, the others for
+    /// the load; `None` with fewer than 2.
+    fn from_allowed() -> anyhow::Result<Option<Self>> {
+        let status = std::fs::read_to_string("/proc/self/status")?;
+        let list = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .context("/proc/self/status has no Cpus_allowed_list")?;
+        let cpus = parse_cpu_list(list.trim())?;
+        Ok(match cpus.split_last() {
+            Some((server, load)) if !load.is_empty() => Some(Self {
+                server: server.to_string(),
+                load: load
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            }),
+            _ => None,
+        })
+    }
+}
+
+/// `0-3,6,8-9` (the kernel's CPU list format) as CPU numbers.
+pub fn parse_cpu_list(list: &str) -> anyhow::Result<Vec<u32>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        let (from, to) = match part.split_once('-') {
+            Some((a, b)) => (a.parse::<u32>()?, b.parse::<u32>()?),
+            None => (part.parse::<u32>()?, part.parse::<u32>()?),
+        };
+        anyhow::ensure!(from <= to, "CPU list {list:?}: range {part}");
+        cpus.extend(from..=to);
+    }
+    Ok(cpus)
+}
+
+/// Moves every thread of `pid` onto `cpus` (`taskset -a -p`).
+async fn pin(pid: u32, cpus: &str) -> anyhow::Result<()> {
+    let out = tokio::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("running taskset (util-linux)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "taskset -a -p -c {cpus} {pid}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 /// Measures every configuration `config.rounds` times, interleaved.
@@ -109,7 +171,13 @@ pub async fn measure(config: &EnvoyBench, setup: &Setup) -> anyhow::Result<Envoy
         server_id: server_agent.spiffe_id(),
         http_plugin: WasmPlugin::manifest("wasmplugin-http.yaml")?,
         network_plugin: WasmPlugin::manifest("wasmplugin-network.yaml")?,
+        pins: if config.pin {
+            Pins::from_allowed()?
+        } else {
+            None
+        },
     };
+    info!(pins = ?cx.pins, "envoy authz: CPUs");
     info!(client = %client_agent.spiffe_id(), server = %cx.server_id, envoy = %envoy_version, "envoy authz: certificates issued");
     let slots = slots(&config.rules);
     let mut samples = Vec::new();
@@ -125,6 +193,9 @@ pub async fn measure(config: &EnvoyBench, setup: &Setup) -> anyhow::Result<Envoy
                 requests_per_s = format!("{:.0}", s.requests_per_s),
                 cpu_us = format!("{:.1}", s.cpu_us),
                 units = s.units,
+                paced = ?s.paced_rate,
+                handshakes = s.handshakes,
+                resumed = s.resumed,
                 "envoy authz"
             );
             samples.push((kind, authz, s));
@@ -139,6 +210,7 @@ pub async fn measure(config: &EnvoyBench, setup: &Setup) -> anyhow::Result<Envoy
         noop_wasm_size,
         loadavg_start,
         loadavg_end: loadavg(),
+        pins: cx.pins.clone(),
         rows: aggregate(&slots, &samples),
     })
 }
@@ -210,6 +282,10 @@ struct Counters {
     completed: u64,
     ok: u64,
     connections: u64,
+    /// Downstream TLS handshakes on the listeners, and how many resumed a
+    /// session.
+    handshakes: u64,
+    resumed: u64,
 }
 
 impl Counters {
@@ -223,10 +299,19 @@ impl Counters {
                 .and_then(|(_, v)| v.trim().parse::<u64>().ok())
                 .unwrap_or(0)
         };
+        let listeners = |suffix: &str| {
+            stats
+                .iter()
+                .filter(|(k, _)| k.starts_with("listener.") && k.ends_with(suffix))
+                .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+                .sum::<u64>()
+        };
         Ok(Self {
             completed: get("downstream_rq_completed"),
             ok: get("downstream_rq_2xx"),
             connections: get("downstream_cx_total"),
+            handshakes: listeners(".ssl.handshake"),
+            resumed: listeners(".ssl.session_reused"),
         })
     }
 }
@@ -256,7 +341,15 @@ async fn wait_idle(pid: u32) -> anyhow::Result<()> {
 }
 
 async fn h2load(cx: &Cx<'_>, url: &str, amount: &[String]) -> anyhow::Result<H2load> {
-    let out = tokio::process::Command::new(&cx.setup.h2load)
+    let mut cmd = match &cx.pins {
+        Some(pins) => {
+            let mut cmd = tokio::process::Command::new("taskset");
+            cmd.args(["-c", &pins.load]).arg(&cx.setup.h2load);
+            cmd
+        }
+        None => tokio::process::Command::new(&cx.setup.h2load),
+    };
+    let out = cmd
         .args(["-c", &cx.config.clients.to_string()])
         .args(["-m", &cx.config.streams.to_string()])
         .args(["-t", "1"])
@@ -319,6 +412,10 @@ async fn one(cx: &Cx<'_>, kind: Kind, authz: Authz, round: usize) -> anyhow::Res
     .await?;
     let url = format!("http://{}/", client.listener_addr(OUTBOUND).await?);
     let pid = server.pid().context("the server Envoy has no PID")?;
+    if let Some(pins) = &cx.pins {
+        pin(pid, &pins.server).await?;
+        pin(client.pid().context("the client Envoy has no PID")?, &pins.load).await?;
+    }
 
     let what = format!(
         "{} ({kind:?}, {} rules)",
@@ -352,9 +449,27 @@ async fn one(cx: &Cx<'_>, kind: Kind, authz: Authz, round: usize) -> anyhow::Res
         .into());
     }
     wait_idle(pid).await?;
-    let requests = ((warm.requests_per_s * cx.config.window.as_secs_f64()) as u64)
-        .max(cx.config.min_requests)
-        .max(in_flight);
+    // At a fixed rate the configuration can sustain, every configuration
+    // sees the same arrivals, so the server's wake-ups per request (and its
+    // CPU per request) do not depend on how fast the load happens to be; a
+    // configuration slower than the rate runs closed-loop, as fast as it can.
+    let rate = match kind {
+        Kind::Http => cx.config.http_rate,
+        Kind::Network => cx.config.network_rate,
+    };
+    let per_client = rate / cx.config.clients as u64;
+    let paced = per_client > 0 && warm.requests_per_s > 1.25 * rate as f64;
+    let requests = if paced {
+        (rate as f64 * cx.config.window.as_secs_f64()) as u64
+    } else {
+        (warm.requests_per_s * cx.config.window.as_secs_f64()) as u64
+    }
+    .max(cx.config.min_requests)
+    .max(in_flight);
+    let mut amount = vec!["-n".to_string(), requests.to_string()];
+    if paced {
+        amount.extend(["--rps".to_string(), per_client.to_string()]);
+    }
 
     let before = Counters::read(server.admin()).await?;
     let loadavg = loadavg()
@@ -363,7 +478,7 @@ async fn one(cx: &Cx<'_>, kind: Kind, authz: Authz, round: usize) -> anyhow::Res
         .unwrap_or("?")
         .to_string();
     let cpu_before = server_cpu(pid)?;
-    let run = h2load(cx, &url, &["-n".to_string(), requests.to_string()]).await?;
+    let run = h2load(cx, &url, &amount).await?;
     wait_idle(pid).await?;
     let cpu = server_cpu(pid)?.saturating_sub(cpu_before);
     let after = Counters::read(server.admin()).await?;
@@ -392,6 +507,8 @@ async fn one(cx: &Cx<'_>, kind: Kind, authz: Authz, round: usize) -> anyhow::Res
         Kind::Network => after.connections.saturating_sub(before.connections),
     };
     anyhow::ensure!(units > 0, "{what}: the server counted nothing");
+    let handshakes = after.handshakes.saturating_sub(before.handshakes);
+    let resumed = after.resumed.saturating_sub(before.resumed);
     client.stop().await?;
     server.stop().await?;
     Ok(Sample {
@@ -401,5 +518,22 @@ async fn one(cx: &Cx<'_>, kind: Kind, authz: Authz, round: usize) -> anyhow::Res
         units,
         cpu_s: cpu.as_secs_f64(),
         loadavg,
+        paced_rate: paced.then_some(per_client * cx.config.clients as u64),
+        handshakes,
+        resumed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cpu_list;
+
+    #[test]
+    fn kernel_cpu_lists_are_read_as_cpu_numbers() {
+        assert_eq!(parse_cpu_list("0-1").unwrap(), vec![0, 1]);
+        assert_eq!(parse_cpu_list("0-2,5,7-8").unwrap(), vec![0, 1, 2, 5, 7, 8]);
+        assert_eq!(parse_cpu_list("3").unwrap(), vec![3]);
+        assert!(parse_cpu_list("2-1").is_err());
+        assert!(parse_cpu_list("x").is_err());
+    }
 }

@@ -250,6 +250,13 @@ pub struct Connection {
     /// connection (an HTTP connection's requests skip even the per-identity
     /// cache lookup).
     rules: RefCell<Option<Rc<PeerRules>>>,
+    /// The validity found in XFCC for this connection's certificate, kept so
+    /// that its later requests do not decode the `Cert=` PEM and hash it
+    /// again (in Envoy, which has no `connection.peer_certificate`, that
+    /// decoding and SHA-256 in wasm were most of a request's cost). Sound
+    /// because the element is picked by the connection's own digest, so
+    /// every request of the connection finds the same certificate.
+    xfcc_cert: Cell<Option<PeerCert>>,
 }
 
 impl Connection {
@@ -309,6 +316,7 @@ impl Connection {
             port,
             peer,
             rules: RefCell::new(None),
+            xfcc_cert: Cell::new(None),
         })
     }
 
@@ -327,12 +335,16 @@ impl Connection {
     /// `connection.peer_certificate`, then the XFCC element whose `Cert=`
     /// digest equals `connection.sha256_peer_certificate_digest`.
     /// (The signer's ledger, looked up by that digest, is the next source.)
-    /// `xfcc_header` is called only when the XFCC header could be used.
+    /// `xfcc_header` is called only when the XFCC header could be used and
+    /// no earlier request of the connection found the certificate in it.
     pub fn peer_cert(
         &self,
         xfcc_header: impl FnOnce() -> Result<Option<String>, HostError>,
     ) -> Result<Option<PeerCert>, HostError> {
         if let Some(found) = self.property_cert {
+            return Ok(Some(found));
+        }
+        if let Some(found) = self.xfcc_cert.get() {
             return Ok(Some(found));
         }
         let Some(digest) = &self.digest else {
@@ -342,7 +354,14 @@ impl Connection {
             return Ok(None);
         };
         Ok(match xfcc::peer_cert_from_xfcc(&header, digest) {
-            Ok(found) => found,
+            Ok(found) => {
+                // Only a find is kept: a request without the element (or
+                // with it unreadable) leaves the next one to look again.
+                if found.is_some() {
+                    self.xfcc_cert.set(found);
+                }
+                found
+            }
             Err(e) => {
                 if log_enabled(LogLevel::Debug) {
                     log(

@@ -9,8 +9,11 @@
 //! the close has already run `proxy_on_done` and `proxy_on_delete` (seen
 //! with `direct_response` behind the filter; a panic traps the VM and Envoy
 //! fails every later connection). The connection gate never decides — so
-//! never closes — on upstream data, which removes that sequence; the
-//! Envoy test `network_filter_survives_envoy_closing_a_connection_it_answered_itself`
+//! never closes — on upstream data, which removes that sequence, and the
+//! module does not export `proxy_on_upstream_connection_close` at all
+//! (`scripts/wasm`: the plugin has nothing to do in it), so Envoy never makes
+//! that call; the Envoy test
+//! `network_filter_survives_envoy_closing_a_connection_it_answered_itself`
 //! keeps it so.
 //!
 //! The SDK creates, dispatches, finishes and deletes the contexts: what it
@@ -158,11 +161,6 @@ pub fn downstream_close(id: u32) {
     );
 }
 
-pub fn upstream_close(id: u32) {
-    // Nothing to do for a known context; an unknown one is only logged.
-    let _ = entry(id, "proxy_on_upstream_connection_close");
-}
-
 /// Puts `id` on the tick list, starting the ticks for the first one.
 /// False when the ticks cannot be started (the caller closes).
 fn await_handshake(id: u32) -> bool {
@@ -286,7 +284,4 @@ impl StreamContext for StreamHandle {
         upstream_data(self.0)
     }
 
-    fn on_upstream_close(&mut self, _peer_type: PeerType) {
-        upstream_close(self.0);
-    }
 }
