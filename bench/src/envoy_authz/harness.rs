@@ -414,7 +414,11 @@ async fn one(cx: &Cx<'_>, kind: Kind, authz: Authz, round: usize) -> anyhow::Res
     let pid = server.pid().context("the server Envoy has no PID")?;
     if let Some(pins) = &cx.pins {
         pin(pid, &pins.server).await?;
-        pin(client.pid().context("the client Envoy has no PID")?, &pins.load).await?;
+        pin(
+            client.pid().context("the client Envoy has no PID")?,
+            &pins.load,
+        )
+        .await?;
     }
 
     let what = format!(

@@ -283,5 +283,4 @@ impl StreamContext for StreamHandle {
     fn on_upstream_data(&mut self, _data_size: usize, _end_of_stream: bool) -> Action {
         upstream_data(self.0)
     }
-
 }
