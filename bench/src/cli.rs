@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::load::h2load::Identities;
 use crate::workload::KeyType;
 
 /// meshward benchmarks: signer throughput against the `openssl speed` bound,
@@ -90,6 +91,14 @@ pub struct LoadArgs {
     /// instead of the SQLite file.
     #[arg(long)]
     pub postgres_ledger: bool,
+    /// Drive the signer with h2load instead of the Rust clients, -n
+    /// connections: `one-identity` = one h2load process, every connection
+    /// with the same token and CSR; `identities` = one h2load process per
+    /// connection, each with its own identity (the Rust clients'). Both
+    /// comma-separated run one after the other on the same signer.
+    /// Certificates are counted by the signer (its /metrics).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "IDENTITIES")]
+    pub h2load: Vec<Identities>,
 }
 
 /// `restart`.
@@ -174,6 +183,28 @@ mod tests {
             (default.key, default.concurrency),
             (KeyType::P256, vec![64])
         );
+        assert!(default.h2load.is_empty());
+    }
+
+    #[test]
+    fn load_takes_the_h2load_identities() {
+        let Command::Load(one) = parse(&["load", "--h2load", "one-identity"])
+            .unwrap()
+            .command
+        else {
+            panic!("not load")
+        };
+        assert_eq!(one.h2load, vec![Identities::One]);
+        let Command::Load(both) =
+            parse(&["load", "--h2load", "identities,one-identity", "-n", "64"])
+                .unwrap()
+                .command
+        else {
+            panic!("not load")
+        };
+        assert_eq!(both.h2load, vec![Identities::PerClient, Identities::One]);
+        assert!(parse(&["load", "--h2load", "many"]).is_err());
+        assert!(parse(&["load", "--h2load"]).is_err());
     }
 
     #[test]

@@ -64,6 +64,11 @@ pub struct SignerBench {
     /// PostgreSQL server (0 = skip).
     #[serde(default)]
     pub postgres_concurrency: usize,
+    /// Also drive the P-256 signer with h2load at this many connections,
+    /// once with one identity and once with one identity per connection
+    /// (0 = skip; `[envoy] h2load` is the binary).
+    #[serde(default)]
+    pub h2load_concurrency: usize,
     /// Distinct RSA keys shared by the RSA workloads.
     pub rsa_keys: usize,
 }
@@ -290,6 +295,7 @@ impl BenchConfig {
         self.signer.window = Duration::from_secs(2);
         self.signer.no_ledger_concurrency = 0;
         self.signer.postgres_concurrency = 0;
+        self.signer.h2load_concurrency = 0;
         self.restart.enabled = false;
         self.filter.rules = vec![self.targets.flat_from, self.targets.flat_to];
         self.filter.samples = self.filter.samples.min(50);
@@ -384,6 +390,9 @@ mod tests {
         assert_eq!(c.restart.also_clients, vec![10_000]);
         assert_eq!(c.targets.p256_ratio, 0.8);
         assert!(c.signer.max_concurrent_requests >= 512);
+        // The h2load rows at the Rust load's 64 clients, on by default.
+        assert_eq!(c.signer.h2load_concurrency, 64);
+        assert!(c.signer.concurrency.contains(&c.signer.h2load_concurrency));
     }
 
     #[test]
@@ -417,6 +426,7 @@ mod tests {
         assert_eq!(c.signer.concurrency, vec![64]);
         assert_eq!(c.filter.rules, vec![1_000, 10_000]);
         assert!(!c.restart.enabled);
+        assert_eq!(c.signer.h2load_concurrency, 0);
         assert_eq!(c.envoy.rules, vec![10, 1_000, 10_000]);
         assert_eq!(c.envoy.rounds, 1);
         assert_eq!(c.openbao.concurrency, vec![64]);

@@ -19,9 +19,11 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use crate::signer_proc::{ChildSigner, Memory, process_cpu_time};
+use crate::signer_proc::{ChildSigner, CpuTimes, Memory, process_cpu_time};
 use crate::stats::{Summary, millis};
 use crate::workload::Workload;
+
+pub mod h2load;
 
 /// The server name the signer's serving certificate carries.
 const SERVER_NAME: &str = "istiod.istio-system.svc";
@@ -62,6 +64,27 @@ impl Backoff {
         let ceiling = self.ceiling(attempt);
         let half = ceiling / 2;
         half + ceiling.saturating_sub(half).mul_f64(rng.random::<f64>())
+    }
+}
+
+/// What drives the signer in a throughput measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Generator {
+    /// `meshward-bench`'s own clients (tonic), one identity each.
+    Harness,
+    /// h2load (nghttp2): [`h2load`].
+    H2load(h2load::Identities),
+}
+
+impl Generator {
+    /// How the report names the load at `clients` clients.
+    pub fn label(self, clients: usize) -> String {
+        match self {
+            Generator::Harness if clients == 1 => "meshward-bench, 1 identity".to_string(),
+            Generator::Harness => format!("meshward-bench, {clients} identities"),
+            Generator::H2load(i) => i.label(clients),
+        }
     }
 }
 
@@ -221,60 +244,149 @@ pub async fn throughput(
 
     // CPU readings at the window's edges.
     tokio::time::sleep_until(t0.into()).await;
-    let commits0 = ledger_commits_now(signer).await;
-    let signer_cpu0 = signer.cpu_times()?;
-    let database_cpu0 = signer.database_cpu_times();
-    let own_cpu0 = process_cpu_time("/proc/self/stat")?;
-    let real_t0 = Instant::now();
+    let edge0 = Edge::start(signer, own_cpu()?).await?;
     tokio::time::sleep_until(t1.into()).await;
-    let signer_cpu1 = signer.cpu_times()?;
-    let database_cpu1 = signer.database_cpu_times();
-    let commits1 = ledger_commits_now(signer).await;
-    let own_cpu1 = process_cpu_time("/proc/self/stat")?;
-    let measured = real_t0.elapsed().as_secs_f64().max(1e-9);
-    let signer_memory = signer.memory().ok();
+    let edge1 = Edge::end(signer, own_cpu()?).await?;
 
     let mut latencies = Vec::new();
     while let Some(joined) = set.join_next().await {
         latencies.extend(joined.context("client task")?);
     }
-    let issued = counters.issued.load(Ordering::Relaxed);
-    let window_s = window.as_secs_f64();
-    let signer_used = signer_cpu1.since(signer_cpu0);
-    let commits = commits0
-        .zip(commits1)
-        .map(|((r0, c0), (r1, c1))| (r1 - r0, c1 - c0))
-        .filter(|&(_, c)| c > 0.0);
-    let signer_cpu = signer_used.total().as_secs_f64();
     let first_error = first_error.lock().ok().and_then(|e| e.clone());
-    Ok(Throughput {
+    Ok(Throughput::of(
+        signer,
         concurrency,
-        issued,
-        window_s,
-        certs_per_s: issued as f64 / window_s,
-        latency_ms: Summary::of(&mut latencies),
-        signer_cores: signer_cpu / measured,
-        loadgen_cores: own_cpu1.saturating_sub(own_cpu0).as_secs_f64() / measured,
-        database_cores: database_cpu0
-            .zip(database_cpu1)
-            .map(|(c0, c1)| c1.since(c0).total().as_secs_f64() / measured),
-        certs_per_signer_cpu_s: if signer_cpu > 0.0 {
-            issued as f64 / signer_cpu
-        } else {
-            0.0
+        Counted {
+            issued: counters.issued.load(Ordering::Relaxed),
+            window_s: Some(window.as_secs_f64()),
+            latencies,
+            resource_exhausted: counters.exhausted.load(Ordering::Relaxed),
+            errors: counters.errors.load(Ordering::Relaxed),
+            first_error,
         },
-        signer_kernel_us_per_cert: if issued > 0 {
-            signer_used.system.as_secs_f64() * 1e6 / issued as f64
-        } else {
-            0.0
-        },
-        ledger_commits_per_s: commits.map(|(_, c)| c / measured),
-        ledger_records_per_commit: commits.map(|(r, c)| r / c),
-        signer_memory,
-        resource_exhausted: counters.exhausted.load(Ordering::Relaxed),
-        errors: counters.errors.load(Ordering::Relaxed),
-        first_error,
-    })
+        &edge0,
+        &edge1,
+    ))
+}
+
+/// This process's CPU time (the Rust load generator's).
+fn own_cpu() -> anyhow::Result<Duration> {
+    process_cpu_time("/proc/self/stat")
+}
+
+/// Readings at one edge of a measurement window.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Edge {
+    at: Instant,
+    signer: CpuTimes,
+    database: Option<CpuTimes>,
+    /// The ledger's (records, commits) so far.
+    commits: Option<(f64, f64)>,
+    loadgen: Duration,
+}
+
+impl Edge {
+    /// A window's start: the ledger's commits (scraping `/metrics` costs the
+    /// signer CPU, so before its CPU is read), the signer's (and its
+    /// database's) CPU; `loadgen` is the load generator's CPU so far.
+    pub(crate) async fn start(signer: &ChildSigner, loadgen: Duration) -> anyhow::Result<Self> {
+        let commits = ledger_commits_now(signer).await;
+        let signer_cpu = signer.cpu_times()?;
+        let database = signer.database_cpu_times();
+        Ok(Self {
+            at: Instant::now(),
+            signer: signer_cpu,
+            database,
+            commits,
+            loadgen,
+        })
+    }
+
+    /// A window's end: the same readings, the CPU before the scrape.
+    pub(crate) async fn end(signer: &ChildSigner, loadgen: Duration) -> anyhow::Result<Self> {
+        let signer_cpu = signer.cpu_times()?;
+        let database = signer.database_cpu_times();
+        let at = Instant::now();
+        let commits = ledger_commits_now(signer).await;
+        Ok(Self {
+            at,
+            signer: signer_cpu,
+            database,
+            commits,
+            loadgen,
+        })
+    }
+}
+
+/// What a load generator counted in a window.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Counted {
+    /// Certificates issued in the window.
+    pub issued: u64,
+    /// The window certs/s is over (s); `None`: the span between the edges.
+    pub window_s: Option<f64>,
+    /// Per-request latencies (ms), if the generator has them.
+    pub latencies: Vec<f64>,
+    pub resource_exhausted: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+impl Throughput {
+    /// The figures of a window from what was counted in it and the
+    /// readings at its edges.
+    pub(crate) fn of(
+        signer: &ChildSigner,
+        concurrency: usize,
+        mut counted: Counted,
+        edge0: &Edge,
+        edge1: &Edge,
+    ) -> Self {
+        let measured = edge1
+            .at
+            .saturating_duration_since(edge0.at)
+            .as_secs_f64()
+            .max(1e-9);
+        let signer_memory = signer.memory().ok();
+        let issued = counted.issued;
+        let window_s = counted.window_s.unwrap_or(measured).max(1e-9);
+        let signer_used = edge1.signer.since(edge0.signer);
+        let commits = edge0
+            .commits
+            .zip(edge1.commits)
+            .map(|((r0, c0), (r1, c1))| (r1 - r0, c1 - c0))
+            .filter(|&(_, c)| c > 0.0);
+        let signer_cpu = signer_used.total().as_secs_f64();
+        Throughput {
+            concurrency,
+            issued,
+            window_s,
+            certs_per_s: issued as f64 / window_s,
+            latency_ms: Summary::of(&mut counted.latencies),
+            signer_cores: signer_cpu / measured,
+            loadgen_cores: edge1.loadgen.saturating_sub(edge0.loadgen).as_secs_f64() / measured,
+            database_cores: edge0
+                .database
+                .zip(edge1.database)
+                .map(|(c0, c1)| c1.since(c0).total().as_secs_f64() / measured),
+            certs_per_signer_cpu_s: if signer_cpu > 0.0 {
+                issued as f64 / signer_cpu
+            } else {
+                0.0
+            },
+            signer_kernel_us_per_cert: if issued > 0 {
+                signer_used.system.as_secs_f64() * 1e6 / issued as f64
+            } else {
+                0.0
+            },
+            ledger_commits_per_s: commits.map(|(_, c)| c / measured),
+            ledger_records_per_commit: commits.map(|(r, c)| r / c),
+            signer_memory,
+            resource_exhausted: counted.resource_exhausted,
+            errors: counted.errors,
+            first_error: counted.first_error,
+        }
+    }
 }
 
 /// The mass-restart result.

@@ -33,7 +33,7 @@ use tracing::info;
 use crate::cli::{Cli, Command, Section};
 use crate::config::BenchConfig;
 use crate::filter_cost::{Kind, Sampling};
-use crate::load::Backoff;
+use crate::load::{Backoff, Generator};
 use crate::report::{Machine, Results, SignerRow};
 use crate::signer_proc::{ChildSigner, LedgerKind, SignerSetup};
 use crate::workload::{KeyType, Workload};
@@ -77,18 +77,33 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 config.signer.window = w;
             }
             let rt = runtime()?;
-            let rows = rt.block_on(signer_throughput(
-                &config,
-                args.key,
-                &args.concurrency,
-                if args.no_ledger {
-                    LedgerKind::Off
-                } else if args.postgres_ledger {
-                    LedgerKind::Postgres
-                } else {
-                    LedgerKind::Sqlite
-                },
-            ))?;
+            let ledger = if args.no_ledger {
+                LedgerKind::Off
+            } else if args.postgres_ledger {
+                LedgerKind::Postgres
+            } else {
+                LedgerKind::Sqlite
+            };
+            let rows = if args.h2load.is_empty() {
+                rt.block_on(signer_throughput(
+                    &config,
+                    args.key,
+                    &args.concurrency,
+                    ledger,
+                ))?
+            } else {
+                let binary = h2load_binary(&config);
+                let version = load::h2load::version(&binary)?;
+                info!(%version, "h2load");
+                rt.block_on(signer_throughput_h2load(
+                    &config,
+                    args.key,
+                    &args.h2load,
+                    &args.concurrency,
+                    ledger,
+                    &binary,
+                ))?
+            };
             let bound = bound::measure(config.openssl.seconds).ok();
             let ring = bound::ring_p256(f64::from(config.openssl.seconds)).ok();
             for row in &rows {
@@ -99,7 +114,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     .and_then(|(o, ring)| report::CpuSplit::of(o, ring, row));
                 println!(
                     "{}",
-                    serde_json::json!({"key": row.key, "ledger": row.ledger, "run": row.run, "ratio_per_used_core": ratio, "cpu_split": split})
+                    serde_json::json!({"key": row.key, "ledger": row.ledger, "load": row.load.label(row.run.concurrency), "run": row.run, "ratio_per_used_core": ratio, "cpu_split": split})
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -163,13 +178,14 @@ fn prepare(kind: KeyType, count: usize, config: &BenchConfig) -> anyhow::Result<
     Ok(w)
 }
 
-async fn signer_throughput(
+/// A fresh child signer for `key` and `ledger` admitting `max` requests at
+/// once, and `max` workloads' keys and CSRs (made before it starts).
+async fn signer_for(
     config: &BenchConfig,
     key: KeyType,
-    concurrency: &[usize],
+    max: usize,
     ledger: LedgerKind,
-) -> anyhow::Result<Vec<SignerRow>> {
-    let max = concurrency.iter().copied().max().unwrap_or(1);
+) -> anyhow::Result<(ChildSigner, Vec<Workload>)> {
     let workloads = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || prepare(key, max, &config)).await??
@@ -183,6 +199,34 @@ async fn signer_throughput(
     };
     let signer = tokio::task::spawn_blocking(move || ChildSigner::start(&setup)).await??;
     info!(pid = signer.pid(), addr = %signer.grpc_addr, key = key.label(), ledger = ledger.label(), "signer started");
+    Ok((signer, workloads))
+}
+
+fn log_row(row: &SignerRow) {
+    let run = &row.run;
+    info!(
+        key = row.key.label(),
+        load = row.load.label(run.concurrency),
+        clients = run.concurrency,
+        certs_per_s = format!("{:.0}", run.certs_per_s),
+        p50_ms = run.latency_ms.map(|s| format!("{:.2}", s.p50)),
+        p99_ms = run.latency_ms.map(|s| format!("{:.2}", s.p99)),
+        signer_cores = format!("{:.2}", run.signer_cores),
+        certs_per_signer_cpu_s = format!("{:.0}", run.certs_per_signer_cpu_s),
+        loadgen_cores = format!("{:.2}", run.loadgen_cores),
+        errors = run.errors,
+        "throughput"
+    );
+}
+
+async fn signer_throughput(
+    config: &BenchConfig,
+    key: KeyType,
+    concurrency: &[usize],
+    ledger: LedgerKind,
+) -> anyhow::Result<Vec<SignerRow>> {
+    let max = concurrency.iter().copied().max().unwrap_or(1);
+    let (signer, workloads) = signer_for(config, key, max, ledger).await?;
     let mut rows = Vec::new();
     for &c in concurrency {
         let run = load::throughput(
@@ -194,17 +238,62 @@ async fn signer_throughput(
         )
         .await
         .with_context(|| format!("{} at {c} clients", key.label()))?;
-        info!(
-            key = key.label(),
-            clients = c,
-            certs_per_s = format!("{:.0}", run.certs_per_s),
-            p50_ms = run.latency_ms.map(|s| format!("{:.2}", s.p50)),
-            p99_ms = run.latency_ms.map(|s| format!("{:.2}", s.p99)),
-            signer_cores = format!("{:.2}", run.signer_cores),
-            errors = run.errors,
-            "throughput"
-        );
-        rows.push(SignerRow { key, ledger, run });
+        let row = SignerRow {
+            key,
+            ledger,
+            load: Generator::Harness,
+            run,
+        };
+        log_row(&row);
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// The h2load binary: `[envoy] h2load`, else `h2load` on PATH.
+fn h2load_binary(config: &BenchConfig) -> PathBuf {
+    config
+        .envoy
+        .h2load
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("h2load"))
+}
+
+/// One fresh signer driven by h2load: every `identities` at every
+/// `connections`, in that order.
+async fn signer_throughput_h2load(
+    config: &BenchConfig,
+    key: KeyType,
+    identities: &[load::h2load::Identities],
+    connections: &[usize],
+    ledger: LedgerKind,
+    h2load: &Path,
+) -> anyhow::Result<Vec<SignerRow>> {
+    let max = connections.iter().copied().max().unwrap_or(1);
+    let (signer, workloads) = signer_for(config, key, max, ledger).await?;
+    let mut rows = Vec::new();
+    for &c in connections {
+        for &i in identities {
+            let run = load::h2load::throughput(
+                &signer,
+                &workloads,
+                i,
+                c,
+                config.signer.warmup,
+                config.signer.window,
+                h2load,
+            )
+            .await
+            .with_context(|| format!("{} under {}", key.label(), i.label(c)))?;
+            let row = SignerRow {
+                key,
+                ledger,
+                load: Generator::H2load(i),
+                run,
+            };
+            log_row(&row);
+            rows.push(row);
+        }
     }
     Ok(rows)
 }
@@ -423,11 +512,7 @@ fn envoy_authz_section(
     let setup = envoy_authz::Setup {
         filter_wasm: wasm_path(config),
         noop_wasm: noop_wasm_path(config),
-        h2load: config
-            .envoy
-            .h2load
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("h2load")),
+        h2load: h2load_binary(config),
         work_dir: work_dir(config),
     };
     let rt = runtime()?;
@@ -570,6 +655,34 @@ fn run(config: BenchConfig, args: cli::RunArgs) -> anyhow::Result<ExitCode> {
                 LedgerKind::Off
             },
         ))?);
+    }
+    if all && config.signer.h2load_concurrency > 0 {
+        info!("signer throughput under h2load");
+        let binary = h2load_binary(&config);
+        match load::h2load::version(&binary) {
+            Ok(version) => {
+                info!(%version, "h2load");
+                signer.extend(rt.block_on(signer_throughput_h2load(
+                    &config,
+                    KeyType::P256,
+                    &[
+                        load::h2load::Identities::One,
+                        load::h2load::Identities::PerClient,
+                    ],
+                    &[config.signer.h2load_concurrency],
+                    if config.signer.ledger {
+                        LedgerKind::Sqlite
+                    } else {
+                        LedgerKind::Off
+                    },
+                    &binary,
+                ))?);
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "no h2load rows");
+                skipped.push(format!("{}: {e:#}", report::H2LOAD_ROWS));
+            }
+        }
     }
     if all && config.signer.no_ledger_concurrency > 0 && config.signer.ledger {
         info!("signer throughput without the ledger");

@@ -13,7 +13,7 @@ use crate::cli::Section;
 use crate::config::{BenchConfig, Targets};
 use crate::envoy_authz::{Authz, EnvoyAuthz};
 use crate::filter_cost::{Kind, NativeCost, WasmCost};
-use crate::load::{Restart, Throughput};
+use crate::load::{Generator, Restart, Throughput};
 use crate::manifest::MemoryLimit;
 use crate::openbao::OpenbaoComparison;
 use crate::signer_proc::{LedgerKind, Memory};
@@ -119,9 +119,14 @@ pub struct SignerRow {
     pub key: KeyType,
     /// Where the ledger records.
     pub ledger: LedgerKind,
+    /// What drove the signer.
+    pub load: Generator,
     /// The measurement.
     pub run: Throughput,
 }
+
+/// What `skipped` says when the h2load rows could not run.
+pub const H2LOAD_ROWS: &str = "signer throughput under h2load";
 
 /// All results of a run.
 #[derive(Debug, Clone, Serialize)]
@@ -256,6 +261,97 @@ impl CpuSplit {
     }
 }
 
+/// The paragraph under the signer table on its loads: what the h2load rows
+/// are, and their signer CPU per certificate next to the Rust load's at the
+/// same key, ledger and clients; or why they were not measured.
+fn h2load_loads(s: &mut String, r: &Results, config: &BenchConfig) {
+    let h2load: Vec<&SignerRow> = r
+        .signer
+        .iter()
+        .filter(|row| matches!(row.load, Generator::H2load(_)))
+        .collect();
+    let not_measured = r
+        .skipped
+        .iter()
+        .find_map(|x| x.strip_prefix(H2LOAD_ROWS))
+        .map(|why| why.trim_start_matches(':').trim());
+    let Some(first) = h2load.first() else {
+        if let Some(why) = not_measured {
+            let _ = writeln!(
+                s,
+                "\n**h2load rows not measured**: {why}. (`[signer] h2load_concurrency = 0` \
+                 turns them off.)"
+            );
+        }
+        return;
+    };
+    let n = first.run.concurrency;
+    let _ = writeln!(
+        s,
+        "\n**Loads.** *meshward-bench, {n} identities*: the harness's own clients (tonic over \
+         rustls, in the bench process) with {n} identities \
+         `spiffe://cluster.local/ns/bench-(i mod 64)/sa/sa-i`, each its own ES256 token and \
+         P-256 CSR, {n} distinct token-cache entries and namespaces in the ledger and metrics. \
+         *h2load, 1 identity*: one h2load process (`-c {n} -m 1 -t 1`, one thread, OpenSSL), \
+         every connection sending workload 0's token and CSR — a quick h2load run. \
+         *h2load, {n} identities*: {n} h2load processes (`-c 1 -m 1`) started together, process \
+         i with the harness's client i's token and CSR — the harness's workload with only the \
+         client program changed. Both h2load loads send the same gRPC `CreateCertificate` \
+         (5-byte gRPC prefix + protobuf `IstioCertificateRequest`, `content-type: \
+         application/grpc`, `te: trailers`, `authorization: Bearer`) over TLS, h2 by ALPN \
+         (h2load does not verify the serving certificate), to a fresh signer in the same \
+         configuration: a {} warm-up (`-D`) whose rate sizes the measured run (`-n`, about \
+         {}; the {n} new connections' TLS handshakes fall inside it). The signer's CPU is read \
+         just before the measured processes start and after the last exits; certificates are \
+         the signer's own `meshward_signer_requests_total{{outcome=\"issued\"}}` over that \
+         span, which must equal h2load's succeeded requests with nothing refused (a gRPC \
+         refusal is an HTTP 200 to h2load: with the shipped per-pod rate limit on, a \
+         one-identity run is refused `rate_limited` after its burst and h2load still counts \
+         every answer a success), or the run fails. *Loadgen cores* of an h2load row \
+         are the h2load processes' CPU (reaped children) plus the bench process's; h2load \
+         gives no latency percentiles.",
+        humantime::format_duration(config.signer.warmup),
+        humantime::format_duration(config.signer.window),
+    );
+    let per_cert = |row: &SignerRow| {
+        let t = &row.run;
+        let total = if t.certs_per_signer_cpu_s > 0.0 {
+            1e6 / t.certs_per_signer_cpu_s
+        } else {
+            0.0
+        };
+        format!(
+            "{} {total:.0} µs ({:.0} µs kernel, {:.2} signer cores, {:.2} loadgen cores)",
+            row.load.label(t.concurrency),
+            t.signer_kernel_us_per_cert,
+            t.signer_cores,
+            t.loadgen_cores
+        )
+    };
+    let same = |a: &SignerRow, b: &SignerRow| {
+        a.key == b.key && a.ledger == b.ledger && a.run.concurrency == b.run.concurrency
+    };
+    let mut compared: Vec<String> = r
+        .signer
+        .iter()
+        .filter(|row| row.load == Generator::Harness && same(row, first))
+        .map(per_cert)
+        .collect();
+    compared.extend(
+        h2load
+            .iter()
+            .filter(|row| same(row, first))
+            .map(|row| per_cert(row)),
+    );
+    let _ = writeln!(
+        s,
+        "\nSigner CPU per certificate ({}, {} ledger, {n} clients): {}.",
+        first.key.label(),
+        first.ledger.label(),
+        compared.join("; ")
+    );
+}
+
 /// Signer certs/s over the bound times every core of the machine.
 pub fn ratio_machine(openssl: &OpensslSpeed, row: &SignerRow, cores: usize) -> f64 {
     row.run.certs_per_s / (bound_per_core(openssl, row.key) * cores as f64)
@@ -308,7 +404,11 @@ pub fn checks(r: &Results, t: &Targets) -> Vec<Check> {
             let best = r
                 .signer
                 .iter()
-                .filter(|row| row.key == KeyType::P256 && row.ledger == LedgerKind::Sqlite)
+                .filter(|row| {
+                    row.key == KeyType::P256
+                        && row.ledger == LedgerKind::Sqlite
+                        && row.load == Generator::Harness
+                })
                 .map(|row| (ratio_per_used_core(o, row), row.run.concurrency))
                 .max_by(|a, b| a.0.total_cmp(&b.0));
             match best {
@@ -667,11 +767,11 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
     }
     let _ = writeln!(
         s,
-        "| key | ledger | clients | certs/s | p50 ms | p99 ms | signer cores | loadgen cores | database cores | certs / signer CPU-s | ratio (per used core) | ratio (whole machine) | ledger commits/s | records / commit | RSS MiB | peak RSS MiB | RESOURCE_EXHAUSTED | errors |"
+        "| key | ledger | load | clients | certs/s | p50 ms | p99 ms | signer cores | loadgen cores | database cores | certs / signer CPU-s | ratio (per used core) | ratio (whole machine) | ledger commits/s | records / commit | RSS MiB | peak RSS MiB | RESOURCE_EXHAUSTED | errors |"
     );
     let _ = writeln!(
         s,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for row in &r.signer {
         let t = &row.run;
@@ -684,9 +784,10 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.key.label(),
             row.ledger.label(),
+            row.load.label(t.concurrency),
             t.concurrency,
             t.certs_per_s,
             ms(&t.latency_ms, |s| s.p50),
@@ -708,6 +809,7 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
             t.errors,
         );
     }
+    h2load_loads(&mut s, r, config);
     if let (Some(o), Some(ring)) = (&r.openssl, &r.ring_p256) {
         let splits: Vec<(&SignerRow, CpuSplit)> = r
             .signer
@@ -731,18 +833,19 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
             );
             let _ = writeln!(
                 s,
-                "| key | ledger | clients | signer CPU / cert | kernel | crypto (ring) | other user space | bound (openssl verify + sign) | ceiling |"
+                "| key | ledger | load | clients | signer CPU / cert | kernel | crypto (ring) | other user space | bound (openssl verify + sign) | ceiling |"
             );
             let _ = writeln!(
                 s,
-                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+                "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
             );
             for (row, c) in splits {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:.2} |",
+                    "| {} | {} | {} | {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:.2} |",
                     row.key.label(),
                     row.ledger.label(),
+                    row.load.label(row.run.concurrency),
                     row.run.concurrency,
                     c.total_us,
                     c.kernel_us,
@@ -758,8 +861,9 @@ pub fn markdown(r: &Results, config: &BenchConfig, checks: &[Check]) -> String {
         if let Some(e) = &row.run.first_error {
             let _ = writeln!(
                 s,
-                "\nFirst error ({} at {} clients): `{e}`",
+                "\nFirst error ({}, {}, at {} clients): `{e}`",
                 row.key.label(),
+                row.load.label(row.run.concurrency),
                 row.run.concurrency
             );
         }
@@ -1348,6 +1452,7 @@ mod tests {
         SignerRow {
             key: KeyType::P256,
             ledger: LedgerKind::Sqlite,
+            load: Generator::Harness,
             run: Throughput {
                 concurrency: 64,
                 issued: 0,
@@ -1381,6 +1486,51 @@ mod tests {
         assert!((ratio_per_used_core(&o, &row(8_000.0, 1.0)) - 0.8).abs() < 1e-9);
         assert!((ratio_per_used_core(&o, &row(8_000.0, 2.0)) - 0.4).abs() < 1e-9);
         assert!((ratio_machine(&o, &row(8_000.0, 1.0), 2) - 0.4).abs() < 1e-9);
+    }
+
+    #[test]
+    fn h2load_rows_are_labelled_explained_and_kept_out_of_the_target() {
+        use crate::load::h2load::Identities;
+        let config = BenchConfig::defaults().unwrap();
+        let harness = row(4_000.0, 1.0);
+        let mut one = row(9_000.0, 1.0);
+        one.load = Generator::H2load(Identities::One);
+        let mut many = row(4_100.0, 1.0);
+        many.load = Generator::H2load(Identities::PerClient);
+        let measured = results(vec![harness, one, many]);
+        // The target is the Rust load's: 0.4, not h2load's 0.9.
+        let checks = checks(&measured, &config.targets);
+        assert_eq!(checks[0].value, "0.400 (at 64 clients)");
+        let text = markdown(&measured, &config, &checks);
+        for label in [
+            "| P-256 | SQLite | meshward-bench, 64 identities | 64 |",
+            "| P-256 | SQLite | h2load, 1 identity | 64 |",
+            "| P-256 | SQLite | h2load, 64 identities | 64 |",
+        ] {
+            assert!(text.contains(label), "{label}\n{text}");
+        }
+        assert!(text.contains("**Loads.**"), "{text}");
+        assert!(
+            text.contains(
+                "meshward-bench, 64 identities 250 µs (20 µs kernel, 1.00 signer cores, \
+                 0.00 loadgen cores); h2load, 1 identity 111 µs"
+            ),
+            "{text}"
+        );
+
+        // Not measured: the report says why.
+        let missing = Results {
+            skipped: vec![format!("{H2LOAD_ROWS}: running h2load: No such file")],
+            ..results(vec![row(4_000.0, 1.0)])
+        };
+        let text = markdown(&missing, &config, &[]);
+        assert!(
+            text.contains("**h2load rows not measured**: running h2load: No such file."),
+            "{text}"
+        );
+        assert!(!text.contains("**Loads.**"));
+        // Off: nothing about it.
+        assert!(!markdown(&results(Vec::new()), &config, &[]).contains("h2load rows"));
     }
 
     #[test]

@@ -353,6 +353,20 @@ pub fn ledger_commits(metrics: &str) -> Option<(f64, f64)> {
     ))
 }
 
+/// `meshward_signer_requests_total` by outcome from `/metrics` text, in the
+/// order the signer lists them.
+pub fn requests_by_outcome(metrics: &str) -> Vec<(String, f64)> {
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("meshward_signer_requests_total{outcome=\"")?;
+            let (outcome, rest) = rest.split_once("\"}")?;
+            let value = rest.trim().parse::<f64>().ok()?;
+            Some((outcome.to_string(), value))
+        })
+        .collect()
+}
+
 /// The value of an unlabelled sample `name` in `/metrics` text.
 pub fn metric_sample(metrics: &str, name: &str) -> Option<f64> {
     metrics.lines().find_map(|l| {
@@ -448,6 +462,34 @@ pub fn process_tree_cpu_times(root: u32) -> CpuTimes {
 pub fn parse_stat_ppid(text: &str) -> Option<u32> {
     let after = text.get(text.rfind(')')? + 1..)?;
     after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU time of the children a process has waited for (`cutime`, `cstime`
+/// of its `/proc/<pid>/stat`): a child's time is added when it is reaped, so
+/// the difference across a span counts the children reaped in it.
+pub fn waited_children_cpu_times(stat_path: &str) -> anyhow::Result<CpuTimes> {
+    let text =
+        std::fs::read_to_string(stat_path).with_context(|| format!("reading {stat_path}"))?;
+    let (user, system) =
+        parse_stat_children(&text).with_context(|| format!("parsing {stat_path}"))?;
+    let ticks = clock_ticks();
+    Ok(CpuTimes {
+        user: Duration::from_secs_f64(user as f64 / ticks),
+        system: Duration::from_secs_f64(system as f64 / ticks),
+    })
+}
+
+/// (cutime, cstime) in clock ticks (fields 16 and 17) from the text of
+/// `/proc/<pid>/stat`.
+pub fn parse_stat_children(text: &str) -> anyhow::Result<(u64, u64)> {
+    let after = text
+        .rfind(')')
+        .and_then(|i| text.get(i + 1..))
+        .context("no `)` after the command name")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let cutime: u64 = fields.get(13).context("no cutime")?.parse()?;
+    let cstime: u64 = fields.get(14).context("no cstime")?.parse()?;
+    Ok((cutime, cstime))
 }
 
 /// utime + stime of a process from its `/proc/<pid>/stat`.
@@ -550,6 +592,31 @@ mod tests {
         };
         let tree = process_tree_cpu_times(std::process::id());
         assert!(tree.total() >= alone.total(), "{tree:?} < {alone:?}");
+    }
+
+    #[test]
+    fn waited_children_ticks_are_fields_16_and_17() {
+        let text = "1234 (a (b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 37 900 41 20 0 9";
+        assert_eq!(parse_stat_children(text).unwrap(), (900, 41));
+        assert!(parse_stat_children("1234 (x) S 1 2 3").is_err());
+        assert!(waited_children_cpu_times("/proc/self/stat").is_ok());
+    }
+
+    #[test]
+    fn requests_are_read_by_outcome() {
+        let text = "# TYPE meshward_signer_requests counter
+meshward_signer_requests_total{outcome=\"issued\"} 4096
+meshward_signer_requests_total{outcome=\"unauthenticated\"} 3
+meshward_signer_issuance_duration_seconds_count 4096
+";
+        assert_eq!(
+            requests_by_outcome(text),
+            vec![
+                ("issued".to_string(), 4096.0),
+                ("unauthenticated".to_string(), 3.0)
+            ]
+        );
+        assert!(requests_by_outcome("meshward_signer_requests_total 5\n").is_empty());
     }
 
     #[test]
