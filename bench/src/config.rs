@@ -146,12 +146,14 @@ pub struct EnvoyBench {
     pub window: Duration,
     /// Fewest requests per measurement.
     pub min_requests: u64,
-    /// Requests per second h2load sends to the HTTP filters (0: closed
-    /// loop, as fast as the client side goes). A configuration that cannot
-    /// sustain it runs closed-loop.
+    /// Requests per second h2load sends to each HTTP configuration that
+    /// sustains it, all such configurations at once (their server CPUs read
+    /// over the same interval); the others run alone, closed loop. 0: every
+    /// configuration alone, closed loop.
     #[serde(default)]
     pub http_rate: u64,
-    /// The same for the network filters (one connection per request).
+    /// The same for the network filters (connections per second: one
+    /// request per connection).
     #[serde(default)]
     pub network_rate: u64,
     /// Pin the server Envoy to a CPU of its own and the client Envoy and
@@ -388,7 +390,7 @@ mod tests {
         assert_eq!(c.filter.rules, vec![10, 1_000, 10_000]);
         assert_eq!(c.restart.clients, 2_000);
         assert_eq!(c.restart.also_clients, vec![10_000]);
-        assert_eq!(c.targets.p256_ratio, 0.8);
+        assert_eq!(c.targets.p256_ratio, 0.5);
         assert!(c.signer.max_concurrent_requests >= 512);
         // The h2load rows at the Rust load's 64 clients, on by default.
         assert_eq!(c.signer.h2load_concurrency, 64);

@@ -1303,19 +1303,37 @@ fn envoy_section(s: &mut String, r: &Results, config: &BenchConfig) {
     );
     let _ = writeln!(
         s,
-        "**Measurement.** Per configuration and round: a fresh server and client Envoy, a {} \
-         h2load warm-up (whose rate sizes the measured run to about {}, at least {} \
-         requests), the server left to go idle, then the measured run: the server Envoy's CPU \
-         (utime + stime from `/proc/<pid>/stat`, its PID only, every thread, 10 ms ticks) from \
-         before the run until it is idle again, divided by the requests (HTTP) or connections \
-         (network) the server itself counted. *Marginal* = a configuration's CPU minus (a)'s \
-         in the same round. {} interleaved round(s), every configuration once per round; \
-         figures are medians of the rounds. Requests/s is h2load's, on {} cores shared with \
-         the client Envoy and h2load. Load average {} when the section started, {} when it \
-         ended; each round's (1 min) is listed.\n",
+        "**Measurement.** Per round and filter type, a fresh server and client Envoy for \
+         every configuration, each warmed up by {} of h2load, then the measured runs{}, each \
+         server left to go idle before: the server Envoy's CPU (the sum of its threads' run \
+         time from `/proc/<pid>/task/*/schedstat`, in ns; its PID only) from before the run \
+         until it is idle again, divided by the requests (HTTP) or connections (network) the \
+         server itself counted. *Marginal* = a configuration's CPU minus (a)'s in the same \
+         round. {} interleaved round(s), every configuration once per round; figures are \
+         medians of the rounds. Requests/s is h2load's, on {} cores shared with the client \
+         Envoy and h2load. Load average {} when the section started, {} when it ended; each \
+         round's (1 min) is listed.\n",
         humantime::format_duration(c.warmup),
-        humantime::format_duration(c.window),
-        c.min_requests,
+        if c.http_rate == 0 && c.network_rate == 0 {
+            format!(
+                ": each configuration alone, closed loop (h2load's fixed concurrency, the \
+                 warm-up's rate sizing the run to about {}, at least {} requests)",
+                humantime::format_duration(c.window),
+                c.min_requests
+            )
+        } else {
+            format!(
+                ": every configuration that sustains it at a fixed rate ({} requests/s per HTTP \
+                 configuration, {} connections/s per network one), all at once, each under its \
+                 own h2load for about {}, their CPUs read over the same interval — so a change in \
+                 the machine's speed moves them alike and cancels out of the marginals, and \
+                 every request finds the caches as cold as on a busy node; the others alone, \
+                 closed loop",
+                c.http_rate,
+                c.network_rate,
+                humantime::format_duration(c.window)
+            )
+        },
         c.rounds,
         r.machine.cores,
         e.loadavg_start,

@@ -182,23 +182,27 @@ pub async fn measure(config: &EnvoyBench, setup: &Setup) -> anyhow::Result<Envoy
     let slots = slots(&config.rules);
     let mut samples = Vec::new();
     for round in 1..=config.rounds {
-        for &(kind, authz) in &slots {
-            let s = one(&cx, kind, authz, round)
-                .await
-                .with_context(|| format!("{kind:?} {} round {round}", authz.tag()))?;
-            info!(
-                round,
-                ?kind,
-                authz = authz.tag(),
-                requests_per_s = format!("{:.0}", s.requests_per_s),
-                cpu_us = format!("{:.1}", s.cpu_us),
-                units = s.units,
-                paced = ?s.paced_rate,
-                handshakes = s.handshakes,
-                resumed = s.resumed,
-                "envoy authz"
-            );
-            samples.push((kind, authz, s));
+        for kind in Kind::ALL {
+            let authzs: Vec<Authz> = slots
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|&(_, a)| a)
+                .collect();
+            for (kind, authz, s) in round_of(&cx, kind, &authzs, round).await? {
+                info!(
+                    round,
+                    ?kind,
+                    authz = authz.tag(),
+                    requests_per_s = format!("{:.0}", s.requests_per_s),
+                    cpu_us = format!("{:.1}", s.cpu_us),
+                    units = s.units,
+                    paced = ?s.paced_rate,
+                    handshakes = s.handshakes,
+                    resumed = s.resumed,
+                    "envoy authz"
+                );
+                samples.push((kind, authz, s));
+            }
         }
     }
     drop(client_agent);
@@ -316,8 +320,30 @@ impl Counters {
     }
 }
 
+/// The server Envoy's CPU time so far: the sum of its threads' time on a
+/// CPU from `/proc/<pid>/task/*/schedstat` (nanoseconds, where the 10 ms
+/// ticks of `/proc/<pid>/stat` would be 1 µs per request over 10 000
+/// requests); `/proc/<pid>/stat` when the kernel has no schedstat. Envoy's
+/// threads live as long as the process, so no thread's time drops out.
 fn server_cpu(pid: u32) -> anyhow::Result<Duration> {
-    Ok(process_cpu_times(&format!("/proc/{pid}/stat"))?.total())
+    match threads_run_time(pid) {
+        Some(ns) => Ok(Duration::from_nanos(ns)),
+        None => Ok(process_cpu_times(&format!("/proc/{pid}/stat"))?.total()),
+    }
+}
+
+fn threads_run_time(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let text = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += schedstat_run_ns(&text)?;
+    }
+    Some(total)
+}
+
+/// The first field of a `schedstat` line: time on a CPU, in nanoseconds.
+fn schedstat_run_ns(text: &str) -> Option<u64> {
+    text.split_whitespace().next()?.parse().ok()
 }
 
 /// Waits until the server Envoy uses under a tenth of a core (what a run
@@ -341,6 +367,15 @@ async fn wait_idle(pid: u32) -> anyhow::Result<()> {
 }
 
 async fn h2load(cx: &Cx<'_>, url: &str, amount: &[String]) -> anyhow::Result<H2load> {
+    h2load_wait(h2load_spawn(cx, url, amount)?, url, amount).await
+}
+
+/// Starts h2load (on the load's CPUs when pinned); [`h2load_wait`] reads it.
+fn h2load_spawn(
+    cx: &Cx<'_>,
+    url: &str,
+    amount: &[String],
+) -> anyhow::Result<tokio::process::Child> {
     let mut cmd = match &cx.pins {
         Some(pins) => {
             let mut cmd = tokio::process::Command::new("taskset");
@@ -349,17 +384,26 @@ async fn h2load(cx: &Cx<'_>, url: &str, amount: &[String]) -> anyhow::Result<H2l
         }
         None => tokio::process::Command::new(&cx.setup.h2load),
     };
-    let out = cmd
-        .args(["-c", &cx.config.clients.to_string()])
+    cmd.args(["-c", &cx.config.clients.to_string()])
         .args(["-m", &cx.config.streams.to_string()])
         .args(["-t", "1"])
         .args(amount)
         .arg(url)
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output()
-        .await
-        .with_context(|| format!("running {}", cx.setup.h2load.display()))?;
+        .spawn()
+        .with_context(|| format!("running {}", cx.setup.h2load.display()))
+}
+
+/// Waits for an h2load started by [`h2load_spawn`] and parses its summary.
+async fn h2load_wait(
+    child: tokio::process::Child,
+    url: &str,
+    amount: &[String],
+) -> anyhow::Result<H2load> {
+    let out = child.wait_with_output().await?;
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(
         out.status.success(),
@@ -370,7 +414,21 @@ async fn h2load(cx: &Cx<'_>, url: &str, amount: &[String]) -> anyhow::Result<H2l
     H2load::parse(&text)
 }
 
-async fn one(cx: &Cx<'_>, kind: Kind, authz: Authz, round: usize) -> anyhow::Result<Sample> {
+/// One configuration's server and client Envoy, started and warmed up.
+struct Running {
+    kind: Kind,
+    authz: Authz,
+    what: String,
+    server: Envoy,
+    client: Envoy,
+    url: String,
+    pid: u32,
+    /// The warm-up's rate (requests/s).
+    warm_rate: f64,
+}
+
+/// Starts `authz`'s server and client Envoy and warms them up.
+async fn start(cx: &Cx<'_>, kind: Kind, authz: Authz, round: usize) -> anyhow::Result<Running> {
     let run_dir = cx.dir.join(format!("r{round}-{kind:?}-{}", authz.tag()));
     let filter = authz_filter(cx, kind, authz)?;
     let mut server = bootstrap(SERVER.1, &cx.server_sds);
@@ -420,7 +478,6 @@ async fn one(cx: &Cx<'_>, kind: Kind, authz: Authz, round: usize) -> anyhow::Res
         )
         .await?;
     }
-
     let what = format!(
         "{} ({kind:?}, {} rules)",
         authz.label(),
@@ -452,85 +509,204 @@ async fn one(cx: &Cx<'_>, kind: Kind, authz: Authz, round: usize) -> anyhow::Res
         ))
         .into());
     }
-    wait_idle(pid).await?;
-    // At a fixed rate the configuration can sustain, every configuration
-    // sees the same arrivals, so the server's wake-ups per request (and its
-    // CPU per request) do not depend on how fast the load happens to be; a
-    // configuration slower than the rate runs closed-loop, as fast as it can.
-    let rate = match kind {
+    Ok(Running {
+        kind,
+        authz,
+        what,
+        server,
+        client,
+        url,
+        pid,
+        warm_rate: warm.requests_per_s,
+    })
+}
+
+/// The fixed rate each configuration of `kind` is measured at together
+/// with the others (0: each alone, closed loop).
+fn shared_rate(cx: &Cx<'_>, kind: Kind) -> u64 {
+    match kind {
         Kind::Http => cx.config.http_rate,
         Kind::Network => cx.config.network_rate,
-    };
-    let per_client = rate / cx.config.clients as u64;
-    let paced = per_client > 0 && warm.requests_per_s > 1.25 * rate as f64;
-    let requests = if paced {
-        (rate as f64 * cx.config.window.as_secs_f64()) as u64
-    } else {
-        (warm.requests_per_s * cx.config.window.as_secs_f64()) as u64
     }
-    .max(cx.config.min_requests)
-    .max(in_flight);
-    let mut amount = vec!["-n".to_string(), requests.to_string()];
-    if paced {
-        amount.extend(["--rps".to_string(), per_client.to_string()]);
-    }
+}
 
-    let before = Counters::read(server.admin()).await?;
+/// Whether `r` keeps up with the shared rate (with room to spare), so that
+/// it is measured with the others at that rate rather than alone.
+fn sustains(cx: &Cx<'_>, r: &Running) -> bool {
+    let rate = shared_rate(cx, r.kind);
+    rate / cx.config.clients as u64 > 0 && r.warm_rate > 1.25 * rate as f64
+}
+
+/// What a measured run starts from.
+struct Before {
+    counters: Counters,
+    cpu: Duration,
+    loadavg: String,
+}
+
+/// Measures every configuration of `group` at once: each under its own
+/// h2load at the shared rate (`paced`), or one closed-loop h2load (a group
+/// of one, `!paced`). The server CPUs are read around the same interval, so
+/// a change in the machine's speed during it (other work, the host of this
+/// VM) moves every configuration's figure alike, and the marginals over
+/// "none" — measured in the same interval — cancel it.
+async fn measure_together(
+    cx: &Cx<'_>,
+    group: &[&Running],
+    paced: bool,
+    round: usize,
+) -> anyhow::Result<Vec<Sample>> {
+    let in_flight = (cx.config.clients * cx.config.streams) as u64;
+    let mut plans = Vec::new();
+    for r in group {
+        wait_idle(r.pid).await?;
+        let rate = shared_rate(cx, r.kind);
+        let per_client = rate / cx.config.clients as u64;
+        let requests = if paced {
+            (rate as f64 * cx.config.window.as_secs_f64()) as u64
+        } else {
+            (r.warm_rate * cx.config.window.as_secs_f64()) as u64
+        }
+        .max(cx.config.min_requests)
+        .max(in_flight);
+        let mut amount = vec!["-n".to_string(), requests.to_string()];
+        if paced {
+            amount.extend(["--rps".to_string(), per_client.to_string()]);
+        }
+        plans.push((
+            requests,
+            amount,
+            paced.then_some(per_client * cx.config.clients as u64),
+        ));
+    }
     let loadavg = loadavg()
         .split_whitespace()
         .next()
         .unwrap_or("?")
         .to_string();
-    let cpu_before = server_cpu(pid)?;
-    let run = h2load(cx, &url, &amount).await?;
-    wait_idle(pid).await?;
-    let cpu = server_cpu(pid)?.saturating_sub(cpu_before);
-    let after = Counters::read(server.admin()).await?;
-
-    let completed = after.completed.saturating_sub(before.completed);
-    let ok = after.ok.saturating_sub(before.ok);
-    if run.status_2xx != requests
-        || run.status_other > 0
-        || run.failed + run.errored + run.timeout > 0
-        || ok != completed
-    {
-        return Err(Non2xx(format!(
-            "{what}: h2load sent {requests}: {} 2xx, {} other statuses, {} failed, {} errored, \
-             {} timed out; the server answered {ok} 2xx of {completed}; server log:\n{}",
-            run.status_2xx,
-            run.status_other,
-            run.failed,
-            run.errored,
-            run.timeout,
-            server.log_tail(20)
-        ))
-        .into());
+    let mut befores = Vec::new();
+    for r in group {
+        befores.push(Before {
+            counters: Counters::read(r.server.admin()).await?,
+            cpu: server_cpu(r.pid)?,
+            loadavg: loadavg.clone(),
+        });
     }
-    let units = match kind {
-        Kind::Http => completed,
-        Kind::Network => after.connections.saturating_sub(before.connections),
-    };
-    anyhow::ensure!(units > 0, "{what}: the server counted nothing");
-    let handshakes = after.handshakes.saturating_sub(before.handshakes);
-    let resumed = after.resumed.saturating_sub(before.resumed);
-    client.stop().await?;
-    server.stop().await?;
-    Ok(Sample {
-        round,
-        requests_per_s: run.requests_per_s,
-        cpu_us: cpu.as_secs_f64() * 1e6 / units as f64,
-        units,
-        cpu_s: cpu.as_secs_f64(),
-        loadavg,
-        paced_rate: paced.then_some(per_client * cx.config.clients as u64),
-        handshakes,
-        resumed,
-    })
+    // Every h2load starts before any is waited for: they run at once.
+    let mut children = Vec::new();
+    for (r, (_, amount, _)) in group.iter().zip(&plans) {
+        children.push(h2load_spawn(cx, &r.url, amount)?);
+    }
+    let mut runs = Vec::new();
+    for ((r, (_, amount, _)), child) in group.iter().zip(&plans).zip(children) {
+        runs.push(h2load_wait(child, &r.url, amount).await);
+    }
+    let mut samples = Vec::new();
+    for (((r, before), (requests, _, paced_rate)), run) in
+        group.iter().zip(befores).zip(plans).zip(runs)
+    {
+        let run = run?;
+        wait_idle(r.pid).await?;
+        let cpu = server_cpu(r.pid)?.saturating_sub(before.cpu);
+        let after = Counters::read(r.server.admin()).await?;
+        let completed = after.completed.saturating_sub(before.counters.completed);
+        let ok = after.ok.saturating_sub(before.counters.ok);
+        let what = &r.what;
+        if run.status_2xx != requests
+            || run.status_other > 0
+            || run.failed + run.errored + run.timeout > 0
+            || ok != completed
+        {
+            return Err(Non2xx(format!(
+                "{what}: h2load sent {requests}: {} 2xx, {} other statuses, {} failed, {} errored, \
+                 {} timed out; the server answered {ok} 2xx of {completed}; server log:\n{}",
+                run.status_2xx,
+                run.status_other,
+                run.failed,
+                run.errored,
+                run.timeout,
+                r.server.log_tail(20)
+            ))
+            .into());
+        }
+        let units = match r.kind {
+            Kind::Http => completed,
+            Kind::Network => after
+                .connections
+                .saturating_sub(before.counters.connections),
+        };
+        anyhow::ensure!(units > 0, "{what}: the server counted nothing");
+        samples.push(Sample {
+            round,
+            requests_per_s: run.requests_per_s,
+            cpu_us: cpu.as_secs_f64() * 1e6 / units as f64,
+            units,
+            cpu_s: cpu.as_secs_f64(),
+            loadavg: before.loadavg,
+            paced_rate,
+            handshakes: after.handshakes.saturating_sub(before.counters.handshakes),
+            resumed: after.resumed.saturating_sub(before.counters.resumed),
+        });
+    }
+    Ok(samples)
+}
+
+/// One round of one kind: every configuration started and warmed up, those
+/// that sustain the shared rate measured together at it, the others (RBAC
+/// with many policies) each alone, closed loop.
+async fn round_of(
+    cx: &Cx<'_>,
+    kind: Kind,
+    authzs: &[Authz],
+    round: usize,
+) -> anyhow::Result<Vec<(Kind, Authz, Sample)>> {
+    let mut running = Vec::new();
+    for &authz in authzs {
+        running.push(
+            start(cx, kind, authz, round)
+                .await
+                .with_context(|| format!("{kind:?} {} round {round}", authz.tag()))?,
+        );
+    }
+    let (together, alone): (Vec<&Running>, Vec<&Running>) =
+        running.iter().partition(|r| sustains(cx, r));
+    let mut out = Vec::new();
+    if !together.is_empty() {
+        let samples = measure_together(cx, &together, true, round)
+            .await
+            .with_context(|| format!("{kind:?} round {round}, measured together"))?;
+        out.extend(
+            together
+                .iter()
+                .zip(samples)
+                .map(|(r, s)| (r.kind, r.authz, s)),
+        );
+    }
+    for r in alone {
+        let samples = measure_together(cx, &[r], false, round)
+            .await
+            .with_context(|| format!("{kind:?} {} round {round}", r.authz.tag()))?;
+        out.extend(samples.into_iter().map(|s| (r.kind, r.authz, s)));
+    }
+    for r in running {
+        r.client.stop().await?;
+        r.server.stop().await?;
+    }
+    // In the order of `authzs`, as the report lists them.
+    out.sort_by_key(|(_, authz, _)| authzs.iter().position(|a| a == authz));
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_cpu_list;
+    use super::{parse_cpu_list, schedstat_run_ns};
+
+    #[test]
+    fn schedstat_gives_the_run_time_in_nanoseconds() {
+        assert_eq!(schedstat_run_ns("411460 5118 2\n"), Some(411_460));
+        assert_eq!(schedstat_run_ns(""), None);
+        assert_eq!(schedstat_run_ns("x 1 2"), None);
+    }
 
     #[test]
     fn kernel_cpu_lists_are_read_as_cpu_numbers() {
